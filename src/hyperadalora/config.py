@@ -1,0 +1,273 @@
+"""Typed, validated configuration for adapters, rank allocation and factor sources.
+
+Every config is a frozen dataclass validated in ``__post_init__``: a bad value raises
+``ValueError`` (or ``TypeError`` for a wrong type) naming the field and the allowed values,
+at construction time rather than deep inside training. Configs round-trip through plain
+JSON-compatible dicts (``to_dict`` / ``from_dict``), which is how adapters are saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+METHODS = ("lora", "adalora", "dora", "dylora")
+SOURCES = ("direct", "hyper")
+POLICIES = ("adalora", "sigma-grad")
+ORTH_REG_FORMS = ("peft", "paper")
+
+
+def _check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{owner}.{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner}.{name}={value} must be >= {minimum}")
+
+
+def _check_float(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}.{name} must be a number, got {type(value).__name__} ({value!r})")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{owner}.{name}={value} must be {bound}")
+    if high is not None and (value > high or (high_open and value == high)):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"{owner}.{name}={value} must be {bound}")
+
+
+class _JsonConfig:
+    """Mixin: dict / JSON round trip with unknown-key checking."""
+
+    _nested: ClassVar[dict[str, type]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-compatible dict of every field (nested configs included)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _JsonConfig):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Builds the config from a dict, rejecting unknown keys by name."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}")
+        kwargs = dict(data)
+        for key, sub in cls._nested.items():
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = sub.from_dict(kwargs[key])
+        return cls(**kwargs)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialises to JSON; also writes ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path):
+        """Parses JSON text, or reads it from an existing file path."""
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class AllocatorConfig(_JsonConfig):
+    """AdaLoRA rank allocation schedule and scoring.
+
+    Attributes:
+        total_step: Total number of optimizer steps of the run (required: the budget schedule
+            is defined relative to it).
+        target_r: Average rank per adapted module at the end of the budget phase.
+        tinit: Steps of initial warm-up before any pruning.
+        tfinal: Steps at the end with the final budget fixed.
+        deltaT: Re-allocate every ``deltaT`` steps during the budget phase.
+        beta1: EMA coefficient of the sensitivity (``adalora`` policy).
+        beta2: EMA coefficient of the uncertainty (``adalora`` policy).
+        policy: ``adalora`` (peft / AdaLoRA's smoothed sensitivity x uncertainty of each
+            (P column, lam_i, Q row) triplet; masked values may recover at a later allocation,
+            as in peft) or ``sigma-grad`` (HyperAdaLoRA Appendix D: ``|lam * dL/dlam|``;
+            a pruned value stays exactly zero for the rest of training).
+    """
+
+    total_step: int | None = None
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    policy: str = "adalora"
+
+    def __post_init__(self) -> None:
+        owner = "AllocatorConfig"
+        if self.total_step is None:
+            raise ValueError(
+                f"{owner}.total_step is required for AdaLoRA: set it to the number of optimizer steps of the run "
+                "(the rank budget schedule is defined relative to it)"
+            )
+        _check_int(owner, "total_step", self.total_step, 1)
+        _check_int(owner, "target_r", self.target_r, 1)
+        _check_int(owner, "tinit", self.tinit, 0)
+        _check_int(owner, "tfinal", self.tfinal, 0)
+        _check_int(owner, "deltaT", self.deltaT, 1)
+        _check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
+        _check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
+        _check_choice(owner, "policy", self.policy, POLICIES)
+        if self.tinit + self.tfinal >= self.total_step:
+            raise ValueError(
+                f"{owner}: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be < total_step ({self.total_step}) "
+                "so that a budget phase exists; decrease tinit/tfinal or increase total_step"
+            )
+
+
+@dataclass(frozen=True)
+class HyperConfig(_JsonConfig):
+    """Hypernetwork factor source settings (used when ``AdapterConfig.source == "hyper"``).
+
+    The hypernetwork source itself is implemented in a later milestone; the fields are fixed
+    now so that configs and checkpoints keep one shape.
+
+    Attributes:
+        arch: Hypernetwork body: ``attention`` (one BERT layer), ``mlp`` or ``cnn``.
+        tokens: Token layout preset (``rank``, ``rows``, ``elements``, ``patch``).
+        hidden: Hidden width of the body.
+        layers: Number of body layers.
+        mode: ``recurrent`` (state <- generated factor after every step) or ``reparam``.
+    """
+
+    ARCHS: ClassVar[tuple[str, ...]] = ("attention", "mlp", "cnn")
+    TOKENS: ClassVar[tuple[str, ...]] = ("rank", "rows", "elements", "patch")
+    MODES: ClassVar[tuple[str, ...]] = ("recurrent", "reparam")
+
+    arch: str = "attention"
+    tokens: str = "rank"
+    hidden: int = 312
+    layers: int = 1
+    mode: str = "recurrent"
+
+    def __post_init__(self) -> None:
+        owner = "HyperConfig"
+        _check_choice(owner, "arch", self.arch, self.ARCHS)
+        _check_choice(owner, "tokens", self.tokens, self.TOKENS)
+        _check_choice(owner, "mode", self.mode, self.MODES)
+        _check_int(owner, "hidden", self.hidden, 1)
+        _check_int(owner, "layers", self.layers, 1)
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_JsonConfig):
+    """What to adapt and how.
+
+    Attributes:
+        method: ``lora``, ``adalora``, ``dora`` or ``dylora`` (DESIGN.md section 1).
+        r: Rank of each adapter (AdaLoRA: the initial rank ``init_r``; DyLoRA: the maximum rank).
+        lora_alpha: Scaling numerator. LoRA / DoRA / DyLoRA scale by ``lora_alpha / r``
+            (DyLoRA: ``/ b`` for the sampled rank b); AdaLoRA scales by
+            ``lora_alpha / (r + 1e-5)`` as peft does.
+        lora_dropout: Dropout on the adapter input.
+        target_modules: Module names (a module matches when its name equals one or ends with
+            ``"." + name``), a regular expression (full match), or ``"all-linear"`` (every linear
+            layer except the output / classification head).
+        modules_to_save: Extra modules (e.g. a classification head) trained fully and saved
+            with the adapter.
+        source: ``direct`` (factors are trained parameters) or ``hyper`` (generated by a
+            hypernetwork; see :class:`HyperConfig`).
+        gamma: Weight of the orthogonality regulariser (AdaLoRA family; peft's
+            ``orth_reg_weight``).
+        orth_reg: ``peft`` (mean over all P and Q of the Frobenius norm ``||P^T P - I||_F``,
+            as peft computes it) or ``paper`` (sum over modules of squared norms, paper Eq. 7).
+        allocator: Rank allocation settings (required for ``adalora``).
+        hyper: Hypernetwork settings (used when ``source == "hyper"``).
+        seed: Seed for the adapter initialisation (``None``: use torch's global RNG, like peft).
+    """
+
+    _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}
+
+    method: str = "lora"
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = "all-linear"
+    modules_to_save: tuple[str, ...] = ()
+    source: str = "direct"
+    gamma: float = 0.5
+    orth_reg: str = "peft"
+    allocator: AllocatorConfig | None = None
+    hyper: HyperConfig = field(default_factory=HyperConfig)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        owner = "AdapterConfig"
+        _check_choice(owner, "method", self.method, METHODS)
+        _check_choice(owner, "source", self.source, SOURCES)
+        _check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
+        _check_int(owner, "r", self.r)
+        if self.r <= 0:
+            raise ValueError(f"{owner}.r={self.r} must be a positive integer (the adapter rank)")
+        _check_float(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
+        _check_float(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        _check_float(owner, "gamma", self.gamma)
+        if self.gamma < 0:
+            raise ValueError(f"{owner}.gamma={self.gamma} must be >= 0 (orthogonality regulariser weight)")
+        if self.seed is not None:
+            _check_int(owner, "seed", self.seed)
+        # Normalise list-like fields to tuples so the frozen config stays hashable / immutable.
+        tm = self.target_modules
+        if isinstance(tm, (list, tuple, set, frozenset)):
+            tm = tuple(sorted(tm)) if isinstance(tm, (set, frozenset)) else tuple(tm)
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                raise ValueError(f"{owner}.target_modules must be non-empty module names, got {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", tm)
+        elif not isinstance(tm, str) or not tm:
+            raise TypeError(
+                f"{owner}.target_modules must be a list of module names, a regex string or 'all-linear', got {tm!r}"
+            )
+        mts = self.modules_to_save
+        if isinstance(mts, str):
+            mts = (mts,)
+        if not isinstance(mts, (list, tuple)) or not all(isinstance(m, str) and m for m in mts):
+            raise TypeError(f"{owner}.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        object.__setattr__(self, "modules_to_save", tuple(mts))
+        if isinstance(self.allocator, dict):
+            object.__setattr__(self, "allocator", AllocatorConfig.from_dict(self.allocator))
+        if isinstance(self.hyper, dict):
+            object.__setattr__(self, "hyper", HyperConfig.from_dict(self.hyper))
+        if self.method == "adalora":
+            if self.allocator is None:
+                raise ValueError(
+                    f"{owner}: method='adalora' needs allocator=AllocatorConfig(total_step=..., target_r=...) "
+                    "(AdaLoRA's budget schedule needs the run's total number of optimizer steps)"
+                )
+            if self.allocator.target_r > self.r:
+                raise ValueError(
+                    f"{owner}: allocator.target_r ({self.allocator.target_r}) must be <= r ({self.r}), "
+                    "the initial rank that AdaLoRA prunes down from"
+                )
+        elif self.allocator is not None:
+            raise ValueError(f"{owner}: allocator is only used with method='adalora', not {self.method!r}")
+
+    @property
+    def is_adalora(self) -> bool:
+        """Whether this config uses AdaLoRA's SVD form and allocator."""
+        return self.method == "adalora"

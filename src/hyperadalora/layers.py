@@ -1,0 +1,136 @@
+"""The adapted linear layer that replaces a target ``nn.Linear`` (or GPT-2 ``Conv1D``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .methods import AdapterMethod
+
+FactorProvider = Callable[[], dict[str, torch.Tensor]]
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(d_out, d_in)`` weight of an ``nn.Linear`` or a transposed view of a ``Conv1D``'s."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style layer stores (d_in, d_out)
+        return module.weight.t()
+    raise TypeError(f"unsupported layer type {type(module).__name__}; expected nn.Linear or Conv1D")
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer plus a low-rank adapter whose factors come from a factor source.
+
+    With the ``direct`` source the factors are ``nn.Parameter`` entries of ``self.factors``; a
+    ``hyper`` source installs a provider (``set_factor_provider``) that returns generated
+    tensors of the same shapes instead.
+
+    Args:
+        base_layer: The frozen layer being adapted.
+        method: The adapter method (LoRA, AdaLoRA, DoRA, DyLoRA).
+        r: Adapter rank.
+        lora_alpha: Scaling numerator.
+        lora_dropout: Dropout probability on the adapter input.
+        generator: RNG for the factor initialisation (``None``: torch's global RNG).
+    """
+
+    def __init__(self, base_layer: nn.Module, method: AdapterMethod, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.method = method
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.has_dropout = lora_dropout > 0
+        self.lora_dropout = nn.Dropout(lora_dropout) if self.has_dropout else nn.Identity()
+        w = self.base_weight
+        self.out_features, self.in_features = w.shape
+        init = method.init_factors(self.out_features, self.in_features, r, generator, w.dtype, w.device)
+        self.factors = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
+        if method.name == "dora":
+            with torch.no_grad():
+                self.magnitude = nn.Parameter(torch.linalg.norm(w, dim=1).clone())
+        if method.name == "adalora":
+            # 1 = kept, 0 = pruned. Multiplies lam in the forward pass only when mask_in_forward
+            # (sigma-grad policy, hyper source); the peft-style policy zeroes lam in place instead.
+            self.register_buffer("rank_mask", torch.ones(r, dtype=w.dtype, device=w.device))
+        self.mask_in_forward = False
+        self.dylora_b = r
+        self.merged = False
+        self.disabled = False
+        self._factor_provider: FactorProvider | None = None
+        self._row_sqnorm: torch.Tensor | None = None
+        self.merged_row_norm: torch.Tensor | None = None
+
+    # -- base layer access -------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as ``(d_out, d_in)``."""
+        return linear_weight(self.base_layer)
+
+    @property
+    def base_bias(self) -> torch.Tensor | None:
+        """The frozen bias, or ``None``."""
+        return getattr(self.base_layer, "bias", None)
+
+    def base_row_sqnorm(self) -> torch.Tensor:
+        """Cached ``||W0||^2`` per output row (DoRA's norm needs it every step)."""
+        if self._row_sqnorm is None or self._row_sqnorm.device != self.base_weight.device:
+            with torch.no_grad():
+                w = self.base_weight
+                self._row_sqnorm = (w * w).sum(1)
+        return self._row_sqnorm
+
+    # -- factors -----------------------------------------------------------------------------
+    def set_factor_provider(self, provider: FactorProvider | None) -> None:
+        """Installs (or removes, with ``None``) a non-direct source of factors."""
+        self._factor_provider = provider
+
+    def get_factors(self) -> dict[str, torch.Tensor]:
+        """The factors the forward pass uses now, keyed by factor kind."""
+        if self._factor_provider is not None:
+            return self._factor_provider()
+        return dict(self.factors.items())
+
+    # -- forward / merge ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        return self.method.forward(self, x, self.get_factors())
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``W_adapted - W0`` in the current mode, ``(d_out, d_in)``."""
+        with torch.no_grad():
+            return self.method.merged_weight(self, self.get_factors()) - self.base_weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the adapter into the base weight (no-op if already merged)."""
+        if self.merged:
+            return
+        new_w = self.method.merged_weight(self, self.get_factors())
+        self._set_base_weight(new_w)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restores the base weight (no-op if not merged)."""
+        if not self.merged:
+            return
+        old_w = self.method.unmerged_weight(self, self.base_weight, self.get_factors())
+        self._set_base_weight(old_w)
+        self.merged = False
+
+    def _set_base_weight(self, w: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        target.data.copy_(w.t() if type(self.base_layer).__name__ == "Conv1D" else w)
+        self._row_sqnorm = None
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method.name}, r={self.r}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, alpha={self.lora_alpha}")

@@ -1,0 +1,40 @@
+"""Tiny random transformers built from configs (no downloads), shared by the unit tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+BERT_TARGETS = ["query", "key", "value", "dense"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    """A 2-layer BERT classifier with no dropout, so train-mode runs are deterministic."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=64, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=40, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def bert_batch(seed: int, batch: int = 4, seq: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 120, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
+def llama_batch(seed: int, batch: int = 3, seq: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 120, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
