@@ -8,6 +8,12 @@ several autograd nodes per module; here the low-rank term is accumulated into th
 matmul's output buffer (``addmm_``) and the input gradient of both paths is produced by one
 ``mm`` plus one in-place ``addmm_``. ``W0`` never receives a gradient, so unlike a merged
 weight no ``d_out x d_in`` weight gradient is ever formed.
+
+A "folded" variant was also measured (``[y | t] = x [W + sBA ; A]^T`` in one GEMM and
+``[gx | u] = g [W + sBA | sB]`` in another, cutting the skinny ``N x r`` products from five to
+two). On MiniLM shapes at r = 12 it was 10-20% slower per layer than this version (the
+``d + r`` output widths are badly aligned and its strided outputs slow the next ops), and only
+on par once r was padded to 16, so it was dropped.
 """
 
 from __future__ import annotations
