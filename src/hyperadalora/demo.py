@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{model.budget:>6} {time.perf_counter() - t0:5.2f}")
     print("\nrank pattern after training (kept singular values per module, of r=12):")
     for name, rank in model.ranks.items():
-        short = name.replace("bert.encoder.layer.", "L").replace("attention.", "")
+        short = (name.replace("bert.encoder.layer.", "L").replace("attention.self.", "attn.")
+                 .replace("attention.output.dense", "attn.out").replace("intermediate.dense", "ffn.in")
+                 .replace("output.dense", "ffn.out"))
         print(f"  {short:<28} {rank:>2}  {''.join('#' if k else '.' for k in model.rank_pattern[name])}")
     print(f"total rank {sum(model.ranks.values())} (budget {model.budget}, target {4 * len(model.adapted_layers)})")
 

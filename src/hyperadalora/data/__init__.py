@@ -1,0 +1,1 @@
+"""Task data loaders: a data directory (``--data-dir`` / ``HYPERADALORA_DATA_DIR``)."""

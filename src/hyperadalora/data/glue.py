@@ -1,0 +1,100 @@
+"""GLUE sequence-classification tasks read from a local data directory.
+
+Layout (as in ``../shared/data``): ``<task>/train.tsv`` and ``<task>/dev.tsv`` for the tasks
+``rte``, ``wnli``, ``sst2``, ``mrpc`` and ``cola``. The TSVs contain raw quote characters, so
+they are read with quoting off; MRPC starts with a byte-order mark; CoLA has no header row.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR_ENV = "HYPERADALORA_DATA_DIR"
+SPLITS = ("train", "dev")
+
+
+@dataclass(frozen=True)
+class GlueExample:
+    """One labelled example: a sentence (pair) and its integer label."""
+
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+@dataclass(frozen=True)
+class _TaskFormat:
+    header: bool
+    columns: int  # expected number of columns per row
+    text_a: int
+    text_b: int | None
+    label: int
+    labels: dict[str, int]
+
+
+_BINARY = {"0": 0, "1": 1}
+TASKS: dict[str, _TaskFormat] = {
+    # RTE labels follow GLUE / Hugging Face: entailment = 0, not_entailment = 1.
+    "rte": _TaskFormat(True, 4, 1, 2, 3, {"entailment": 0, "not_entailment": 1}),
+    "wnli": _TaskFormat(True, 4, 1, 2, 3, _BINARY),
+    "sst2": _TaskFormat(True, 2, 0, None, 1, _BINARY),
+    "mrpc": _TaskFormat(True, 5, 3, 4, 0, _BINARY),
+    "cola": _TaskFormat(False, 4, 3, None, 1, _BINARY),
+}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: the argument, else ``$HYPERADALORA_DATA_DIR``.
+
+    Raises:
+        ValueError: If neither is given, or the directory does not exist.
+    """
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    if not chosen:
+        raise ValueError(f"no data directory: pass --data-dir DIR or set {DATA_DIR_ENV}=DIR "
+                         "(a folder with rte/, wnli/, sst2/, ... as in ../shared/data)")
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"data directory {path} does not exist (from "
+                         f"{'--data-dir' if data_dir is not None else DATA_DIR_ENV})")
+    return path
+
+
+def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[GlueExample]:
+    """Reads one split of a GLUE task.
+
+    Args:
+        task: ``rte``, ``wnli``, ``sst2``, ``mrpc`` or ``cola``.
+        split: ``train`` or ``dev``.
+        data_dir: The data directory (see :func:`resolve_data_dir`).
+
+    Raises:
+        ValueError: Unknown task / split, or a malformed row (the message names the file and the
+            1-based line number).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}; allowed values: {', '.join(TASKS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for {task}; allowed values: {', '.join(SPLITS)}")
+    fmt = TASKS[task]
+    path = resolve_data_dir(data_dir) / task / f"{split}.tsv"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: the data directory has no {task} {split} split")
+    out: list[GlueExample] = []
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for line_no, row in enumerate(reader, start=1):
+            if fmt.header and line_no == 1:
+                continue
+            if not row:
+                continue
+            if len(row) != fmt.columns:
+                raise ValueError(f"{path}:{line_no}: expected {fmt.columns} tab-separated columns, got {len(row)}")
+            label = fmt.labels.get(row[fmt.label].strip())
+            if label is None:
+                raise ValueError(f"{path}:{line_no}: label {row[fmt.label]!r} is not one of {sorted(fmt.labels)}")
+            out.append(GlueExample(row[fmt.text_a], row[fmt.text_b] if fmt.text_b is not None else None, label))
+    return out
