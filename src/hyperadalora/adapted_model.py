@@ -9,6 +9,7 @@ from torch import nn
 
 from .allocation import RankAllocator
 from .config import AdapterConfig
+from .hyper.source import HyperFactorSource
 from .inject import inject_adapters, remove_adapters
 from .layers import AdaptedLinear
 from .methods import orthogonality_penalty
@@ -36,15 +37,16 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
-        if config.source == "hyper":
-            raise NotImplementedError(
-                "AdapterConfig.source='hyper' (hypernetwork-generated factors) is not implemented in this "
-                "version; use source='direct'"
-            )
         self.model = model
         self.adapter_config = config
         self.adapted_layers: dict[str, AdaptedLinear] = inject_adapters(model, config)
-        self.allocator = RankAllocator(self.adapted_layers, config.allocator) if config.is_adalora else None
+        # The factor source: direct (each layer's own parameters) or one hypernetwork per kind.
+        self.hyper: HyperFactorSource | None = None
+        if config.source == "hyper":
+            method = next(iter(self.adapted_layers.values())).method
+            self.hyper = HyperFactorSource(self.adapted_layers, method.factor_kinds, config.hyper)
+        self.allocator = (RankAllocator(self.adapted_layers, config.allocator, source=self.hyper)
+                          if config.is_adalora else None)
         self._dylora_gen = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
         self.last_task_loss: float | None = None
         self.last_regularizer: float | None = None
@@ -61,7 +63,14 @@ class AdaptedModel(nn.Module):
             return getattr(self.__dict__["_modules"]["model"], name)
 
     # -- forward -----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> AdaptedModel:
+        if self.hyper is not None:
+            self.hyper.invalidate()
+        return super().train(mode)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hyper is not None and self.training and torch.is_grad_enabled():
+            self.hyper.regenerate()  # a fresh graph per training forward; eval reuses one generation
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None) if not isinstance(outputs, tuple) else None
         if self.training and torch.is_grad_enabled():
@@ -109,6 +118,8 @@ class AdaptedModel(nn.Module):
         self._after_step_calls += 1
         if self.allocator is not None:
             self.allocator.update_and_allocate(global_step)
+        if self.hyper is not None:
+            self.hyper.after_step()  # recurrent state update (with the masks just decided)
         if self.adapter_config.method == "dylora":
             self._sample_dylora_rank()
 
@@ -160,6 +171,10 @@ class AdaptedModel(nn.Module):
         return remove_adapters(self.model, self.adapted_layers, merge)
 
     # -- summaries -----------------------------------------------------------------------------
+    def hypernetwork_parameters(self) -> list[nn.Parameter]:
+        """The hypernetworks' parameters (empty for the direct source)."""
+        return [] if self.hyper is None else list(self.hyper.parameters())
+
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -171,6 +186,10 @@ class AdaptedModel(nn.Module):
         trainable, total = self.trainable_parameters()
         line = (f"trainable params: {trainable:,} || all params: {total:,} || "
                 f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        if self.hyper is not None:
+            counts = self.hyper.parameter_counts()
+            line += "\nhypernetworks (" + self.adapter_config.hyper.arch + "): " + ", ".join(
+                f"{k}: {counts[k]:,} (body {counts[k + '.body']:,})" for k in self.hyper.nets)
         print(line)
         return line
 

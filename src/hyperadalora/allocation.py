@@ -37,8 +37,9 @@ class RankAllocator:
         steps_seen: Number of ``update_and_allocate`` calls so far.
     """
 
-    def __init__(self, layers: dict[str, AdaptedLinear], config: AllocatorConfig) -> None:
+    def __init__(self, layers: dict[str, AdaptedLinear], config: AllocatorConfig, source=None) -> None:
         self.config = config
+        self.source = source  # a HyperFactorSource, or None for direct (parameter) factors
         self.names = list(layers)
         self.layers = list(layers.values())
         self.init_bgt = sum(layer.r for layer in self.layers)
@@ -50,11 +51,14 @@ class RankAllocator:
         # Shape groups: (kind, shape) -> indices of layers; one batched op per group.
         self.groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for i, layer in enumerate(self.layers):
-            for kind, t in layer.factors.items():
-                self.groups.setdefault((kind, tuple(t.shape)), []).append(i)
+            for kind, shape in layer.method.factor_shapes(layer.out_features, layer.in_features, layer.r).items():
+                self.groups.setdefault((kind, tuple(shape)), []).append(i)
         self.persistent = config.policy == "sigma-grad"
+        # Generated factors have no parameter to zero: the mask acts in the forward pass, and a
+        # pruned value never comes back (DESIGN.md section 2).
+        self.monotone = self.persistent or source is not None
         for layer in self.layers:
-            layer.mask_in_forward = self.persistent
+            layer.mask_in_forward = self.monotone
         self.reset_ipt()
 
     # -- state -------------------------------------------------------------------------------
@@ -120,12 +124,22 @@ class RankAllocator:
 
     # -- importance --------------------------------------------------------------------------
     def _group_values_and_grads(self, kind: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is not None:
+            return self.source.values_and_grads(kind, idx)
         params = [self.layers[i].factors[kind] for i in idx]
         values = torch.stack([p.detach() for p in params])
         grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         return values, grads
 
     def _check_grads(self) -> None:
+        if self.source is not None:
+            generated = self.source.generated
+            if generated is None or all(t.grad is None for t in generated.values()):
+                raise RuntimeError(
+                    "after_step() found no gradients of the generated factors: call it after loss.backward() and "
+                    "optimizer.step() of a training forward"
+                )
+            return
         if all(p.grad is None for layer in self.layers for p in layer.factors.values()):
             raise RuntimeError(
                 "after_step() found no gradients on the AdaLoRA factors: call it after optimizer.step() and "
@@ -181,7 +195,7 @@ class RankAllocator:
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
         """Keeps the ``budget`` most important singular values (policy permitting)."""
         scores = self.triplet_scores()
-        if self.persistent:
+        if self.monotone:  # prune the lowest-scoring live values until the budget is met
             live = self.masks() > 0
             to_prune = int(live.sum().item()) - budget
             if to_prune > 0:
@@ -203,9 +217,12 @@ class RankAllocator:
         return self.rank_pattern
 
     def _apply_keep(self, keep: torch.Tensor) -> None:
+        if self.monotone:
+            keep = keep & (self.masks() > 0)
         masks = keep.to(self.layers[0].rank_mask.dtype)
-        lams = [layer.factors["lam"] for layer in self.layers]
-        torch._foreach_mul_([lam.data for lam in lams], list(masks.unbind(0)))
+        if self.source is None:  # direct factors: zero lam in place, as peft does
+            lams = [layer.factors["lam"] for layer in self.layers]
+            torch._foreach_mul_([lam.data for lam in lams], list(masks.unbind(0)))
         self.set_masks(masks)
 
     @torch.no_grad()
@@ -236,7 +253,7 @@ class RankAllocator:
         elif self.rank_pattern is not None:
             keep = torch.tensor([self.rank_pattern[n] for n in self.names], device=self.layers[0].rank_mask.device)
             self._apply_keep(keep)
-        if self.persistent:
+        if self.persistent and self.source is None:
             self._apply_keep(self.masks() > 0)  # optimizer momentum must not revive a pruned value
         return self.budget
 

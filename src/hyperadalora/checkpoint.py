@@ -69,6 +69,9 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
             out[f"{name}.magnitude"] = layer.magnitude
         if hasattr(layer, "rank_mask"):
             out[f"{name}.rank_mask"] = layer.rank_mask
+    if model.hyper is not None:
+        for key, t in model.hyper.state_dict().items():
+            out[f"hyper.{key}"] = t
     base = model.model
     for saved in model.adapter_config.modules_to_save:
         for mod_name, mod in base.named_modules():
@@ -157,6 +160,8 @@ def load_adapter_weights(model, directory: str | os.PathLike) -> None:
         alloc = {k: v.to(dev) for k, v in load_file(str(Path(directory) / ALLOC_TENSORS_NAME)).items()}
         model.allocator.load_state(alloc, meta)
         model._after_step_calls = max(model._after_step_calls, meta.get("steps_seen", 0))
+    if model.hyper is not None:
+        model.hyper.invalidate()
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike):

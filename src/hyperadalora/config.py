@@ -145,15 +145,26 @@ class AllocatorConfig(_JsonConfig):
 class HyperConfig(_JsonConfig):
     """Hypernetwork factor source settings (used when ``AdapterConfig.source == "hyper"``).
 
-    The hypernetwork source itself is implemented in a later milestone; the fields are fixed
-    now so that configs and checkpoints keep one shape.
-
     Attributes:
-        arch: Hypernetwork body: ``attention`` (one BERT layer), ``mlp`` or ``cnn``.
-        tokens: Token layout preset (``rank``, ``rows``, ``elements``, ``patch``).
-        hidden: Hidden width of the body.
+        arch: Hypernetwork body: ``attention`` (one BERT layer per ``layers``), ``mlp`` or ``cnn``.
+        tokens: Token layout preset (DESIGN.md section 2): ``rank`` (a token per rank component),
+            ``rows`` (a token per row of the long side), ``elements`` (a token per scalar) or
+            ``patch`` (each rank vector cut into ``patch_width``-wide pieces).
+        rank_span: Overrides the preset's rank span (rank components per token).
+        width_span: Overrides the preset's width span (columns per token).
+        patch_width: Width of a ``patch`` token.
+        hidden: Hidden width of the body (TinyBERT: 312).
         layers: Number of body layers.
-        mode: ``recurrent`` (state <- generated factor after every step) or ``reparam``.
+        mode: ``recurrent`` (paper Eqs. 4-6: after each optimizer step the state becomes the
+            generated factor) or ``reparam`` (the state stays at its initial value).
+        output_scale: Multiplier of the generated residual (``F = S + output_scale * H(S)``);
+            ``None`` means ``1 / sqrt(hidden)``, so that one learning rate means about one step
+            size for a directly trained factor and a generated one (DESIGN.md section 2).
+        context: Add learned per-module and per-rank-position embeddings to every token, so
+            that zero-initialised factors (lam, LoRA's B) are not generated identically
+            everywhere (the symmetry trap).
+        lr: Learning rate for the hypernetwork parameters when the training loop builds
+            parameter groups (``None``: the run's learning rate).
     """
 
     ARCHS: ClassVar[tuple[str, ...]] = ("attention", "mlp", "cnn")
@@ -162,9 +173,15 @@ class HyperConfig(_JsonConfig):
 
     arch: str = "attention"
     tokens: str = "rank"
+    rank_span: int | None = None
+    width_span: int | None = None
+    patch_width: int = 64
     hidden: int = 312
     layers: int = 1
     mode: str = "recurrent"
+    output_scale: float | None = None
+    context: bool = True
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         owner = "HyperConfig"
@@ -173,6 +190,21 @@ class HyperConfig(_JsonConfig):
         _check_choice(owner, "mode", self.mode, self.MODES)
         _check_int(owner, "hidden", self.hidden, 1)
         _check_int(owner, "layers", self.layers, 1)
+        _check_int(owner, "patch_width", self.patch_width, 1)
+        for name in ("rank_span", "width_span"):
+            if getattr(self, name) is not None:
+                _check_int(owner, name, getattr(self, name), 1)
+        if self.output_scale is not None:
+            _check_float(owner, "output_scale", self.output_scale, 0.0, low_open=True)
+        if self.lr is not None:
+            _check_float(owner, "lr", self.lr, 0.0, low_open=True)
+        if not isinstance(self.context, bool):
+            raise TypeError(f"{owner}.context must be a bool, got {self.context!r}")
+
+    @property
+    def scale(self) -> float:
+        """The effective output scale."""
+        return self.output_scale if self.output_scale is not None else self.hidden ** -0.5
 
 
 @dataclass(frozen=True)
