@@ -10,7 +10,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, MPNetConfig, MPNetForSequenceClassification
 
 import hyperadalora as ha
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama, train_steps
 
 METHODS = ["lora", "adalora", "dora", "dylora"]
 
@@ -145,25 +145,11 @@ def test_dylora_gradient_reaches_only_first_b_components():
     assert ga[:k].abs().sum() > 0 and ga[k:].abs().sum() == 0
 
 
-def _train_steps(model, batch_fn, steps, lr=1e-2, start=0):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    model.train()
-    for step in range(start, start + steps):
-        out = model(**batch_fn(step % 3))
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        opt.zero_grad()
-        losses.append(out.loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_save_load_round_trip(tmp_path, method):
     base = tiny_bert()
     model = ha.wrap(copy.deepcopy(base), config_for(method, modules_to_save=("classifier",), target_modules=BERT_TARGETS))
-    _train_steps(model, bert_batch, 8)
+    train_steps(model, 8, bert_batch, lr=1e-2)
     model.save_adapter(tmp_path / "ad")
     loaded = ha.load_adapter(copy.deepcopy(base), tmp_path / "ad")
     model.eval()
@@ -182,15 +168,15 @@ def test_adalora_training_continues_identically_after_reload(tmp_path):
     base = tiny_llama()
     cfg = config_for("adalora", target_modules=LLAMA_TARGETS)
     straight = ha.wrap(copy.deepcopy(base), cfg)
-    _train_steps(straight, llama_batch, 6)
+    train_steps(straight, 6, llama_batch, lr=1e-2)
     straight.save_adapter(tmp_path / "mid")
     reloaded = ha.load_adapter(copy.deepcopy(base), tmp_path / "mid")
     assert reloaded.allocator.rank_pattern == straight.allocator.rank_pattern
     assert reloaded.budget == straight.budget
     assert torch.equal(reloaded.allocator.masks(), straight.allocator.masks())
     # Both continue from the saved state (fresh optimizers: optimizer state is not part of an adapter).
-    cont_straight = _train_steps(straight, llama_batch, 8, start=6)
-    cont_reloaded = _train_steps(reloaded, llama_batch, 8, start=6)
+    cont_straight = train_steps(straight, 8, llama_batch, lr=1e-2, start=6)
+    cont_reloaded = train_steps(reloaded, 8, llama_batch, lr=1e-2, start=6)
     assert cont_straight == cont_reloaded
     assert reloaded.allocator.rank_pattern == straight.allocator.rank_pattern
 

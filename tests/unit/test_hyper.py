@@ -9,7 +9,7 @@ import torch
 
 import hyperadalora as ha
 from hyperadalora.hyper.tokens import TokenLayout, from_rank_width, to_rank_width
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama
+from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama, train_steps
 
 METHODS = ["lora", "adalora", "dora", "dylora"]
 SMALL_HYPER = dict(hidden=24, layers=1)
@@ -21,20 +21,6 @@ def cfg(method, source, **hyper):
         kw = dict(r=6, allocator=ha.AllocatorConfig(total_step=30, target_r=2, tinit=2, tfinal=6, deltaT=2))
     return ha.AdapterConfig(method=method, source=source, seed=7, target_modules=BERT_TARGETS,
                             modules_to_save=("classifier",), hyper=ha.HyperConfig(**{**SMALL_HYPER, **hyper}), **kw)
-
-
-def train(model, steps, batch_fn=bert_batch, lr=3e-3, start=0):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for step in range(start, start + steps):
-        out = model(**batch_fn(step % 3))
-        out.loss.backward()
-        opt.step()
-        model.after_step(step)
-        opt.zero_grad()
-        losses.append(out.loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -73,7 +59,7 @@ def test_hyper_states_start_as_direct_init():
 @pytest.mark.parametrize("method,kind", [("adalora", "lam"), ("lora", "B")])
 def test_zero_initialised_factors_differ_after_one_step(method, kind):
     m = ha.wrap(tiny_bert(), cfg(method, "hyper"))
-    train(m, 1)
+    train_steps(m, 1)
     m.eval()
     with torch.no_grad():
         gen = torch.stack([layer.get_factors()[kind] for layer in m.adapted_layers.values()
@@ -87,7 +73,7 @@ def test_zero_initialised_factors_differ_after_one_step(method, kind):
 
 def test_without_context_the_symmetry_trap_appears():
     m = ha.wrap(tiny_bert(), cfg("adalora", "hyper", context=False))
-    train(m, 1)
+    train_steps(m, 1)
     m.eval()
     with torch.no_grad():
         lam = torch.stack([layer.get_factors()["lam"] for layer in m.adapted_layers.values()])
@@ -121,7 +107,7 @@ def test_gradients_reach_every_hyper_parameter_and_no_state(method):
 def test_recurrent_updates_states_reparam_keeps_them(mode):
     m = ha.wrap(tiny_bert(), cfg("lora", "hyper", mode=mode))
     before = {k: v.clone() for k, v in m.hyper.state_dict().items() if k.startswith("state_")}
-    train(m, 2)
+    train_steps(m, 2)
     after = {k: v for k, v in m.hyper.state_dict().items() if k.startswith("state_")}
     changed = any(not torch.equal(before[k], after[k]) for k in before)
     assert changed == (mode == "recurrent")
@@ -137,7 +123,7 @@ def test_one_hypernetwork_call_per_kind_and_shape_group():
     # GQA: k/v projections (32 -> 16) differ from q/o (32 -> 32), gate/up (32 -> 40), down (40 -> 32).
     assert groups_per_kind["P"] == 3 and groups_per_kind["Q"] == 2 and groups_per_kind["lam"] == 1
     before = m.hyper.calls_per_kind()
-    train(m, 3, batch_fn=llama_batch)
+    train_steps(m, 3, llama_batch)
     after = m.hyper.calls_per_kind()
     assert {k: after[k] - before[k] for k in after} == {k: 3 * v for k, v in groups_per_kind.items()}
     m.eval()
@@ -177,11 +163,11 @@ def test_save_load_continue_gives_same_next_losses(tmp_path):
     base = tiny_bert()
     c = cfg("adalora", "hyper")
     straight = ha.wrap(copy.deepcopy(base), c)
-    train(straight, 5)
+    train_steps(straight, 5)
     straight.save_adapter(tmp_path / "h")
     reloaded = ha.load_adapter(copy.deepcopy(base), tmp_path / "h")
     # Same state, fresh optimizers on both sides: the next losses must agree exactly.
-    assert train(straight, 4, start=5) == train(reloaded, 4, start=5)
+    assert train_steps(straight, 4, start=5) == train_steps(reloaded, 4, start=5)
 
 
 @pytest.mark.parametrize("preset", ["rank", "rows", "elements", "patch"])

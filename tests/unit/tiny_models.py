@@ -38,3 +38,21 @@ def llama_batch(seed: int, batch: int = 3, seq: int = 10) -> dict[str, torch.Ten
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 120, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def train_steps(model, steps: int, batch_fn=bert_batch, lr: float = 3e-3, start: int = 0) -> list[float]:
+    """AdamW steps on repeated batches with the full training contract; returns the losses.
+
+    A fresh optimizer each call, so two models in the same state continue identically.
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(start, start + steps):
+        out = model(**batch_fn(step % 3))
+        out.loss.backward()
+        opt.step()
+        model.after_step(step)
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
