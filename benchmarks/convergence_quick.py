@@ -140,6 +140,12 @@ def main(argv=None):
             print(f"  final smoothed loss {r['final_smoothed']:.4f}  dev acc {r['dev_accuracy']}  "
                   f"{r['seconds_per_step']:.3f} s/step", file=sys.stderr, flush=True)
             runs.append(r)
+            table = write_summary(runs, args, len(dev_rows))  # after every run: nothing lost if stopped
+    print("\n".join(table))
+
+
+def write_summary(runs, args, n_dev):
+    """Writes the JSON and markdown summaries of the runs so far; returns the table lines."""
     best = {}
     for r in runs:
         if r["layout"] not in best or r["final_smoothed"] < best[r["layout"]]["final_smoothed"]:
@@ -163,7 +169,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [f"Target loss {target:.4f} (AdaLoRA, best lr, smoothed, step {args.steps}); MiniLM, SST-2, "
-             f"batch {args.batch_size} x <= {args.max_length} tokens, {len(dev_rows)} dev rows.", "",
+             f"batch {args.batch_size} x <= {args.max_length} tokens, {n_dev} dev rows.", "",
              "| variant | lr | best lr | final smoothed loss | steps to target | s to target | s/step | dev acc |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -173,7 +179,7 @@ def main(argv=None):
                      f"{fmt(row['seconds_to_target'], '.1f')} | {row['seconds_per_step']:.3f} | "
                      f"{fmt(row['dev_accuracy'], '.3f')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ method has one (AdaLoRA re-allocates at every measured step: deltaT = 1, worst c
 
 Timing: every variant lives in one process and the variants take turns step by step
 (round-robin), so machine noise hits them alike; each figure is the median over the measured
-steps. Memory: each variant runs alone in a fresh subprocess; ``peak_mib`` is the growth of the
-process's peak resident set (``ru_maxrss``) over a few training steps, measured from just after
-the model was built.
+steps. Memory: each variant runs alone in a fresh subprocess; ``peak_mib`` is the process's peak
+resident set over three training steps (the kernel's mark is reset after the model is built)
+minus its resident set before them: activations, gradients and optimizer state.
 
 Usage::
 
@@ -116,13 +116,19 @@ def make_batch(batch_size: int, seq_len: int, seed: int = 0):
 
 
 def measure_memory(variant: str, args) -> float:
-    """Peak RSS growth (MiB) over a few steps of one variant, in a fresh subprocess."""
+    """Peak RSS growth (MiB) over a few steps of one variant, in a fresh subprocess.
+
+    The kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) after the model is built, so
+    loading and copying the checkpoint do not hide the training peak.
+    """
     code = (
-        "import sys, resource, torch; sys.path.insert(0, %r); import step_cost as s;"
+        "import sys, torch; sys.path.insert(0, %r); import step_cost as s;"
         "torch.set_num_threads(%d); base = s.load_base(); step, _, _ = s.build(%r, base);"
-        "batch = s.make_batch(%d, %d); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "batch = s.make_batch(%d, %d); del base; import gc; gc.collect();"
+        "rss = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
+        "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5');"
         "[step(batch) for _ in range(3)];"
-        "print('PEAK', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
+        "print('PEAK', (rss('VmHWM:') - before) / 1024)"
     ) % (str(Path(__file__).resolve().parent), args.threads, variant, args.batch_size, args.seq_len)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float([ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1])
@@ -178,7 +184,8 @@ def main(argv=None) -> None:
                          "warmup": args.warmup, "r": 8, "adalora_init_r": 12, "adalora_target_r": 8,
                          "adalora_deltaT": 1, "lora_alpha": 16, "optimizer": "AdamW lr 1e-4",
                          "timing": "median of round-robin interleaved steps, one process",
-                         "memory": "ru_maxrss growth over 3 steps in a fresh subprocess per variant"},
+                         "memory": "peak RSS (VmHWM, reset after model build) minus RSS before the first of 3 steps, "
+                                   "fresh subprocess per variant"},
               "rows": rows,
               "ratios": {"adalora_vs_peft_adalora": ratio("adalora", "peft_adalora"),
                          "lora_vs_peft_lora": ratio("lora", "peft_lora"),
