@@ -9,7 +9,11 @@ accuracy on the real SST-2 dev rows.
 Usage::
 
     python benchmarks/convergence_quick.py --data-dir ../shared/data [--steps 300] \
-        [--layouts rank,patch] [--lrs 1e-5,1e-4,3e-4,1e-3,3e-3] [--dev-rows 872]
+        [--variants rank:anchored,rank:reparam,rank:recurrent,patch] [--lrs 1e-5,1e-4,3e-4,1e-3,3e-3] \
+        [--dev-rows 872] [--resume]
+
+A variant is ``layout[:mode]`` (mode: recurrent, reparam, anchored; default: HyperConfig's).
+``--resume`` keeps the runs already in the output JSON and runs only the missing ones.
 
 Writes ``benchmarks/results/convergence_quick.json`` and ``.md``.
 """
@@ -71,18 +75,20 @@ def dev_accuracy(model, tokenizer, rows, max_length):
     return correct / len(rows)
 
 
-def run_variant(base, tokenizer, batches, dev_rows, layout, lr, args):
-    hyper = layout is not None
+def run_variant(base, tokenizer, batches, dev_rows, variant, lr, args):
+    hyper = variant is not None
+    layout, _, mode = (variant or "").partition(":")
+    hyper_kw = {"tokens": layout or "rank"} | ({"mode": mode} if mode else {})
     cfg = ha.AdapterConfig(
         method="adalora", r=12, lora_alpha=16, target_modules=ENCODER, modules_to_save=("classifier",),
         gamma=0.1, seed=args.seed, source="hyper" if hyper else "direct",
-        hyper=ha.HyperConfig(tokens=layout or "rank", mode=args.mode),
+        hyper=ha.HyperConfig(**hyper_kw),
         allocator=ha.AllocatorConfig(total_step=args.steps, target_r=8, tinit=args.steps // 10,
                                      tfinal=args.steps // 5, deltaT=10),
     )
     torch.manual_seed(args.seed)
     model = ha.wrap(copy.deepcopy(base), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(lr))
     model.train()
     losses, times = [], []
     start = time.perf_counter()
@@ -99,8 +105,9 @@ def run_variant(base, tokenizer, batches, dev_rows, layout, lr, args):
         losses.append(model.last_task_loss)
         times.append(time.perf_counter() - start)
     acc = dev_accuracy(model, tokenizer, dev_rows, args.max_length) if len(losses) == len(batches) else None
-    return {"layout": layout or "direct", "lr": lr, "task_losses": losses, "elapsed": times,
+    return {"layout": variant or "direct", "lr": lr, "task_losses": losses, "elapsed": times,
             "dev_accuracy": acc, "final_smoothed": smooth(losses)[-1] if losses else math.inf,
+            "diverged": len(losses) < len(batches),
             "seconds_per_step": times[-1] / len(times) if times else None}
 
 
@@ -117,9 +124,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--layouts", default="rank,patch", help="hyper layouts to run (comma-separated)")
+    p.add_argument("--variants", default="rank:anchored,rank:reparam,rank:recurrent,patch:anchored",
+                   help="hyper variants layout[:mode] to run (comma-separated)")
+    p.add_argument("--no-direct", action="store_true", help="skip the AdaLoRA baseline runs (with --resume)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON")
     p.add_argument("--lrs", default="1e-5,1e-4,3e-4,1e-3,3e-3")
-    p.add_argument("--mode", default="recurrent", choices=["recurrent", "reparam"])
     p.add_argument("--dev-rows", type=int, default=872)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "convergence_quick"))
@@ -131,10 +140,15 @@ def main(argv=None):
                            args.max_length, args.seed)
     dev_rows = read_glue("sst2", "dev", data)[: args.dev_rows]
     lrs = [float(x) for x in args.lrs.split(",")]
-    layouts = [None] + [x for x in args.layouts.split(",") if x]
+    variants = ([] if args.no_direct else [None]) + [x for x in args.variants.split(",") if x]
     runs = []
-    for layout in layouts:
+    out_json = Path(args.out).with_suffix(".json")
+    if args.resume and out_json.exists():
+        runs = json.loads(out_json.read_text())["curves"]
+    for layout in variants:
         for lr in lrs:
+            if any(r["layout"] == (layout or "direct") and r["lr"] == lr for r in runs):
+                continue
             print(f"{layout or 'direct'} lr={lr:g} ...", file=sys.stderr, flush=True)
             r = run_variant(base, tokenizer, batches, dev_rows, layout, lr, args)
             print(f"  final smoothed loss {r['final_smoothed']:.4f}  dev acc {r['dev_accuracy']}  "
@@ -148,23 +162,27 @@ def write_summary(runs, args, n_dev):
     """Writes the JSON and markdown summaries of the runs so far; returns the table lines."""
     best = {}
     for r in runs:
+        if r.get("diverged"):
+            continue
         if r["layout"] not in best or r["final_smoothed"] < best[r["layout"]]["final_smoothed"]:
             best[r["layout"]] = r
     target = best["direct"]["final_smoothed"]
     rows = []
     for r in runs:
         steps, secs = first_reach(r, target)
-        rows.append({"variant": "adalora" if r["layout"] == "direct" else f"hyper_adalora_{r['layout']}",
-                     "layout": r["layout"], "lr": r["lr"], "best_lr": best[r["layout"]] is r,
+        name = "adalora" if r["layout"] == "direct" else "hyper_adalora_" + r["layout"].replace(":", "_")
+        rows.append({"variant": name,
+                     "layout": r["layout"], "lr": r["lr"], "best_lr": best.get(r["layout"]) is r,
                      "final_smoothed_loss": r["final_smoothed"], "steps_to_target": steps,
                      "seconds_to_target": secs, "seconds_per_step": r["seconds_per_step"],
-                     "dev_accuracy": r["dev_accuracy"]})
+                     "dev_accuracy": r["dev_accuracy"], "diverged": bool(r.get("diverged"))})
     result = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
               "versions": {"torch": torch.__version__, "hyperadalora": ha.__version__},
               "config": {**vars(args), "model": "minilm", "task": "sst2", "target_loss": target,
                          "target_definition": "smoothed (EMA 0.9) training task loss of AdaLoRA at its best lr, "
                                               "last step"},
-              "rows": rows, "curves": [{k: r[k] for k in ("layout", "lr", "task_losses", "elapsed")} for r in runs]}
+              "rows": rows, "curves": runs}
+    result["config"]["note"] = "a diverged run (non-finite loss) is never a best lr; its row says so"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -175,7 +193,7 @@ def write_summary(runs, args, n_dev):
     for row in rows:
         fmt = lambda v, f: "never" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {row['variant']} | {row['lr']:g} | {'yes' if row['best_lr'] else ''} | "
-                     f"{row['final_smoothed_loss']:.4f} | {fmt(row['steps_to_target'], 'd')} | "
+                     f"{row['final_smoothed_loss']:.4f}{' (diverged)' if row['diverged'] else ''} | {fmt(row['steps_to_target'], 'd')} | "
                      f"{fmt(row['seconds_to_target'], '.1f')} | {row['seconds_per_step']:.3f} | "
                      f"{fmt(row['dev_accuracy'], '.3f')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

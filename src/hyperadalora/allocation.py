@@ -133,8 +133,7 @@ class RankAllocator:
 
     def _check_grads(self) -> None:
         if self.source is not None:
-            generated = self.source.generated
-            if generated is None or all(t.grad is None for t in generated.values()):
+            if all(g is None for g in self.source.gradients().values()):
                 raise RuntimeError(
                     "after_step() found no gradients of the generated factors: call it after loss.backward() and "
                     "optimizer.step() of a training forward"
@@ -150,6 +149,8 @@ class RankAllocator:
     def update_ipt(self) -> None:
         """Updates the smoothed sensitivity / uncertainty (``adalora``) or sigma scores."""
         self._check_grads()
+        if self.source is not None and self.source.grad_sync is not None:
+            self.source.grad_sync()  # data parallel: the same dL/dF on every rank
         c = self.config
         if self.persistent:
             values, grads = self._group_values_and_grads("lam", list(range(len(self.layers))))

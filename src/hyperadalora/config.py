@@ -155,8 +155,25 @@ class HyperConfig(_JsonConfig):
         patch_width: Width of a ``patch`` token.
         hidden: Hidden width of the body (TinyBERT: 312).
         layers: Number of body layers.
-        mode: ``recurrent`` (paper Eqs. 4-6: after each optimizer step the state becomes the
-            generated factor) or ``reparam`` (the state stays at its initial value).
+        mode: How the state evolves. ``recurrent`` (paper Eqs. 4-6): ``F = S + c*H(S)`` and
+            after each optimizer step ``S <- F``, so the state integrates the generated
+            residual. ``reparam``: ``F = S0 + c*H(S0)``, the state stays at its initial value.
+            ``anchored``: ``F = S0 + c*H(S)`` and ``S <- F``: still recurrent (the hypernetwork
+            reads the current factor, as in Eq. 4) but the state tracks the generated factor
+            instead of integrating it: each step moves the state by the *change* of the
+            hypernetwork output, ``c*(H_t(S_t) - H_{t-1}(S_{t-1}))``, as large as one optimizer
+            step moves a directly trained factor (DESIGN.md section 2, "scale of the generated
+            step").
+        generate: ``per_forward`` regenerates the factors in every training forward (plain
+            ``loss.backward(); optimizer.step()`` loops work unchanged). ``per_step`` generates
+            them once per optimizer step, however many micro-batches are accumulated: the
+            model reads detached copies, and :meth:`AdaptedModel.backward_hypernetworks` (call
+            it before gradient clipping, or let :meth:`AdaptedModel.attach_optimizer` call it
+            before ``optimizer.step()``) pushes their accumulated gradient into the
+            hypernetworks.
+        max_tokens_per_call: Upper bound on ``modules x tokens`` per body call; larger groups
+            are split by module and run with activation checkpointing, so that long token
+            sequences (the ``elements`` and ``rows`` layouts) fit in memory. ``None``: no bound.
         output_scale: Multiplier of the generated residual (``F = S + output_scale * H(S)``);
             ``None`` means ``1 / sqrt(hidden)``, so that one learning rate means about one step
             size for a directly trained factor and a generated one (DESIGN.md section 2).
@@ -169,7 +186,8 @@ class HyperConfig(_JsonConfig):
 
     ARCHS: ClassVar[tuple[str, ...]] = ("attention", "mlp", "cnn")
     TOKENS: ClassVar[tuple[str, ...]] = ("rank", "rows", "elements", "patch")
-    MODES: ClassVar[tuple[str, ...]] = ("recurrent", "reparam")
+    MODES: ClassVar[tuple[str, ...]] = ("recurrent", "reparam", "anchored")
+    GENERATE: ClassVar[tuple[str, ...]] = ("per_forward", "per_step")
 
     arch: str = "attention"
     tokens: str = "rank"
@@ -182,12 +200,17 @@ class HyperConfig(_JsonConfig):
     output_scale: float | None = None
     context: bool = True
     lr: float | None = None
+    generate: str = "per_forward"
+    max_tokens_per_call: int | None = 65536
 
     def __post_init__(self) -> None:
         owner = "HyperConfig"
         _check_choice(owner, "arch", self.arch, self.ARCHS)
         _check_choice(owner, "tokens", self.tokens, self.TOKENS)
         _check_choice(owner, "mode", self.mode, self.MODES)
+        _check_choice(owner, "generate", self.generate, self.GENERATE)
+        if self.max_tokens_per_call is not None:
+            _check_int(owner, "max_tokens_per_call", self.max_tokens_per_call, 1)
         _check_int(owner, "hidden", self.hidden, 1)
         _check_int(owner, "layers", self.layers, 1)
         _check_int(owner, "patch_width", self.patch_width, 1)

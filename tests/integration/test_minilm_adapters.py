@@ -32,18 +32,18 @@ def minilm_and_rows():
     return model, batch
 
 
-@pytest.mark.parametrize("method", ["adalora", "lora"])
-def test_real_minilm_loss_decreases_on_repeated_rte_batch(minilm_and_rows, method):
+@pytest.mark.parametrize("method,source", [("adalora", "direct"), ("lora", "direct"), ("adalora", "hyper")])
+def test_real_minilm_loss_decreases_on_repeated_rte_batch(minilm_and_rows, method, source):
     import copy
 
     base, batch = minilm_and_rows
-    kw = dict(method=method, target_modules="all-linear", modules_to_save=("classifier",), seed=0)
+    kw = dict(method=method, target_modules="all-linear", modules_to_save=("classifier",), seed=0, source=source)
     if method == "adalora":
         kw.update(r=8, lora_alpha=16, gamma=0.1,
                   allocator=ha.AllocatorConfig(total_step=10, target_r=4, tinit=1, tfinal=1))
     model = ha.wrap(copy.deepcopy(base), ha.AdapterConfig(**kw))
     assert len(model.adapted_layers) == 6 * 6 + 1  # every encoder linear plus the pooler
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(lr=2e-3))
     model.train()
     losses = []
     for step in range(3):
@@ -55,3 +55,5 @@ def test_real_minilm_loss_decreases_on_repeated_rte_batch(minilm_and_rows, metho
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[2] < losses[0], losses
+    if source == "hyper":  # one hypernetwork call per (kind, shape) group and training forward
+        assert sum(model.hyper.calls_per_kind().values()) == 3 * len(model.hyper.groups)
