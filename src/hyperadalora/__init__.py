@@ -13,6 +13,7 @@ Public API::
 from .adapted_model import AdaptedModel, wrap
 from .checkpoint import load_adapter
 from .config import AdapterConfig, AllocatorConfig, HyperConfig
+from .export import export_peft_lora
 from .layers import AdaptedLinear
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "AllocatorConfig",
     "HyperConfig",
     "__version__",
+    "export_peft_lora",
     "load_adapter",
     "wrap",
 ]
