@@ -64,7 +64,9 @@ class AdaptedModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> AdaptedModel:
-        if self.hyper is not None:
+        if self.hyper is not None and not (mode and self.training):
+            # Not when staying in training mode: Trainer calls model.train() before every micro-batch,
+            # and generate="per_step" must keep the step's factors (and their gradients) across them.
             self.hyper.invalidate()
         return super().train(mode)
 

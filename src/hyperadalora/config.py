@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +37,8 @@ def _check_float(owner: str, name: str, value: Any, low: float | None = None, hi
                  low_open: bool = False, high_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}.{name} must be a number, got {type(value).__name__} ({value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{owner}.{name}={value} must be a finite number")
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ValueError(f"{owner}.{name}={value} must be {bound}")
@@ -67,7 +70,7 @@ class _JsonConfig:
         if not isinstance(data, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(names)}")
         kwargs = dict(data)
@@ -308,6 +311,12 @@ class AdapterConfig(_JsonConfig):
             object.__setattr__(self, "allocator", AllocatorConfig.from_dict(self.allocator))
         if isinstance(self.hyper, dict):
             object.__setattr__(self, "hyper", HyperConfig.from_dict(self.hyper))
+        if self.allocator is not None and not isinstance(self.allocator, AllocatorConfig):
+            raise TypeError(f"{owner}.allocator must be an AllocatorConfig (or a dict of its fields), "
+                            f"got {type(self.allocator).__name__} ({self.allocator!r})")
+        if not isinstance(self.hyper, HyperConfig):
+            raise TypeError(f"{owner}.hyper must be a HyperConfig (or a dict of its fields), "
+                            f"got {type(self.hyper).__name__} ({self.hyper!r})")
         if self.method == "adalora":
             if self.allocator is None:
                 raise ValueError(

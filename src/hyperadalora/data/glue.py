@@ -21,6 +21,7 @@ Text fields are returned exactly as in the file (SST-2 sentences keep their trai
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 from dataclasses import dataclass
@@ -97,8 +98,8 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
 
     Raises:
         ValueError: Unknown task or split, no data directory given, or a malformed row (wrong
-            column count or an unknown label; the message names the file and the 1-based line
-            number, the header counting as line 1).
+            column count, an unknown label, or bytes that are not UTF-8; the message names the
+            file and the 1-based line number, the header counting as line 1).
         FileNotFoundError: The data directory or the split's file does not exist.
     """
     if task not in TASKS:
@@ -112,8 +113,7 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     out: list[GlueExample] = []
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in reader:
-            line_no = reader.line_num  # 1-based; one row per line since quoting is off
+        for line_no, row in _numbered_rows(reader, path):
             if fmt.header and line_no == 1:
                 continue
             if not row:  # a blank line
@@ -125,3 +125,30 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
                 raise ValueError(f"{path}:{line_no}: label {row[fmt.label]!r} is not one of {sorted(fmt.labels)}")
             out.append(GlueExample(row[fmt.text_a], row[fmt.text_b] if fmt.text_b is not None else None, label))
     return out
+
+
+def _numbered_rows(reader, path: Path):
+    """``(1-based line, row)`` pairs; undecodable bytes or a csv error become a ``ValueError``
+    naming the file and line (one row per line, since quoting is off)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:  # decoded in chunks: find the line from the bytes
+            raise ValueError(f"{path}:{_first_bad_utf8_line(path)}: not valid UTF-8 ({exc.reason})") from exc
+        except csv.Error as exc:
+            raise ValueError(f"{path}:{reader.line_num + 1}: {exc}") from exc
+        yield reader.line_num, row
+
+
+def _first_bad_utf8_line(path: Path) -> int:
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        data.decode("utf-8")
+        return 1
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start]
+    return before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
