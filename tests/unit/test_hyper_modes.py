@@ -203,3 +203,20 @@ def test_hyper_trains_on_mpnet_and_gqa_llama(family, method):
     assert sum(m.hyper.calls_per_kind().values()) - calls == 4 * len(m.hyper.groups)
     after = eval_loss()
     assert after < before, (before, after)
+
+
+def test_deepcopy_of_a_hyper_model_is_independent():
+    m = ha.wrap(tiny_bert(), cfg("adalora", "hyper"))
+    _randomise_out_proj(m)
+    twin = copy.deepcopy(m)
+    m.eval(), twin.eval()
+    with torch.no_grad():
+        ref = m(**bert_batch(0)).logits
+        torch.testing.assert_close(twin(**bert_batch(0)).logits, ref)
+        for net in twin.hyper.nets.values():  # change only the copy's hypernetworks
+            for proj in net.out_proj.values():
+                proj.weight.mul_(3.0)
+        twin.hyper.invalidate()
+        assert not torch.allclose(twin(**bert_batch(0)).logits, ref)
+        m.hyper.invalidate()
+        torch.testing.assert_close(m(**bert_batch(0)).logits, ref)  # the original is untouched

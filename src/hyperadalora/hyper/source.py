@@ -85,6 +85,20 @@ class KindHypernetwork(nn.Module):
         return self.out_proj[str(d)](self._body(x)) * self.scale  # (n, T, D)
 
 
+class GeneratedFactors:
+    """A layer's factor provider: its slice of the source's generated factors.
+
+    A plain object rather than a closure, so that ``copy.deepcopy`` of a wrapped model points
+    the copied layers at the copied source (a lambda would keep reading the original).
+    """
+
+    def __init__(self, source: HyperFactorSource, index: int) -> None:
+        self.source, self.index = source, index
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        return self.source.factors_for(self.index)
+
+
 class HyperFactorSource(nn.Module):
     """Generates the factors of every adapted layer with one hypernetwork per factor kind.
 
@@ -137,7 +151,7 @@ class HyperFactorSource(nn.Module):
         # before it is used (backward_hypernetworks, allocator scores). None: single process.
         self.grad_sync = None
         for i, layer in enumerate(self.layer_list):
-            layer.set_factor_provider(lambda i=i: self.factors_for(i))
+            layer.set_factor_provider(GeneratedFactors(self, i))
             layer.mask_in_forward = True  # a pruned singular value is zero in every forward pass
 
     # -- states ------------------------------------------------------------------------------
