@@ -36,7 +36,7 @@ def test_step0_equals_direct_twin(method, tokens):
             for kind, p in layer.factors.items():
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for key, idx in hyper.hyper.groups.items():
-            hyper.hyper.state(key).copy_(torch.stack([direct.adapted_layers[list(direct.adapted_layers)[i]]
+            hyper.hyper.reset_state(key, torch.stack([direct.adapted_layers[list(direct.adapted_layers)[i]]
                                                       .factors[key[0]] for i in idx]))
     direct.train()
     hyper.train()

@@ -162,6 +162,13 @@ class HyperFactorSource(nn.Module):
     def module_ids(self, key: GroupKey) -> torch.Tensor:
         return getattr(self, f"ids_{self.group_names[key]}")
 
+    @torch.no_grad()
+    def reset_state(self, key: GroupKey, value: torch.Tensor) -> None:
+        """Sets a group's state (and, in anchored mode, its anchor) as if it were the initial one."""
+        self.state(key).copy_(value)
+        self.anchor(key).copy_(value)
+        self.invalidate()
+
     def anchor(self, key: GroupKey) -> torch.Tensor:
         """What the generated residual is added to: the initial state (anchored mode) or the state."""
         name = f"anchor_{self.group_names[key]}"
