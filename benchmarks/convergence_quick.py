@@ -128,12 +128,13 @@ def main(argv=None):
                    help="hyper variants layout[:mode] to run (comma-separated)")
     p.add_argument("--no-direct", action="store_true", help="skip the AdaLoRA baseline runs (with --resume)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON")
-    p.add_argument("--lrs", default="1e-5,1e-4,3e-4,1e-3,3e-3")
+    p.add_argument("--lrs", default="3e-3,1e-3,1e-5,3e-4,1e-4", help="in the order they run")
     p.add_argument("--dev-rows", type=int, default=872)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 avoids spin-waiting on a busy machine)")
     p.add_argument("--out", default=str(RESULTS / "convergence_quick"))
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data = resolve_data_dir(args.data_dir)
     base, tokenizer = load_model("minilm", num_labels=2)
     batches = make_batches(read_glue("sst2", "train", data), tokenizer, args.steps, args.batch_size,
@@ -145,17 +146,17 @@ def main(argv=None):
     out_json = Path(args.out).with_suffix(".json")
     if args.resume and out_json.exists():
         runs = json.loads(out_json.read_text())["curves"]
-    for layout in variants:
-        for lr in lrs:
-            if any(r["layout"] == (layout or "direct") and r["lr"] == lr for r in runs):
-                continue
-            print(f"{layout or 'direct'} lr={lr:g} ...", file=sys.stderr, flush=True)
-            r = run_variant(base, tokenizer, batches, dev_rows, layout, lr, args)
-            print(f"  final smoothed loss {r['final_smoothed']:.4f}  dev acc {r['dev_accuracy']}  "
-                  f"{r['seconds_per_step']:.3f} s/step", file=sys.stderr, flush=True)
-            runs.append(r)
-            table = write_summary(runs, args, len(dev_rows))  # after every run: nothing lost if stopped
-    print("\n".join(table))
+    # Learning-rate-major order: a partial run (stopped early) already holds every variant's likely-best lrs.
+    for lr, layout in [(lr, v) for lr in lrs for v in variants]:
+        if any(r["layout"] == (layout or "direct") and r["lr"] == lr for r in runs):
+            continue
+        print(f"{layout or 'direct'} lr={lr:g} ...", file=sys.stderr, flush=True)
+        r = run_variant(base, tokenizer, batches, dev_rows, layout, lr, args)
+        print(f"  final smoothed loss {r['final_smoothed']:.4f}  dev acc {r['dev_accuracy']}  "
+              f"{r['seconds_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+        runs.append(r)
+        write_summary(runs, args, len(dev_rows))  # after every run: nothing lost if stopped
+    print("\n".join(write_summary(runs, args, len(dev_rows))))
 
 
 def write_summary(runs, args, n_dev):
