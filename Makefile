@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - AdaLoRA on the packaged MiniLM with real RTE rows from $(DATA_DIR)
+#   make demo   - AdaLoRA vs HyperAdaLoRA on the packaged MiniLM with real SST-2 rows from $(DATA_DIR)
 #   make test   - creates / refreshes .venv, installs everything, runs pytest
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv

@@ -195,13 +195,17 @@ class HyperConfig(_JsonConfig):
     arch: str = "attention"
     # Defaults chosen from benchmarks/results (MiniLM, SST-2, 300 steps, batch 16, 2-core CPU):
     # * tokens="rank": the cheapest layout per step (hyper/direct step time 1.10 at batch 16,
-    #   step_cost_hyper_b16) and the best loss; "patch" costs 1.46x a direct step and learned
-    #   less (smoothed loss 0.62 vs 0.42 at lr 3e-3, reparam); "rows" and "elements" cost several
-    #   to hundreds of direct steps per step (step_cost_hyper_slow_layouts).
-    # * mode="anchored": the only mode that starts learning sooner than direct AdaLoRA at the same
-    #   lr (loss falls from step ~80 instead of ~160 at lr 1e-3; final 0.387 vs reparam 0.428);
-    #   the paper's "recurrent" integrates the generated residual every step and did not learn
-    #   at any lr tried (0.68-0.69 at 1e-5 .. 3e-3). convergence_quick.md has every figure.
+    #   step_cost_hyper_b16) and the fastest to learn: at lr 1e-3 the smoothed loss reached 0.6
+    #   at step 81-83 (rank) vs 118 (patch, which also costs 1.46x a direct step and stalled at
+    #   0.63 at lr 3e-3); "rows" and "elements" cost many direct steps per step
+    #   (step_cost_hyper_slow_layouts), too slow to train here.
+    # * mode="anchored": keeps the paper's recurrence (the hypernetwork reads the previous
+    #   generated factor) without its integration; it had the lowest final loss of the modes
+    #   (0.387 at lr 1e-3; reparam 0.415 at 3e-3) and matched reparam step for step at 1e-3, but
+    #   stalled at 3e-3 where reparam still learned. The paper's "recurrent" did not learn at
+    #   any lr tried (0.68-0.69 from 1e-5 to 3e-3). None of them reached direct AdaLoRA's loss at
+    #   its best lr (0.360): hyper is faster only against direct at the same, too low, lr.
+    #   convergence_quick.md has every figure.
     tokens: str = "rank"
     rank_span: int | None = None
     width_span: int | None = None
