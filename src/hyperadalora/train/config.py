@@ -1,0 +1,502 @@
+"""The run configuration: one frozen, validated dataclass, loadable from YAML with overrides.
+
+A run is described by :class:`RunConfig`; the adapter itself by the nested
+:class:`~hyperadalora.AdapterConfig` (not duplicated here). Configs come from a YAML preset
+(``configs/*.yaml``) and ``key=value`` overrides, dotted for nested fields::
+
+    cfg = load_run_config("sst2_minilm_adalora", ["steps=50", "adapter.allocator.target_r=4"])
+
+For AdaLoRA the allocator's schedule follows the run: ``adapter.allocator.total_step`` is the
+run's ``steps`` (set it only to the same value), ``tinit`` and ``tfinal`` default to 10% and
+20% of ``steps``, and a missing ``allocator`` section is created. The resolved config (every
+value explicit) is what a run directory's ``config.yaml`` holds; it loads back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import (METHODS, AdapterConfig, AllocatorConfig, HyperConfig, _check_choice, _check_float, _check_int,
+                      _JsonConfig)
+
+TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
+CONFIGS_ENV = "HYPERADALORA_CONFIGS"
+
+
+@dataclass(frozen=True)
+class RunConfig(_JsonConfig):
+    """One training / evaluation run.
+
+    Attributes:
+        task: What to train and evaluate: a GLUE task (``rte``, ``wnli``, ``sst2``, ``mrpc``,
+            ``cola``; dev accuracy, MCC for CoLA, F1 for MRPC), ``alpaca`` (instruction tuning,
+            BLEU-4 / ROUGE-1 of greedy generations), ``gsm8k`` (exact match of the final number),
+            ``instruct`` (any instruction data set, see ``data_source``) or ``humaneval``
+            (pass@1 in a sandbox; evaluation only).
+        model: ``minilm``, ``mpnet``, ``smollm2`` (the packaged real checkpoints), a local
+            Hugging Face model folder, or a hub id ``owner/name`` when online.
+        data_dir: Data directory holding ``rte/``, ``sst2/``, ``alpaca/``, ... (as
+            ``../shared/data``); ``null``: ``$HYPERADALORA_DATA_DIR``, else the Hugging Face hub
+            through ``datasets`` when online.
+        data_source: ``task=instruct`` only: a local ``.jsonl`` / ``.json`` file of
+            ``instruction`` / ``input`` / ``output`` rows, or a hub data set id.
+        eval_data_source: ``task=instruct`` only: the held-out rows (a file or hub id);
+            ``null``: the ``test`` split of a hub data set, or, for a local file, its last
+            ``eval_rows`` rows (10% if ``eval_rows`` is null), which are then not trained on.
+        output_dir: Folder in which the run directory is created.
+        run_name: Name of the run directory; ``null``: ``<task>-<model>-<method>[-hyper]-<time>``.
+        seed: Seed of the adapter initialisation, the data order and dropout.
+        steps: Optimizer steps of the run (AdaLoRA's budget schedule is defined over them).
+        batch_size: Examples per micro-batch.
+        grad_accum: Micro-batches per optimizer step (effective batch: ``batch_size * grad_accum``).
+        max_length: Tokens per training example (longer ones are truncated).
+        train_rows: Use only the first N training rows (``null``: all).
+        lr: Peak learning rate of AdamW (hypernetworks: ``adapter.hyper.lr`` when set).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Steps of linear warm-up up to ``lr``; ``null``: ``warmup_ratio * steps``.
+        warmup_ratio: Warm-up as a fraction of ``steps`` (used when ``warmup_steps`` is null).
+        min_lr_ratio: The cosine decay ends at ``min_lr_ratio * lr``.
+        max_grad_norm: Clip the gradient's global L2 norm to this; 0 turns clipping off.
+        eval_every: Evaluate (and save the adapter) every N optimizer steps; 0: only at the end.
+        eval_rows: Evaluate on the first N held-out rows (``null``: all of them).
+        eval_batch_size: Examples per evaluation / generation batch.
+        max_new_tokens: Greedy generation length for the instruction, GSM8K and HumanEval tasks.
+        sandbox_timeout_s: HumanEval: seconds allowed per problem's tests.
+        sandbox_memory_mb: HumanEval: memory limit of each sandboxed test process.
+        sandbox_workers: HumanEval: test processes run in parallel.
+        threads: torch CPU threads (``null``: torch's default).
+        progress: Show a progress bar with loss and ETA on the terminal.
+        adapter: The adapter (:class:`~hyperadalora.AdapterConfig`): ``adapter.method``,
+            ``adapter.r``, ``adapter.allocator.*``, ``adapter.hyper.*``, ...
+    """
+
+    task: str = "rte"
+    model: str = "minilm"
+    data_dir: str | None = None
+    data_source: str | None = None
+    eval_data_source: str | None = None
+    output_dir: str = "runs"
+    run_name: str | None = None
+    seed: int = 0
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 128
+    train_rows: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.06
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    eval_rows: int | None = None
+    eval_batch_size: int = 32
+    max_new_tokens: int = 128
+    sandbox_timeout_s: float = 10.0
+    sandbox_memory_mb: int = 1024
+    sandbox_workers: int = 2
+    threads: int | None = None
+    progress: bool = True
+    adapter: AdapterConfig | None = None
+
+    def __post_init__(self) -> None:
+        owner = "RunConfig"
+        _check_choice(owner, "task", self.task, TASK_NAMES)
+        for name in ("model", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{owner}.{name} must be a non-empty string, got {value!r}")
+        for name in ("data_dir", "data_source", "eval_data_source", "run_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{owner}.{name} must be a non-empty string or null, got {value!r}")
+        if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
+            raise ValueError(f"{owner}.run_name={self.run_name!r} must be a plain folder name (no '/')")
+        _check_int(owner, "seed", self.seed, 0)
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens",
+                     "sandbox_memory_mb", "sandbox_workers"):
+            _check_int(owner, name, getattr(self, name), 1)
+        _check_int(owner, "eval_every", self.eval_every, 0)
+        for name in ("train_rows", "eval_rows", "threads"):
+            if getattr(self, name) is not None:
+                _check_int(owner, name, getattr(self, name), 1)
+        if self.warmup_steps is not None:
+            _check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        _check_float(owner, "lr", self.lr, 0.0, low_open=True)
+        _check_float(owner, "weight_decay", self.weight_decay, 0.0)
+        _check_float(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0)
+        _check_float(owner, "sandbox_timeout_s", self.sandbox_timeout_s, 0.0, low_open=True)
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"{owner}.progress must be a bool, got {self.progress!r}")
+        if self.task == "instruct" and self.data_source is None:
+            raise ValueError(f"{owner}: task='instruct' needs data_source=<a .jsonl/.json file or a hub data set id>")
+        if self.task != "instruct":
+            for name in ("data_source", "eval_data_source"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{owner}.{name} is only used with task='instruct', not {self.task!r}")
+        object.__setattr__(self, "adapter", resolve_adapter(self.adapter, self.steps))
+
+    @property
+    def effective_warmup_steps(self) -> int:
+        """Warm-up steps actually used (``warmup_steps``, else ``warmup_ratio * steps``)."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.steps)
+        return int(math.floor(self.warmup_ratio * self.steps))
+
+    def default_run_name(self, stamp: str) -> str:
+        """``<task>-<model>-<method>[-hyper]-<stamp>`` (the model's folder name for paths)."""
+        model = Path(self.model).name if ("/" in self.model or Path(self.model).exists()) else self.model
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model) or "model"
+        source = "-hyper" if self.adapter.source == "hyper" else ""
+        return f"{self.task}-{model}-{self.adapter.method}{source}-{stamp}"
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialises to YAML (every value explicit); also writes ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> RunConfig:
+        """Parses YAML text, or reads it from a file path."""
+        return load_run_config(text_or_path)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        data = self.to_dict()
+        data.update({k: (v.to_dict() if isinstance(v, _JsonConfig) else v) for k, v in changes.items()})
+        return RunConfig.from_dict(data)
+
+
+def resolve_adapter(adapter: AdapterConfig | dict | None, steps: int) -> AdapterConfig:
+    """Builds the run's :class:`AdapterConfig`, tying AdaLoRA's allocator schedule to ``steps``."""
+    if isinstance(adapter, AdapterConfig):
+        if adapter.allocator is not None and adapter.allocator.total_step != steps:
+            raise ValueError(f"adapter.allocator.total_step ({adapter.allocator.total_step}) must equal the run's "
+                             f"steps ({steps}): AdaLoRA's budget schedule is defined over the run's optimizer steps")
+        return adapter
+    if adapter is None:
+        adapter = {}
+    if not isinstance(adapter, dict):
+        raise TypeError(f"RunConfig.adapter must be a mapping of AdapterConfig fields, got {type(adapter).__name__}")
+    data = dict(adapter)
+    method = data.get("method", AdapterConfig.method)
+    _check_choice("AdapterConfig", "method", method, METHODS)
+    alloc = data.get("allocator")
+    if method == "adalora":
+        if isinstance(alloc, AllocatorConfig):
+            alloc = alloc.to_dict()
+        if alloc is not None and not isinstance(alloc, dict):
+            raise TypeError(f"adapter.allocator must be a mapping of AllocatorConfig fields, got {alloc!r}")
+        alloc = dict(alloc or {})
+        if alloc.get("total_step") is None:
+            alloc["total_step"] = steps
+        elif alloc["total_step"] != steps:
+            raise ValueError(f"adapter.allocator.total_step ({alloc['total_step']}) must equal the run's steps "
+                             f"({steps}); leave it out and it follows steps")
+        alloc.setdefault("tinit", steps // 10)
+        alloc.setdefault("tfinal", steps // 5)
+        data["allocator"] = alloc
+    elif alloc is not None:
+        raise ValueError(f"adapter.allocator is only used with adapter.method=adalora, not {method!r}; "
+                         "drop it (override adapter.allocator=null)")
+    return AdapterConfig.from_dict(data)
+
+
+# -- loading presets and applying overrides -------------------------------------------------
+
+def configs_dir() -> Path:
+    """The folder of shipped presets: ``$HYPERADALORA_CONFIGS``, else the checkout's ``configs/``."""
+    import os
+
+    env = os.environ.get(CONFIGS_ENV)
+    if env:
+        return Path(env).expanduser()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "configs").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent / "configs"
+    return Path.cwd() / "configs"
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets (``configs/*.yaml`` without the suffix)."""
+    folder = configs_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def find_config_file(name_or_path: str | Path) -> Path:
+    """A YAML file path, or a preset name looked up in :func:`configs_dir`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    folder = configs_dir()
+    for candidate in (folder / f"{name_or_path}", folder / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = list_presets()
+    close = difflib.get_close_matches(str(name_or_path), presets, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a YAML file nor a preset in {folder}{hint}; "
+                            f"presets: {', '.join(presets) or 'none found'}")
+
+
+def read_config_dict(source: str | Path | dict | None) -> dict[str, Any]:
+    """The raw mapping of a YAML file / preset name / YAML text / dict (``None``: empty)."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return dict(source)
+    text = str(source)
+    if "\n" in text or text.lstrip().startswith("{"):
+        where, raw = "YAML text", text
+    else:
+        path = find_config_file(text)
+        where, raw = str(path), path.read_text()
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a mapping of RunConfig fields, got {type(data).__name__}")
+    return data
+
+
+def load_run_config(source: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Loads a :class:`RunConfig` from a preset / YAML file / dict, then applies overrides.
+
+    Args:
+        source: A preset name (``configs/<name>.yaml``), a YAML path or text, a dict, or ``None``
+            (every field at its default).
+        overrides: ``["key=value", "adapter.r=16", ...]`` (values parsed by the field's type:
+            numbers, ``true``/``false``, ``null``, ``[a, b]`` lists) or a ``{dotted key: value}`` dict.
+
+    Raises:
+        ValueError: Unknown field (the message lists the known ones), a malformed override, or a
+            value that the field's validation rejects.
+    """
+    data = read_config_dict(source)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
+    for key, value in items:
+        set_dotted(data, key, value)
+    return RunConfig.from_dict(coerce(RunConfig, data, ""))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", raw string value)`` (typed later by :func:`coerce`)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value (e.g. steps=50 or adapter.r=16)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) for part in key.split(".")):
+        raise ValueError(f"override {text!r}: {key!r} is not a (dotted) field name")
+    return key, _Raw(value.strip())
+
+
+class _Raw(str):
+    """An override value as typed on the command line (typed by the target field)."""
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key="a.b"`` (creating / replacing sub-mappings)."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        sub = node.get(part)
+        if isinstance(sub, _JsonConfig):
+            sub = sub.to_dict()
+        if sub is None:
+            sub = {}
+        if not isinstance(sub, dict):
+            raise ValueError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section (it is {sub!r})")
+        node[part] = sub = dict(sub)
+        node = sub
+    node[parts[-1]] = value
+
+
+_SECTIONS: dict[str, type] = {"adapter": AdapterConfig, "allocator": AllocatorConfig, "hyper": HyperConfig}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_type(cls: type, name: str) -> type | None:
+    hint = _field_types(cls).get(name)
+    for arg in (typing.get_args(hint) or (hint,)):
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def coerce(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Types raw values by ``cls``'s field annotations; rejects unknown keys naming the known ones.
+
+    YAML 1.1 reads ``1e-4`` as a string and command-line overrides are strings: both become
+    the field's type here, and the field's own validation then checks the value.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            section = prefix.rstrip(".") or "the run"
+            raise ValueError(f"unknown config field '{prefix}{key}'{hint} (fields of {section}: "
+                             f"{', '.join(names)}; see `hyperadalora train --help`)")
+        sub = _section_type(cls, key)
+        if sub is not None and isinstance(value, _Raw):
+            value = _parse_scalar(value)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} is a section: set its fields ({prefix}{key}.<field>=...) or null")
+        if sub is not None and isinstance(value, dict):
+            out[key] = coerce(sub, value, f"{prefix}{key}.")
+        else:
+            out[key] = _coerce_value(hints[key], value, f"{prefix}{key}")
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("null", "none", "~", ""):
+        return None
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    if raw.startswith(("[", "{")):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"cannot parse {raw!r}: {exc}") from exc
+    return str(raw)
+
+
+def _coerce_value(hint: Any, value: Any, name: str) -> Any:
+    args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else {hint}
+    raw = value if isinstance(value, _Raw) else None
+    if raw is not None:
+        value = _parse_scalar(raw)
+        if value is None and type(None) not in args and str in args:
+            value = str(raw)  # e.g. run_name=none is a name here, not null
+    if value is None:
+        return None
+    if float in args and not isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value  # the field's validation names it
+        if isinstance(value, int):
+            return float(value)
+    if str in args and raw is not None and not isinstance(value, str) and not isinstance(value, list):
+        return str(raw)  # run_name=123 is the string "123"
+    if any(typing.get_origin(a) is tuple for a in args) and isinstance(value, str) and str not in args:
+        return [value]
+    return value
+
+
+# -- field documentation (for --help) -------------------------------------------------------
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: description}`` parsed from the ``Attributes:`` section of ``cls``'s docstring."""
+    doc = (cls.__doc__ or "").expandtabs()
+    lines = doc.splitlines()
+    out: dict[str, str] = {}
+    in_section, current, indent = False, None, None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_section, current = True, None
+            continue
+        if not in_section:
+            continue
+        if not stripped:
+            current = None
+            continue
+        lead = len(line) - len(line.lstrip())
+        m = re.match(r"(\w+):\s*(.*)", stripped)
+        if m and (indent is None or lead == indent):
+            indent = lead
+            current = m.group(1)
+            out[current] = m.group(2)
+        elif current is not None and indent is not None and lead > indent:
+            out[current] += " " + stripped
+        else:
+            break
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    text = str(hint).replace("typing.", "")
+    return re.sub(r"<class '(\w+)'>", r"\1", text).replace("NoneType", "None")
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``[(dotted name, type, default, description)]`` for every field, nested sections expanded."""
+    rows = []
+    docs = field_docs(cls)
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        sub = _section_type(cls, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        if sub is not None:
+            rows.append((prefix + f.name, sub.__name__, "(section)", docs.get(f.name, "")))
+            rows.extend(describe_fields(sub, f"{prefix}{f.name}."))
+            continue
+        shown = list(default) if isinstance(default, tuple) else default
+        text = "null" if shown is None else repr(shown) if isinstance(shown, str) else str(shown).lower() \
+            if isinstance(shown, bool) else str(shown)
+        rows.append((prefix + f.name, _type_name(hints[f.name]), text, docs.get(f.name, "")))
+    return rows
+
+
+def fields_help(width: int = 100) -> str:
+    """The text ``--help`` shows for every config field."""
+    import textwrap
+
+    lines = ["config fields (YAML keys, or key=value overrides; nested ones dotted):"]
+    for name, type_, default, doc in describe_fields():
+        lines.append(f"  {name} ({type_}, default {default})")
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")
+        for chunk in textwrap.wrap(doc, width=width - 6):
+            lines.append("      " + chunk)
+    lines.append("  (adapter.allocator.total_step follows steps; tinit / tfinal default to 10% / 20% of steps)")
+    return "\n".join(lines)
+
+
+__all__ = ["RunConfig", "TASK_NAMES", "configs_dir", "describe_fields", "field_docs", "fields_help",
+           "find_config_file", "list_presets", "load_run_config", "parse_override", "resolve_adapter"]
