@@ -258,3 +258,19 @@ def test_real_humaneval_canonical_solutions_pass():
     # and a wrong body fails the real tests
     score, results = humaneval_pass_at_1(first[:1], ["    return not True\n"])
     assert score == 0.0 and "AssertionError" in results[0].detail
+
+
+@pytest.mark.parametrize("program", [
+    "import os\nos.remove('/dev/null')",
+    "import os\nopen('x', 'w').close()\nos.replace('x', '/dev/null')",
+    "import os\nopen('x', 'w').close()\nos.rename('x', '/dev/null')",
+    # past the replaced functions, straight to the audit hook
+    "import sys\ndel sys.modules['posix']\nimport posix\nopen('x', 'w').close()\nposix.rename('x', '/dev/null')",
+])
+def test_dev_null_can_be_written_but_never_removed_or_replaced(program):
+    import stat
+
+    assert run_program("open('/dev/null', 'w').write('x')\n").passed
+    result = run_program(program)
+    assert not result.passed and "PermissionError" in result.detail, result.detail
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # still the character device

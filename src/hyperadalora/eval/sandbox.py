@@ -216,7 +216,10 @@ def _sandbox_main():
 
     def inside(path):
         full = realpath(join(workdir, fsdecode(fspath(path))))  # join keeps absolute paths
-        return full == workdir or full.startswith(workdir + sep) or full == "/dev/null"
+        return full == workdir or full.startswith(workdir + sep)
+
+    def writable(path):  # writing *into* /dev/null is harmless; removing or replacing it is not
+        return inside(path) or realpath(join(workdir, fsdecode(fspath(path)))) == "/dev/null"
 
     def hook(event, args):
         if event in blocked_events:
@@ -227,7 +230,7 @@ def _sandbox_main():
                 writing = any(c in mode for c in "wax+")
             else:
                 writing = bool((flags or 0) & write_flags)
-            if writing and not isinstance(path, int) and not inside(path):
+            if writing and not isinstance(path, int) and not writable(path):
                 raise PermissionError(f"writing {path!r} outside the sandbox directory is blocked")
             return
         spec = fs_events.get(event)
