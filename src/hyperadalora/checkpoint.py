@@ -33,6 +33,15 @@ ALLOC_META_NAME = "allocator_state.json"
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Writes through ``write(tmp)`` into a temporary file, fsyncs it, and renames it over ``path``.
+
+    Refuses to replace anything but a regular file: renaming over ``/dev/null`` (a user's
+    ``--out /dev/null``) would replace the device node for the whole machine.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a regular file (a device, folder or pipe); refusing to "
+                         "replace it: give the path of a file")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

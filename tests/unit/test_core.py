@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,18 @@ def test_config_json_round_trip(tmp_path):
     again = ha.AdapterConfig.from_json(cfg.to_json(tmp_path / "c.json"))
     assert again == cfg
     assert ha.AdapterConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_atomic_writes_refuse_to_replace_a_device_or_folder(tmp_path):
+    from hyperadalora.checkpoint import _write_json
+
+    with pytest.raises(ValueError, match="not a regular file"):
+        _write_json(tmp_path, {"a": 1})  # a folder
+    import os
+    import stat
+
+    with pytest.raises(ValueError, match="not a regular file"):
+        _write_json(Path("/dev/null"), {"a": 1})
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    _write_json(tmp_path / "ok.json", {"a": 1})
+    assert (tmp_path / "ok.json").read_text().strip().startswith("{")

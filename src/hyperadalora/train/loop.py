@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from ..adapted_model import AdaptedModel, wrap
+from ..checkpoint import _atomic_write
 from ..tasks import HUB, Task, make_task, resolve_data, task_spec
 from .config import RunConfig
 from .schedule import make_scheduler
@@ -155,17 +155,12 @@ def evaluate_rows(task: Task, model: AdaptedModel | torch.nn.Module, rows) -> tu
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(model: AdaptedModel, run_dir: Path) -> None:
