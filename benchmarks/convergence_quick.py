@@ -34,18 +34,10 @@ import torch
 import hyperadalora as ha
 from hyperadalora.data.glue import read_glue, resolve_data_dir
 from hyperadalora.models import load_model
+from hyperadalora.train.plots import smooth  # bias-corrected EMA, as the run plots and the demo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENCODER = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-
-
-def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average (as TensorBoard shows it)."""
-    out, avg = [], 0.0
-    for i, x in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * x
-        out.append(avg / (1 - beta**i))
-    return out
 
 
 def make_batches(rows, tokenizer, steps, batch_size, max_length, seed):

@@ -176,7 +176,11 @@ class HyperFactorSource(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------
     def generate_group(self, key: GroupKey) -> torch.Tensor:
-        """``F = S + scale * H_kind(S)`` for every module of one group, ``(n, *shape)``."""
+        """``F = A + scale * H_kind(S)`` for every module of one group, ``(n, *shape)``.
+
+        ``A`` is the anchor: the state ``S`` itself (recurrent, reparam) or the initial state
+        (anchored mode).
+        """
         kind, shape = key
         s = self.state(key)
         view = to_rank_width(kind, s)  # (n, rank, width)
