@@ -68,6 +68,12 @@ class RunConfig(_JsonConfig):
         min_lr_ratio: The cosine decay ends at ``min_lr_ratio * lr``.
         max_grad_norm: Clip the gradient's global L2 norm to this; 0 turns clipping off.
         eval_every: Evaluate (and save the adapter) every N optimizer steps; 0: only at the end.
+        save_every: Write a training checkpoint (``checkpoints/step-<N>/``: adapter, optimizer,
+            scheduler, RNG and data position, for ``hyperadalora train --resume``) every N
+            optimizer steps; 0: at every evaluation (``eval_every``). A checkpoint is also
+            written after the last step and on Ctrl-C.
+        keep_checkpoints: How many training checkpoints to keep (the newest; older ones are
+            deleted once a newer one is complete).
         eval_rows: Evaluate on the first N held-out rows (``null``: all of them).
         eval_batch_size: Examples per evaluation / generation batch.
         max_new_tokens: Greedy generation length for the instruction, GSM8K and HumanEval tasks.
@@ -100,6 +106,8 @@ class RunConfig(_JsonConfig):
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
     eval_rows: int | None = None
     eval_batch_size: int = 32
     max_new_tokens: int = 128
@@ -128,6 +136,8 @@ class RunConfig(_JsonConfig):
                      "sandbox_memory_mb", "sandbox_workers"):
             _check_int(owner, name, getattr(self, name), 1)
         _check_int(owner, "eval_every", self.eval_every, 0)
+        _check_int(owner, "save_every", self.save_every, 0)
+        _check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
         for name in ("train_rows", "eval_rows", "threads"):
             if getattr(self, name) is not None:
                 _check_int(owner, name, getattr(self, name), 1)

@@ -4,9 +4,12 @@ Per optimizer step: ``grad_accum`` micro-batches (forward, ``loss / grad_accum``
 ``model.backward_hypernetworks()`` (hyper source), gradient clipping, ``optimizer.step()``,
 ``model.after_step(step)`` (rank allocation; before ``zero_grad``), the scheduler step, and
 one JSONL log line. Every ``eval_every`` steps and at the end: evaluation and a checkpoint of
-the adapter. A non-finite loss (or gradient norm) stops the run before the optimizer applies
-it, so the weights are still those of the last good step: they are saved as the checkpoint
-(the previous checkpoint is kept if they are not finite) and :class:`NonFiniteLossError` is raised.
+the adapter. Every ``save_every`` steps (0: at every evaluation), after the last step and on
+Ctrl-C: a training checkpoint (``checkpoints/step-<N>/``, see :mod:`.resume`) from which
+``train(config, resume=run_dir)`` continues with the same losses as an uninterrupted run.
+A non-finite loss (or gradient norm) stops the run before the optimizer applies it, so the
+weights are still those of the last good step: they are saved as the adapter checkpoint (the
+previous one is kept if they are not finite) and :class:`NonFiniteLossError` is raised.
 
 Run directory::
 
@@ -15,6 +18,7 @@ Run directory::
     eval.json          final metrics, every evaluation, status, checkpoint step
     predictions.jsonl  the last evaluation's per-row predictions
     adapter/           the last good adapter (hyperadalora format: load_adapter(base, dir))
+    checkpoints/       step-<N>/ training checkpoints (adapter, optimizer, RNG, ...; manifest.json)
     loss.png           loss curve (+ eval metric)
     ranks.png          rank kept per module over the steps (AdaLoRA)
     ranks.json         the same numbers (AdaLoRA)
@@ -26,6 +30,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -37,9 +42,13 @@ from typing import Any
 import torch
 
 from ..adapted_model import AdaptedModel, wrap
-from ..checkpoint import _atomic_write
+from ..checkpoint import _atomic_write, _replace_dir
+from ..checkpoint import _write_json as _write_json_file
 from ..tasks import HUB, Task, make_task, resolve_data, task_spec
 from .config import RunConfig
+from .resume import (CHECKPOINTS_DIR, check_resume_config, checkpoint_dirs, data_fingerprint,
+                     find_resume_checkpoint, load_training_checkpoint, rng_snapshot, save_training_checkpoint,
+                     truncate_log)
 from .schedule import make_scheduler
 
 
@@ -68,6 +77,7 @@ class RunResult:
     log: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_step: int | None = None
     seconds: float = 0.0
+    resumed_from_step: int | None = None
 
     @property
     def primary_metric(self) -> str:
@@ -155,7 +165,7 @@ def evaluate_rows(task: Task, model: AdaptedModel | torch.nn.Module, rows) -> tu
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    _write_json_file(Path(path), data, sort_keys=False, default=str)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -165,17 +175,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def save_checkpoint(model: AdaptedModel, run_dir: Path) -> None:
     """Saves the adapter to ``run_dir/adapter`` as a whole: written aside, then swapped in."""
-    target = run_dir / "adapter"
-    tmp, old = run_dir / ".adapter.tmp", run_dir / ".adapter.old"
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
+    tmp = run_dir / ".adapter.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     model.save_adapter(str(tmp))
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
+    _replace_dir(tmp, run_dir / "adapter")
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -200,24 +204,73 @@ def make_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
+def _prepare_resume(run_dir: Path) -> tuple[RunConfig, Path]:
+    """The resumed run's saved config and the newest checkpoint that verifies (nothing loaded yet)."""
+    saved = load_run(run_dir)
+    info_path = run_dir / "eval.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+        except ValueError:
+            info = {}
+        if isinstance(info, dict) and info.get("status") == "completed" and info.get("final") is not None:
+            raise ValueError(f"{run_dir} already completed its {saved.steps} steps (see its eval.json); nothing to "
+                             "resume: start a new run (or `hyperadalora eval` it)")
+    return saved, find_resume_checkpoint(run_dir)
+
+
+def _set_aside_after(run_dir: Path, step: int) -> None:
+    """Before a resumed run writes checkpoints again: leftovers of interrupted writes are removed and
+    checkpoints newer than ``step`` (they failed verification) are renamed ``corrupt-step-<N>``."""
+    root = run_dir / CHECKPOINTS_DIR
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for n, folder in checkpoint_dirs(run_dir):
+        if n > step:
+            aside = root / f"corrupt-{folder.name}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            folder.rename(aside)
+            _info(f"hyperadalora: the refused checkpoint {folder} was moved to {aside}", None)
+
+
+def _training_checkpoint_due(config: RunConfig, done: int) -> bool:
+    every = config.save_every or config.eval_every
+    return bool(every) and done % every == 0 and done < config.steps
+
+
+def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | Path | None = None) -> RunResult:
     """Trains and evaluates one run; returns its :class:`RunResult`.
 
     Args:
-        config: The run.
+        config: The run. When resuming, the run's ``config.yaml`` (:func:`load_run`) with at
+            most the overrides listed in :data:`~hyperadalora.train.resume.RESUME_SAFE_FIELDS`.
         base_model: Optionally an already loaded base model (with ``tokenizer``) instead of
             loading ``config.model``; it is modified in place.
         tokenizer: Its tokenizer.
+        resume: A run directory to continue in: the newest training checkpoint whose files
+            match its manifest (``checkpoints/step-<N>``) is loaded (adapter, allocator,
+            optimizer, scheduler, RNG states, data position, loss EMA, rank history), the lines of
+            ``log.jsonl`` after step ``N`` are dropped, and the run goes on as if it had never
+            stopped (the same losses as an uninterrupted run).
 
     Raises:
         ValueError / FileNotFoundError: Bad task, model or data (before anything is written).
-        FileExistsError: The run directory exists and is not empty.
+            When resuming: a config that differs in a field that changes the run, other
+            training rows, a completed run, or no training checkpoint.
+        CorruptCheckpointError: When resuming, no checkpoint of the run verifies (a newer
+            corrupt one next to a good one is only skipped, with a warning on stderr).
+        FileExistsError: The run directory exists and is not empty (new runs).
         NonFiniteLossError: The loss became NaN / inf; the run directory is complete and holds
             the last good adapter.
-        KeyboardInterrupt: Ctrl-C; the log, plots, ``eval.json`` (status ``interrupted``) and
-            the adapter of the last completed step are written first.
+        KeyboardInterrupt: Ctrl-C; the log, plots, ``eval.json`` (status ``interrupted``), the
+            adapter and a training checkpoint of the last completed step are written first.
     """
     started = time.perf_counter()
+    resume_dir = resume_from = saved_config = None
+    if resume is not None:  # checked before anything is loaded: a bad run directory fails fast
+        resume_dir = Path(resume)
+        saved_config, resume_from = _prepare_resume(resume_dir)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     spec = task_spec(config.task)
@@ -237,9 +290,16 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
     config = finalize_adapter_config(config, base_model)
     torch.manual_seed(config.seed)
     model = wrap(base_model, config.adapter)
-    run_dir = make_run_dir(config)
-    config = config.replace(run_name=run_dir.name)  # the resolved config names its directory
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    if resume_dir is None:
+        run_dir = make_run_dir(config)
+        config = config.replace(run_name=run_dir.name)  # the resolved config names its directory
+        text = config.to_yaml()
+        _atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    else:
+        run_dir = resume_dir
+        config = config.replace(output_dir=str(run_dir.parent), run_name=run_dir.name)
+        check_resume_config(config, saved_config, run_dir)
+    fingerprint = data_fingerprint(train_rows)
 
     groups = (model.optimizer_param_groups(config.lr, config.weight_decay)
               if hasattr(model, "optimizer_param_groups")
@@ -268,12 +328,29 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
     order = batch_order(len(train_rows), config.batch_size, config.seed)
     eval_every = config.eval_every
     loss_ema, ema_n = 0.0, 0
+    start = 0
+    if resume_from is not None:
+        state = load_training_checkpoint(resume_from, model, optimizer, scheduler, verify=False)
+        if state["data"]["fingerprint"] != fingerprint:
+            raise ValueError(f"the training rows differ from those {run_dir} was trained on ({len(train_rows)} rows "
+                             f"now, {state['data']['train_rows']} then, or other contents): resume with the same "
+                             "data (data_dir, train_rows), or start a new run")
+        start = state["step"]
+        loss_ema, ema_n = state["loss_ema"], state["ema_n"]
+        rank_history = [(s, list(r)) for s, r in state["rank_history"]]
+        evals, checkpoint = list(state["evals"]), state["checkpoint"]
+        log_rows = truncate_log(run_dir / "log.jsonl", start)
+        _set_aside_after(run_dir, start)
+        for _ in range(state["data"]["batches_consumed"]):  # the same data order from here on
+            next(order)
+    last_saved = start if resume_from is not None else None
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=config.steps, desc=run_dir.name[:40], unit="step", dynamic_ncols=True,
+    progress = tqdm(total=config.steps, initial=start, desc=run_dir.name[:40], unit="step", dynamic_ncols=True,
                     disable=not config.progress, file=sys.stderr, mininterval=0.5)
-    _info(f"hyperadalora: run {run_dir} | task {config.task} | model {config.model} | {len(train_rows)} train rows, "
+    what = f"resuming run {run_dir} after step {start} ({resume_from})" if resume_from is not None else f"run {run_dir}"
+    _info(f"hyperadalora: {what} | task {config.task} | model {config.model} | {len(train_rows)} train rows, "
           f"{len(eval_rows)} {spec.eval_split} rows | {buf.getvalue().strip()}", progress)
 
     def do_eval(step: int) -> dict:
@@ -290,6 +367,18 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
         save_checkpoint(model, run_dir)
         checkpoint = {"step": step, "reason": reason}
 
+    def save_training(done: int, reason: str, rng=None) -> None:
+        nonlocal last_saved
+        with open(run_dir / "log.jsonl", "rb") as fh:  # the log lines up to the checkpoint are on disk too
+            os.fsync(fh.fileno())
+        save_training_checkpoint(run_dir, done, model, optimizer, scheduler, {
+            "reason": reason, "loss_ema": loss_ema, "ema_n": ema_n,
+            "rank_history": [[s, r] for s, r in rank_history], "evals": evals, "checkpoint": checkpoint,
+            "data": {"fingerprint": fingerprint, "train_rows": len(train_rows),
+                     "batches_consumed": done * config.grad_accum},
+        }, keep=config.keep_checkpoints, rng=rng)
+        last_saved = done
+
     def write_outputs(final: dict | None) -> None:  # log.jsonl is written line by line
         if last_predictions:
             _write_jsonl(run_dir / "predictions.jsonl", last_predictions)
@@ -303,10 +392,13 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
         make_plots(run_dir, config, log_rows, evals, modules, rank_history, model)
 
     model.train()
-    step = 0
-    log_file = open(run_dir / "log.jsonl", "w")
+    # Between optimizer.step() and the step's log line the state is half updated: a Ctrl-C there
+    # writes no training checkpoint. rng_after holds the generators as they were after the last
+    # complete step (what a checkpoint written on Ctrl-C must record).
+    mid_update, rng_after = False, None
+    log_file = open(run_dir / "log.jsonl", "a" if resume_from is not None else "w")
     try:
-        for step in range(config.steps):
+        for step in range(start, config.steps):
             t0 = time.perf_counter()
             losses, task_losses, regs = [], [], []
             bad = None
@@ -339,6 +431,7 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
                 break
             factor = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
             lr_now = config.lr * factor
+            mid_update = True
             optimizer.step()
             model.after_step(step)
             scheduler.step()
@@ -363,6 +456,8 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
             log_file.flush()
             ema_n += 1
             loss_ema = 0.9 * loss_ema + 0.1 * row["loss"]
+            rng_after = rng_snapshot(model)
+            mid_update = False
             progress.set_postfix(loss=f"{loss_ema / (1 - 0.9 ** ema_n):.4f}", lr=f"{lr_now:.2e}",
                                  rank=total_rank, refresh=False)
             progress.update(1)
@@ -371,6 +466,8 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
                 do_eval(done)
                 checkpoint_now(done, "eval")
                 write_outputs(None)
+            if _training_checkpoint_due(config, done):
+                save_training(done, "save_every" if config.save_every else "eval")
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
@@ -380,14 +477,20 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
     done = len(log_rows)
     final = None
     if status == "completed":
+        if last_saved != done:  # before the final evaluation: a run killed during it resumes right there
+            save_training(done, "final")
         final = do_eval(done)
         checkpoint_now(done, "final")
     elif status == "interrupted":  # Ctrl-C: keep what the run made, then stop as asked
         if done > 0 and _all_finite(model):
             checkpoint_now(done, "interrupted")
+        if not mid_update and rng_after is not None and last_saved != done:
+            save_training(done, "interrupted", rng=rng_after)
         stop_message = (f"interrupted after {done} of {config.steps} steps; "
                         + (f"the adapter of step {done} is in {run_dir / 'adapter'}" if checkpoint and
-                           checkpoint["reason"] == "interrupted" else "no adapter was saved"))
+                           checkpoint["reason"] == "interrupted" else "no adapter was saved")
+                        + (f"; continue with `hyperadalora train --resume {run_dir}` (from step {last_saved})"
+                           if last_saved else ""))
         write_outputs(None)
         _info(f"hyperadalora: {stop_message}", None)
         raise KeyboardInterrupt(stop_message)
@@ -401,7 +504,7 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None) -> RunResult:
     write_outputs(final)
     result = RunResult(run_dir=run_dir, config=config, status=status, steps_done=done, final_metrics=final,
                        evals=evals, log=log_rows, checkpoint_step=checkpoint["step"] if checkpoint else None,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, resumed_from_step=start if resume_from else None)
     if status != "completed":
         raise NonFiniteLossError(stop_message, result)
     return result

@@ -1,0 +1,362 @@
+"""Training checkpoints and resuming a run (``hyperadalora train --resume RUN_DIR``).
+
+A training checkpoint is a folder ``RUN_DIR/checkpoints/step-<N>/`` holding everything the loop
+needs to continue after optimizer step ``N`` exactly as an uninterrupted run would::
+
+    adapter_config.json, adapter_model.safetensors, allocator_state.*
+                         the adapter as ``save_adapter`` writes it (hypernetwork states included);
+                         ``load_adapter(base, step_dir)`` loads it like any adapter folder
+    optimizer.safetensors / optimizer.json
+                         AdamW's state_dict flattened: tensors / param groups and other values
+    rng.safetensors      torch CPU (and CUDA) generator states, Python's and NumPy's Mersenne
+                         Twister keys, the DyLoRA rank sampler's state
+    trainer_state.json   step, scheduler state, loss EMA, rank history, evaluations, the data
+                         position and a fingerprint of the training rows, scalar RNG state
+    manifest.json        size and SHA-256 of every file above, written last
+
+Nothing is pickled. The folder is written as ``.step-<N>.tmp`` and renamed when complete, so a
+run killed while saving leaves the previous checkpoints as they were; the last
+``keep_checkpoints`` complete ones are kept and older ones deleted only after the new one is in
+place. On resume the newest checkpoint whose files match their manifest is used; a newer corrupt
+one is skipped with a warning on stderr that names the refused file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoint import (CorruptCheckpointError, _atomic_write, _replace_dir, _write_json, _write_tensors,
+                          load_adapter_weights, verify_checkpoint, write_manifest)
+from .config import RunConfig
+
+CHECKPOINTS_DIR = "checkpoints"
+OPTIMIZER_NAME = "optimizer.safetensors"
+OPTIMIZER_META_NAME = "optimizer.json"
+RNG_NAME = "rng.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"
+STATE_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+#: RunConfig fields a resumed run may change: none of them alters the training math or what the
+#: run records (``output_dir`` / ``run_name`` follow the resumed directory).
+RESUME_SAFE_FIELDS = frozenset({"progress", "threads", "data_dir", "output_dir", "run_name", "save_every",
+                                "keep_checkpoints", "eval_batch_size", "sandbox_timeout_s", "sandbox_memory_mb",
+                                "sandbox_workers"})
+
+
+# -- RNG state --------------------------------------------------------------------------------
+
+def rng_snapshot(model=None) -> dict[str, Any]:
+    """The generators' states as they are now, unconverted (cheap enough to take every step).
+
+    Args:
+        model: An :class:`~hyperadalora.AdaptedModel`, whose DyLoRA rank generator is included.
+
+    Returns:
+        A snapshot for :func:`capture_rng` / :func:`save_training_checkpoint`.
+    """
+    cuda = (torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+    try:
+        import numpy as np
+
+        numpy_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        numpy_state = None
+    gen = getattr(model, "_dylora_gen", None) if model is not None else None
+    return {"torch_cpu": torch.get_rng_state(), "torch_cuda": cuda, "python": random.getstate(),
+            "numpy": numpy_state, "dylora": gen.get_state() if gen is not None else None}
+
+
+def capture_rng(model=None, snapshot: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global generators' states (and a DyLoRA model's rank sampler) as tensors + JSON values.
+
+    Args:
+        model: An :class:`~hyperadalora.AdaptedModel`, whose DyLoRA rank generator is included.
+        snapshot: A :func:`rng_snapshot` taken earlier (default: the states now).
+
+    Returns:
+        ``(tensors, meta)``: ``torch_cpu``, ``torch_cuda_<i>`` (when CUDA is initialised),
+        ``python_mt``, ``numpy_mt`` and ``dylora`` tensors; the scalar parts of Python's and
+        NumPy's states in ``meta``.
+    """
+    snap = snapshot if snapshot is not None else rng_snapshot(model)
+    tensors = {"torch_cpu": snap["torch_cpu"]}
+    for i, state in enumerate(snap["torch_cuda"]):
+        tensors[f"torch_cuda_{i}"] = state
+    version, mt, gauss = snap["python"]
+    tensors["python_mt"] = torch.tensor(mt, dtype=torch.int64)
+    meta: dict[str, Any] = {"python_version": version, "python_gauss_next": gauss}
+    if snap["numpy"] is not None:
+        name, key, pos, has_gauss, cached = snap["numpy"]
+        tensors["numpy_mt"] = torch.from_numpy(key.astype("int64"))
+        meta["numpy"] = {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
+                         "cached_gaussian": float(cached)}
+    if snap["dylora"] is not None:
+        tensors["dylora"] = snap["dylora"]
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model=None) -> None:
+    """Sets the generators back to what :func:`capture_rng` recorded.
+
+    CUDA states are restored when CUDA is available with the same number of devices; otherwise a
+    warning says that GPU randomness (dropout on the GPU) will differ from the original run.
+    """
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")),
+                                       key=lambda k: int(k.rsplit("_", 1)[1]))]
+    if cuda:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            print(f"hyperadalora: warning: the checkpoint holds {len(cuda)} CUDA generator state(s) but "
+                  f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s) are visible; "
+                  "GPU random numbers will differ from the original run", file=sys.stderr, flush=True)
+    random.setstate((meta["python_version"], tuple(int(v) for v in tensors["python_mt"].tolist()),
+                     meta["python_gauss_next"]))
+    if "numpy_mt" in tensors and "numpy" in meta:
+        import numpy as np
+
+        n = meta["numpy"]
+        np.random.set_state((n["name"], tensors["numpy_mt"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    gen = getattr(model, "_dylora_gen", None) if model is not None else None
+    if gen is not None and "dylora" in tensors:
+        gen.set_state(tensors["dylora"])
+
+
+# -- optimizer state (no pickle) ---------------------------------------------------------------
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Splits ``optimizer.state_dict()`` into tensors (``state/<param>/<name>``) and JSON values."""
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state/{index}/{name}"] = value
+            else:
+                values.setdefault(str(index), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "state_values": values,
+                     "tuple_keys": sorted({k for g in state_dict["param_groups"] for k, v in g.items()
+                                           if isinstance(v, tuple)})}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    """The inverse of :func:`flatten_optimizer_state`: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split("/", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["state_values"].items():
+        state.setdefault(int(index), {}).update(entries)
+    tuple_keys = set(meta.get("tuple_keys", ()))
+    groups = [{k: (tuple(v) if k in tuple_keys and isinstance(v, list) else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# -- writing and finding checkpoints -------------------------------------------------------------
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, folder)]`` of ``RUN_DIR/checkpoints/step-<N>`` folders, oldest first (complete or not)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return sorted(found)
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: torch.optim.Optimizer,
+                             scheduler, trainer_state: dict[str, Any], *, keep: int = 2,
+                             rng: dict[str, Any] | None = None) -> Path:
+    """Writes ``RUN_DIR/checkpoints/step-<step>/`` (see the module docstring) and prunes old ones.
+
+    Args:
+        run_dir: The run directory.
+        step: Optimizer steps completed.
+        model: The :class:`~hyperadalora.AdaptedModel`.
+        optimizer: Its optimizer.
+        scheduler: Its learning-rate scheduler.
+        trainer_state: The loop's JSON state (loss EMA, evaluations, data position, ...).
+        keep: How many complete checkpoints to keep (the newest ones; at least this one).
+        rng: A :func:`rng_snapshot` of the generators (default: taken now).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_adapter(str(tmp))
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+    _write_tensors(tmp / OPTIMIZER_NAME, opt_tensors)
+    _write_json(tmp / OPTIMIZER_META_NAME, opt_meta, sort_keys=False)
+    rng_tensors, rng_meta = capture_rng(model, rng)
+    _write_tensors(tmp / RNG_NAME, rng_tensors)
+    state = {"format_version": STATE_VERSION, "step": step, **trainer_state, "rng": rng_meta,
+             "scheduler": scheduler.state_dict(), "after_step_calls": model._after_step_calls,
+             "dylora_rank": model.dylora_rank}
+    _write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
+    write_manifest(tmp, step=step)  # last: a folder without a valid manifest is incomplete
+    _replace_dir(tmp, target)
+    complete = [p for _, p in checkpoint_dirs(run_dir) if (p / "manifest.json").is_file()]
+    for old in complete[:-max(1, keep)]:
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of a run whose files match their manifest.
+
+    A newer checkpoint that fails verification is skipped with a warning on stderr naming the
+    refused file.
+
+    Raises:
+        FileNotFoundError: The run has no training checkpoint.
+        CorruptCheckpointError: None of its checkpoints verifies (the message lists each refusal).
+    """
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINTS_DIR} holds no training checkpoint (step-<N> folder) "
+                                "to resume from: a run writes one every save_every steps (save_every=0: at every "
+                                "evaluation, eval_every), on Ctrl-C and at the end; start a new run instead")
+    refused: list[CorruptCheckpointError] = []
+    for _, folder in reversed(found):
+        try:
+            verify_checkpoint(folder)
+        except CorruptCheckpointError as exc:
+            refused.append(exc)
+            print(f"hyperadalora: warning: skipping checkpoint {folder.name}: {exc}", file=sys.stderr, flush=True)
+            continue
+        return folder
+    first = refused[0]
+    raise CorruptCheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}: every one failed "
+                                 "verification (" + "; ".join(str(e) for e in refused) + "); start a new run",
+                                 first.path, first.checkpoint)
+
+
+def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer, scheduler,
+                             verify: bool = True) -> dict[str, Any]:
+    """Restores a checkpoint into a freshly built model, optimizer and scheduler, and the RNGs.
+
+    Args:
+        folder: A ``step-<N>`` folder.
+        model: The run's :class:`~hyperadalora.AdaptedModel`, built as the run built it.
+        optimizer: Its optimizer (same parameter groups).
+        scheduler: Its scheduler.
+        verify: Check the manifest first (skip only when the caller just did).
+
+    Returns:
+        The trainer state (``trainer_state.json``) for the loop's own counters.
+
+    Raises:
+        CorruptCheckpointError: A file does not match the manifest.
+    """
+    folder = Path(folder)
+    if verify:
+        verify_checkpoint(folder)
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    if state.get("format_version") != STATE_VERSION:
+        raise ValueError(f"{folder / TRAINER_STATE_NAME}: unsupported format_version {state.get('format_version')!r} "
+                         f"(this library reads {STATE_VERSION})")
+    load_adapter_weights(model, folder)
+    model._after_step_calls = state["after_step_calls"]
+    if state.get("dylora_rank") is not None:
+        for layer in model.adapted_layers.values():
+            layer.dylora_b = state["dylora_rank"]
+    optimizer.load_state_dict(unflatten_optimizer_state(load_file(str(folder / OPTIMIZER_NAME)),
+                                                        json.loads((folder / OPTIMIZER_META_NAME).read_text())))
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(load_file(str(folder / RNG_NAME)), state["rng"], model)
+    return state
+
+
+# -- the run's side ------------------------------------------------------------------------------
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume_config(config: RunConfig, saved: RunConfig, run_dir: str | Path) -> None:
+    """Refuses a resume whose config differs from the run's ``config.yaml`` in anything but
+    :data:`RESUME_SAFE_FIELDS` (the message names each differing field and both values)."""
+    mine, theirs = _flat(config.to_dict()), _flat(saved.to_dict())
+    changed = [k for k in sorted(set(mine) | set(theirs))
+               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} ({theirs.get(k)!r} in the run, {mine.get(k)!r} now)" for k in changed)
+        raise ValueError(f"--resume continues {run_dir} with its own config.yaml; these changes would alter the run: "
+                         f"{shown}. Only {', '.join(sorted(RESUME_SAFE_FIELDS))} may be overridden; start a new run "
+                         "for other settings")
+
+
+def data_fingerprint(rows) -> str:
+    """SHA-256 of the training rows' ``repr`` (in order): a resumed run must see the same data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(repr(row).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def truncate_log(path: str | Path, step: int) -> list[dict]:
+    """Keeps the lines of ``log.jsonl`` up to optimizer step ``step`` (rewriting the file atomically).
+
+    Lines after the checkpoint (and a half-written last line) are dropped: the resumed run
+    writes them again.
+
+    Returns:
+        The rows kept.
+
+    Raises:
+        ValueError: The log has fewer than ``step`` complete rows.
+    """
+    path = Path(path)
+    rows: list[dict] = []
+    kept: list[str] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(row, dict) or row.get("step", step + 1) > step:
+                break
+            rows.append(row)
+            kept.append(line + "\n")
+    if [r.get("step") for r in rows] != list(range(1, step + 1)):
+        raise ValueError(f"{path} holds {len(rows)} complete step row(s) but the checkpoint is at step {step}: the "
+                         "log does not belong to this checkpoint")
+    text = "".join(kept)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return rows
+
+
+__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "CorruptCheckpointError", "capture_rng", "check_resume_config",
+           "checkpoint_dirs", "data_fingerprint", "find_resume_checkpoint", "flatten_optimizer_state",
+           "load_training_checkpoint", "restore_rng", "rng_snapshot", "save_training_checkpoint", "truncate_log",
+           "unflatten_optimizer_state", "verify_checkpoint"]
