@@ -33,11 +33,22 @@ test: venv
 demo: venv
 	$(PY) -m hyperadalora.demo --data-dir $(DATA_DIR)
 
+# The paper's experiments (BENCHMARKS.md); runs are cached under runs/bench/, so a stopped `make bench` resumes.
+BENCH := $(VENV)/bin/hyperadalora bench
 bench: venv
-	$(PY) benchmarks/step_cost.py
+	$(BENCH) convergence --data-dir $(DATA_DIR)
+	$(BENCH) cost_per_step
+	$(BENCH) gamma_sweep --data-dir $(DATA_DIR)
+	$(BENCH) body_ablation --data-dir $(DATA_DIR)
+	$(BENCH) similarity
+	$(BENCH) beyond --data-dir $(DATA_DIR)
+	$(BENCH) nlg --data-dir $(DATA_DIR)
+	$(BENCH) generality --data-dir $(DATA_DIR)
 
+# Reduced experiments 1 and 4 (about 5-10 minutes on 2 cores).
 bench-quick: venv
-	$(PY) benchmarks/step_cost.py --quick
+	$(BENCH) convergence --quick --data-dir $(DATA_DIR)
+	$(BENCH) cost_per_step --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

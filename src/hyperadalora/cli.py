@@ -1,4 +1,4 @@
-"""The ``hyperadalora`` command line: ``train``, ``eval``, ``export`` and ``presets``.
+"""The ``hyperadalora`` command line: ``train``, ``eval``, ``export``, ``presets`` and ``bench``.
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     hyperadalora eval runs/<run> task=humaneval eval_rows=20
     hyperadalora export runs/<run> --out runs/<run>/peft   # a plain peft LoRA adapter
     hyperadalora presets
+    hyperadalora bench convergence --data-dir ../shared/data   # a paper experiment (bench: the list)
 
 A config is a preset name (``configs/<name>.yaml``), a YAML file, or nothing (defaults);
 ``key=value`` items override it (dotted for the adapter: ``adapter.r=16``,
@@ -59,7 +60,7 @@ def _presets_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperadalora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,presets}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,presets,bench}")
     sub.required = True
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where run directories are created (sets output_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (sets progress=false)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run in RUN_DIR from its newest intact training checkpoint "
+                        "(checkpoints/step-<N>), with RUN_DIR/config.yaml; only key=value overrides that do not "
+                        "change the run (progress, threads, data_dir, save_every, keep_checkpoints, ...) are accepted")
 
     p = sub.add_parser("eval", help="evaluate a run's adapter (or a base model) on a task", formatter_class=raw,
                        description="TARGET is a run directory (its config.yaml and adapter/ are used; writes "
@@ -92,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: RUN_DIR/peft_lora)")
 
     sub.add_parser("presets", help="list the shipped presets")
+
+    from .bench.commands import list_text
+
+    p = sub.add_parser("bench", help="run one of the paper-reproduction benchmarks (benchmarks/)",
+                       formatter_class=raw, description="Runs benchmarks/<script> of NAME; the options after NAME "
+                       "go to the script (`hyperadalora bench NAME --help` lists them). Results go to "
+                       "benchmarks/results/<name>.json / .md / .png.", epilog="benchmarks:\n" + list_text())
+    p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark (none: list them)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark script")
     return parser
 
 
@@ -103,12 +117,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import NonFiniteLossError, train
 
     source, overrides = _split_items(args.items, "train")
-    config = load_run_config(source, _with_flags(overrides, args))
+    if args.resume is not None:
+        if source is not None or args.output_dir is not None:
+            given = f"config {source!r}" if source is not None else "--output-dir"
+            raise ValueError(f"--resume continues the run in {args.resume} with its own config.yaml: drop {given} "
+                             "(key=value overrides that do not change the run are accepted)")
+        if not _is_run_dir(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: not a run directory (a folder with config.yaml, as "
+                                    "`hyperadalora train` writes)")
+        from .train.loop import load_run
+
+        config = load_run(args.resume, _with_flags(overrides, args))
+    else:
+        config = load_run_config(source, _with_flags(overrides, args))
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
     try:
-        result = train(config)
+        result = train(config, resume=args.resume)
     except NonFiniteLossError as exc:
         print(f"hyperadalora: {exc}", file=sys.stderr)
         print(json.dumps({"run_dir": str(exc.result.run_dir), "status": exc.result.status,
@@ -159,6 +185,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.commands import list_text, run_benchmark
+
+    if args.name is None:
+        print("benchmarks (hyperadalora bench NAME [options]):\n" + list_text())
+        return 0
+    return run_benchmark(args.name, list(args.bench_args) + list(getattr(args, "items", []) or []))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hyperadalora`` console script; returns the exit status."""
     parser = build_parser()
@@ -174,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in list_presets():
             print(name)
         return 0
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:

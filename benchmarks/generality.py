@@ -1,0 +1,115 @@
+"""Experiment 3 (paper Tables 2, 3, 10): the hypernetwork for LoRA, DoRA, DyLoRA and AdaLoRA.
+
+SmolLM2-135M-Instruct on GSM8K at the CPU scale of ``nlg.py`` (same options; the AdaLoRA pair is
+shared with it): each method with and without the hypernetwork, same lr, seed and data order.
+Per pair the target is the direct method's smoothed training loss at its last step. Quality:
+GSM8K exact match on the first ``--gsm8k-rows`` test problems and HumanEval pass@1 (greedy, run
+in the sandbox) on the first ``--humaneval-rows`` problems (all 164 at ``--humaneval-rows 164``,
+which costs about 10x the training on this CPU); the base model without adapter is the
+reference row. Writes ``results/generality.*``.
+
+Usage::
+
+    python benchmarks/generality.py --data-dir ../shared/data [--steps 30] [--humaneval-rows 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nlg import METHOD_ADAPTERS, RESULTS, scale_args, smollm2_spec  # noqa: E402
+
+from hyperadalora.bench.curves import first_reach  # noqa: E402
+from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result  # noqa: E402
+from hyperadalora.bench.runner import run_specs  # noqa: E402
+
+
+def humaneval(run_dir: Path | None, args, cache: Path) -> dict | None:
+    """pass@1 of a run's adapter (``None``: the base model) on the first problems; cached."""
+    import torch
+
+    from hyperadalora.train.config import load_run_config
+    from hyperadalora.train.loop import evaluate_run, load_run
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    if args.report_only:
+        return None
+    torch.set_num_threads(args.threads)
+    overrides = ["task=humaneval", f"eval_rows={args.humaneval_rows}", "max_new_tokens=256", "eval_batch_size=8",
+                 f"threads={args.threads}"] + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    config = (load_run(run_dir, overrides) if run_dir is not None
+              else load_run_config("humaneval_smollm2", overrides))
+    result = evaluate_run(config, adapter_dir=run_dir / "adapter" if run_dir is not None else None)
+    cache.write_text(json.dumps(result))
+    print(f"humaneval {run_dir.name if run_dir else 'base model'}: {result['metrics']}", file=sys.stderr, flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scale_args(p, steps=30)
+    p.add_argument("--methods", default="lora,dora,dylora,adalora")
+    p.add_argument("--gsm8k-rows", type=int, default=16)
+    p.add_argument("--humaneval-rows", type=int, default=16)
+    p.add_argument("--name", default="generality")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHOD_ADAPTERS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHOD_ADAPTERS)}")
+    specs = [smollm2_spec("gsm8k", m, hyper, args, keep_run_dir=True) for m in methods for hyper in (False, True)]
+    if args.gsm8k_rows != 16:  # nlg.py's AdaLoRA runs evaluate 16 problems: share them only then
+        specs = [s.__class__(**{**s.__dict__, "key": s.key + f"-g{args.gsm8k_rows}",
+                                "overrides": {**s.overrides, "eval_rows": args.gsm8k_rows}}) for s in specs]
+    results = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,
+                        only_cached=args.report_only)
+    he_dir = Path(args.work_dir) / f"humaneval{args.humaneval_rows}"
+    base_he = humaneval(None, args, he_dir / "base.json")
+    rows, table, panels, targets = [], [], {}, {}
+    for m in methods:
+        pair = [s for s in specs if s.tags["method"] in (m, "hyper" + m)]
+        direct = results.get(pair[0].key)
+        target = direct["final_smoothed"] if direct else None
+        targets[m] = target
+        panels[m] = {}
+        for s in pair:
+            r = results.get(s.key)
+            if r is None:
+                continue
+            run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
+            he = humaneval(run_dir, args, he_dir / f"{s.key}.json") if run_dir and run_dir.is_dir() else None
+            steps, secs = first_reach(r["losses"], r["step_times"], target) if target is not None else (None, None)
+            em = (r["final_metrics"] or {}).get("exact_match")
+            pass1 = he["metrics"].get("pass@1") if he else None
+            rows.append({"method": s.tags["method"], "target_loss": target, "steps_to_target": steps,
+                         "seconds_to_target": secs, "final_smoothed_loss": r["final_smoothed"],
+                         "seconds_per_step": sum(r["step_times"]) / len(r["step_times"]),
+                         "gsm8k_exact_match": em, "humaneval_pass@1": pass1, "diverged": r["diverged"]})
+            table.append([s.tags["method"], fmt(r["final_smoothed"]), fmt(steps, ".0f"), fmt(secs, ".0f"),
+                          f"{rows[-1]['seconds_per_step']:.2f}", fmt(em, ".3f", "n/a"), fmt(pass1, ".3f", "n/a")])
+            panels[m][s.tags["method"]] = [r["losses"]]
+    if base_he:
+        table.append(["base model (no adapter)", "", "", "", "", "", fmt(base_he["metrics"].get("pass@1"), ".3f")])
+    lines = [f"SmolLM2-135M-Instruct on GSM8K, {args.steps} steps of batch {args.batch_size} x <= {args.max_length} "
+             f"tokens, lr {args.lr:g}, seed {args.seed}; target per pair = the direct method's final smoothed loss; "
+             f"GSM8K exact match on the first {args.gsm8k_rows} test problems, HumanEval pass@1 (greedy) on the first "
+             f"{args.humaneval_rows} problems.", "",
+             *markdown_table(["method", "final loss", "steps to target", "s to target", "s/step", "GSM8K EM",
+                              "HumanEval pass@1"], table)]
+    config = {k: v for k, v in vars(args).items()}
+    write_result(RESULTS, args.name, {"config": config, "rows": rows,
+                                      "base_model_humaneval": base_he["metrics"] if base_he else None}, lines)
+    plot_curve_groups({}, RESULTS / f"{args.name}.png", "SmolLM2 / GSM8K: each method with and without hypernetwork",
+                      target=targets, panels={m: g for m, g in panels.items() if g})
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Machinery of the paper-reproduction benchmarks (``benchmarks/*.py``, ``hyperadalora bench``).
+
+* :mod:`.curves`: pure functions on loss curves: smoothing, target losses, steps / seconds to
+  a target, best learning rate, mean and spread over seeds.
+* :mod:`.runner`: :class:`RunSpec` (one training run of the real loop), cached and run in
+  parallel worker processes, so that a stopped benchmark resumes where it stopped.
+* :mod:`.report`: machine / version records, markdown tables, result files and plots.
+"""
+
+from .curves import best_lr, first_reach, mean_and_spread, smoothed_final
+from .runner import RunSpec, run_specs
+
+__all__ = ["RunSpec", "best_lr", "first_reach", "mean_and_spread", "run_specs", "smoothed_final"]

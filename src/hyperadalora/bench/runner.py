@@ -1,0 +1,157 @@
+"""Benchmark runs: one :class:`RunSpec` = one run of the real training loop, cached on disk.
+
+Each finished run leaves ``<cache_dir>/<key>.json`` (its loss curve, step times, dev metrics and
+config), so a benchmark that is stopped and started again runs only what is missing, and the
+tables can always be rebuilt from the cached curves. Runs go to worker processes (``workers``
+at a time, each with its own torch thread count): on a 2-core machine two 1-thread workers
+finish a sweep about twice as fast as one 2-thread process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .curves import smoothed_final
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the benchmark.
+
+    Attributes:
+        key: Unique, file-name-safe name of the run (the cache file is ``<key>.json``).
+        config: A preset name, YAML path or config dict (as :func:`load_run_config` takes).
+        overrides: Dotted ``{key: value}`` overrides applied on top of ``config``.
+        tags: Free labels copied into the cached result (task, model, method, lr, seed, ...).
+        keep_run_dir: Keep the run directory (adapter, logs) after the run; else it is deleted.
+    """
+
+    key: str
+    config: Any
+    overrides: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    keep_run_dir: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key or any(ch in self.key for ch in "/\\ ") or self.key.startswith("."):
+            raise ValueError(f"RunSpec.key {self.key!r} must be a plain file name (no '/', '\\\\' or spaces)")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    from ..checkpoint import _atomic_write
+
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data) + "\n"))
+
+
+def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads: int = 1) -> dict:
+    """Runs ``spec`` with the real training loop and caches its curve; returns the cached dict."""
+    import torch
+
+    from ..train.config import load_run_config
+    from ..train.loop import NonFiniteLossError, train
+
+    torch.set_num_threads(threads)
+    cache_dir = Path(cache_dir)
+    run_root = cache_dir / "runs"
+    run_dir = run_root / spec.key
+    if run_dir.exists():  # left by a run that was killed: start it again from scratch
+        shutil.rmtree(run_dir)
+    overrides = {**spec.overrides, "output_dir": str(run_root), "run_name": spec.key, "progress": False,
+                 "threads": threads}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    config = load_run_config(spec.config, overrides)
+    started = time.perf_counter()
+    try:
+        result = train(config)
+        status, diverged = result.status, False
+    except NonFiniteLossError as err:
+        result, status, diverged = err.result, "diverged", True
+    log = result.log
+    losses = [r["task_loss"] if r.get("task_loss") is not None else r["loss"] for r in log]
+    out = {
+        "key": spec.key, "tags": spec.tags, "status": status, "diverged": diverged,
+        "lr": config.lr, "seed": config.seed, "steps": config.steps,
+        "losses": losses, "step_times": [r["step_time"] for r in log],
+        "regularizer": [r.get("regularizer") for r in log],
+        "total_rank": [r.get("total_rank") for r in log],
+        "final_metrics": result.final_metrics, "final_smoothed": smoothed_final(losses),
+        "seconds": round(time.perf_counter() - started, 2), "threads": threads,
+        "config": config.to_dict(), "run_dir": str(run_dir) if spec.keep_run_dir else None,
+    }
+    if not math.isfinite(out["final_smoothed"]):
+        out["final_smoothed"] = None
+    if not spec.keep_run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _write_json_atomic(cache_dir / f"{spec.key}.json", out)
+    return out
+
+
+def load_cached(spec: RunSpec, cache_dir: str | Path) -> dict | None:
+    """The cached result of ``spec`` (``None`` when it has not run, or its kept run dir is gone)."""
+    path = Path(cache_dir) / f"{spec.key}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if spec.keep_run_dir and not (data.get("run_dir") and Path(data["run_dir"]).is_dir()):
+        return None
+    return data
+
+
+def run_specs(specs: list[RunSpec], cache_dir: str | Path, data_dir: str | None, workers: int = 1,
+              threads: int = 1, only_cached: bool = False) -> dict[str, dict]:
+    """Runs every spec that has no cached result (``workers`` processes at a time).
+
+    Args:
+        specs: The runs, in the order to start them.
+        cache_dir: Where results (and run directories) are kept.
+        data_dir: The data directory (``None``: ``$HYPERADALORA_DATA_DIR`` / the hub).
+        workers: Runs at a time, each in its own process.
+        threads: torch threads per run.
+        only_cached: Run nothing; return what is cached (to rebuild tables).
+
+    Returns:
+        ``{key: result}`` for every spec that has a result.
+    """
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"two runs share the key {dup!r}")
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    results = {s.key: r for s in specs if (r := load_cached(s, cache_dir)) is not None}
+    todo = [s for s in specs if s.key not in results]
+    if only_cached or not todo:
+        return results
+    print(f"bench: {len(results)} of {len(specs)} runs cached in {cache_dir}; running {len(todo)} "
+          f"({workers} at a time, {threads} thread(s) each)", file=sys.stderr, flush=True)
+
+    def report(i: int, res: dict) -> None:
+        fs = res["final_smoothed"]
+        metric = (res["final_metrics"] or {})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metric.items() if isinstance(v, float) and k != "seconds")
+        print(f"bench: [{i}/{len(todo)}] {res['key']}: {res['status']}, final smoothed loss "
+              f"{'n/a' if fs is None else f'{fs:.4f}'}, {shown}, {res['seconds']:.0f} s", file=sys.stderr,
+              flush=True)
+
+    if workers <= 1:
+        for i, spec in enumerate(todo, 1):
+            results[spec.key] = run_one(spec, cache_dir, data_dir, threads)
+            report(i, results[spec.key])
+        return results
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_one, s, str(cache_dir), data_dir, threads): s for s in todo}
+        for i, fut in enumerate(as_completed(futures), 1):
+            res = fut.result()
+            results[res["key"]] = res
+            report(i, res)
+    return results
