@@ -10,8 +10,8 @@
 * Why (experiment 9): the naive generated step (``output_scale`` 1 instead of 1/sqrt(h)) and the
   symmetry trap of zero-initialised factors (no per-module / per-rank context embeddings).
 
-All at HyperAdaLoRA's best lr of the convergence sweep, with the convergence protocol (the
-default variant is the convergence run itself). Writes ``results/beyond.*``.
+All at one lr (``--lr``, default 1e-3) with the convergence protocol (the default variant and
+the AdaLoRA baseline are convergence runs themselves). Writes ``results/beyond.*``.
 
 Usage::
 

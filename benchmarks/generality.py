@@ -10,7 +10,7 @@ reference row. Writes ``results/generality.*``.
 
 Usage::
 
-    python benchmarks/generality.py --data-dir ../shared/data [--steps 30] [--humaneval-rows 16]
+    python benchmarks/generality.py --data-dir ../shared/data [--steps 30] [--humaneval-rows 8]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_args(p, steps=30)
     p.add_argument("--methods", default="lora,dora,dylora,adalora")
     p.add_argument("--gsm8k-rows", type=int, default=16)
-    p.add_argument("--humaneval-rows", type=int, default=16)
+    p.add_argument("--humaneval-rows", type=int, default=8)
     p.add_argument("--name", default="generality")
     args = p.parse_args(argv)
     methods = args.methods.split(",")

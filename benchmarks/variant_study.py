@@ -3,8 +3,8 @@
 A study runs named variants of HyperAdaLoRA (or AdaLoRA) on one task / model with the protocol of
 ``convergence.py`` (same base config, steps, data order; runs cached in the same work dir, so a
 variant identical to a convergence run is not run twice) and compares each with AdaLoRA: the
-target is AdaLoRA's smoothed training loss at its last step at its best lr (from the
-convergence sweep when cached, else ``--adalora-lr``).
+target is AdaLoRA's smoothed training loss at its last step. Every variant and the baseline run at
+one lr (``--lr``, default 1e-3), so that a variant differs from the default in one thing only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence as conv  # noqa: E402
 
-from hyperadalora.bench.curves import best_lr, first_reach, mean_or_none  # noqa: E402
+from hyperadalora.bench.curves import first_reach, mean_or_none  # noqa: E402
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result  # noqa: E402
 from hyperadalora.bench.runner import run_specs  # noqa: E402
 
@@ -41,9 +41,10 @@ def study_args(description: str, argv: list[str] | None, default_name: str, add_
     p.add_argument("--data-dir", default=None)
     p.add_argument("--task", default="sst2", choices=sorted(conv.TASKS))
     p.add_argument("--model", default="minilm", choices=sorted(conv.MODELS))
-    p.add_argument("--lr", default="best", help="the variants' lr: a number, or 'best' (HyperAdaLoRA's best lr "
-                   "in the cached convergence sweep, else 1e-3)")
-    p.add_argument("--adalora-lr", type=float, default=1e-3, help="AdaLoRA's lr when the sweep is not cached")
+    p.add_argument("--lr", type=float, default=1e-3, help="the lr of every variant and of the AdaLoRA baseline")
+    p.add_argument("--shared", choices=("run", "cached"), default="run",
+                   help="the runs identical to convergence.py's (the baseline, the default variant): run them when "
+                        "missing, or only read them from the cache (while convergence.py runs them)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -53,11 +54,10 @@ def study_args(description: str, argv: list[str] | None, default_name: str, add_
     return p.parse_args(argv)
 
 
-def cached_best(args, method: str) -> float | None:
-    """The method's best lr from the cached convergence sweep (seed 0), if complete."""
-    specs = [conv.spec(args.task, "minilm", method, lr, 0, conv.TASKS) for lr in conv.LRS]
-    found = run_specs(specs, args.work_dir, args.data_dir, only_cached=True)
-    return best_lr(found.values()) if len(found) == len(specs) else None
+def conv_keys(args) -> set[str]:
+    """Keys of the convergence experiment's own runs on this task and model (seed 0 ... 9, its lrs)."""
+    return {conv.spec(args.task, args.model, m, lr, seed, conv.TASKS).key for m in conv.METHODS for lr in conv.LRS
+            for seed in range(10)}
 
 
 def run_study(args, variants: list[Variant], title: str, extra_columns=None) -> dict:
@@ -69,16 +69,18 @@ def run_study(args, variants: list[Variant], title: str, extra_columns=None) -> 
         title: The plot's title and the table's first line.
         extra_columns: ``{header: fn(result dict) -> str}`` extra table columns.
     """
-    hyper_lr = float(args.lr) if args.lr != "best" else (cached_best(args, "hyperadalora") or 1e-3)
-    ada_lr = cached_best(args, "adalora") or args.adalora_lr
+    hyper_lr = ada_lr = args.lr  # one lr for all: the variants differ in one thing only
     baseline = [conv.spec(args.task, args.model, "adalora", ada_lr, s, conv.TASKS) for s in range(args.seeds)]
     specs = {v.label: [conv.spec(args.task, args.model, v.method, ada_lr if v.method == "adalora" else hyper_lr, s,
                                  conv.TASKS, extra=v.overrides, tag=v.tag) for s in range(args.seeds)]
              for v in variants}
     todo = baseline + [s for group in specs.values() for s in group]
     unique = list({s.key: s for s in todo}.values())
-    results = run_specs(unique, args.work_dir, args.data_dir, args.workers, args.threads,
-                        only_cached=args.report_only)
+    shared = [s for s in unique if s.key in conv_keys(args)]
+    results = run_specs(shared, args.work_dir, args.data_dir, only_cached=True) if args.shared == "cached" else {}
+    own = [s for s in unique if s.key not in results and not (args.shared == "cached" and s in shared)]
+    results.update(run_specs(own, args.work_dir, args.data_dir, args.workers, args.threads,
+                             only_cached=args.report_only))
     base_runs = [results[s.key] for s in baseline if s.key in results]
     target = statistics.mean(r["final_smoothed"] for r in base_runs) if base_runs else None
     rows, table, groups = [], [], {}

@@ -61,6 +61,9 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
 
     torch.set_num_threads(threads)
     cache_dir = Path(cache_dir)
+    done = load_cached(spec, cache_dir)
+    if done is not None:  # another benchmark sharing this cache ran it meanwhile
+        return done
     run_root = cache_dir / "runs"
     run_dir = run_root / spec.key
     if run_dir.exists():  # left by a run that was killed: start it again from scratch

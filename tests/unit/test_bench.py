@@ -1,0 +1,138 @@
+"""The benchmark machinery: curve math against hand computations, cached runs of the real loop,
+and ``hyperadalora bench`` dispatch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hyperadalora.bench.curves import best_lr, first_reach, mean_and_spread, mean_or_none, smoothed_final
+from hyperadalora.bench.runner import RunSpec, run_specs
+from hyperadalora.cli import main as cli_main
+
+from test_train_loop import tiny_bert_dir, write_rte
+
+
+def ema(values, beta=0.9):
+    """Bias-corrected EMA written out by hand."""
+    out, avg = [], 0.0
+    for n, x in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * x
+        out.append(avg / (1 - beta ** n))
+    return out
+
+
+def test_first_reach_counts_steps_and_sums_seconds_on_the_smoothed_curve():
+    losses = [1.0, 0.8, 0.6, 0.4, 0.2]
+    times = [0.5, 1.0, 1.5, 2.0, 2.5]
+    sm = ema(losses)  # 1.0, 0.8947, 0.7786, ...
+    target = sm[2]
+    assert first_reach(losses, times, target) == (3, pytest.approx(3.0))
+    # A raw value below the target does not count while the smoothed one is above it.
+    assert first_reach([1.0, 0.0, 1.0], [1, 1, 1], 0.3) == (None, None)
+    assert first_reach([1.0, 0.0], [1, 1], ema([1.0, 0.0])[1]) == (2, 2)
+    with pytest.raises(ValueError, match="step times"):
+        first_reach([1.0, 0.5], [1.0], 0.1)
+
+
+def test_smoothed_final_and_best_lr_never_pick_a_diverged_run():
+    assert smoothed_final([0.7, 0.5, 0.3]) == pytest.approx(ema([0.7, 0.5, 0.3])[-1])
+    assert smoothed_final([]) == math.inf
+    curves = [{"lr": 1e-3, "losses": [0.6, 0.5]}, {"lr": 1e-3, "losses": [0.6, 0.3]},  # mean of two seeds
+              {"lr": 3e-3, "losses": [0.6, 0.1], "diverged": True}, {"lr": 1e-4, "losses": [0.6, 0.45]}]
+    means = {1e-3: (ema([0.6, 0.5])[-1] + ema([0.6, 0.3])[-1]) / 2, 1e-4: ema([0.6, 0.45])[-1]}
+    assert best_lr(curves) == min(means, key=means.get)
+    assert best_lr([{"lr": 1e-3, "losses": [1.0], "diverged": True}]) is None
+    assert best_lr([]) is None
+
+
+def test_mean_and_spread_over_seeds():
+    mean, low, high = mean_and_spread([[1, 2, 3], [3, 4], [2, 0, 9]])
+    assert mean == [2, 2] and low == [1, 0] and high == [3, 4]
+    assert mean_or_none([1, 3]) == 2 and mean_or_none([1, None]) is None and mean_or_none([]) is None
+
+
+def test_run_spec_key_must_be_a_file_name():
+    with pytest.raises(ValueError, match="file name"):
+        RunSpec(key="a/b", config={})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return {"bert": tiny_bert_dir(root), "data": write_rte(root / "data")}
+
+
+def tiny_spec(tiny, key, **extra):
+    overrides = {"model": str(tiny["bert"]), "steps": 4, "batch_size": 4, "adapter.target_modules": ["query", "value"],
+                 "adapter.allocator.deltaT": 1, "adapter.allocator.target_r": 4, **extra}
+    return RunSpec(key=key, config="rte_minilm_adalora", overrides=overrides, tags={"method": "adalora"})
+
+
+def test_run_specs_runs_the_real_loop_caches_and_resumes(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    specs = [tiny_spec(tiny, "a"), tiny_spec(tiny, "b", **{"adapter.source": "hyper"})]
+    first = run_specs(specs, cache, str(tiny["data"]))
+    for key in ("a", "b"):
+        r = first[key]
+        assert r["status"] == "completed" and len(r["losses"]) == 4 and len(r["step_times"]) == 4
+        assert r["final_smoothed"] == pytest.approx(ema(r["losses"])[-1])
+        assert 0.0 <= r["final_metrics"]["accuracy"] <= 1.0
+        assert json.loads((cache / f"{key}.json").read_text())["losses"] == r["losses"]
+        assert not (cache / "runs" / key).exists()  # run directories are dropped unless kept
+    # The same losses as the training loop reports in its own log (one run of the CLI path).
+    cached = run_specs(specs, cache, str(tiny["data"]), only_cached=True)
+    assert cached["a"]["losses"] == first["a"]["losses"]
+    # A cached spec is not run again: its file is left untouched.
+    stamp = (cache / "a.json").stat().st_mtime_ns
+    again = run_specs(specs + [tiny_spec(tiny, "c")], cache,
+                      str(tiny["data"]))
+    assert (cache / "a.json").stat().st_mtime_ns == stamp and set(again) == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="share the key"):
+        run_specs([specs[0], specs[0]], cache, None)
+
+
+def test_kept_run_dir_is_rerun_when_it_was_removed(tiny, tmp_path):
+    import shutil
+
+    spec = RunSpec(**{**tiny_spec(tiny, "kept").__dict__, "keep_run_dir": True})
+    res = run_specs([spec], tmp_path, str(tiny["data"]))["kept"]
+    assert (tmp_path / "runs" / "kept" / "adapter" / "adapter_config.json").is_file()
+    shutil.rmtree(tmp_path / "runs" / "kept")
+    assert run_specs([spec], tmp_path, str(tiny["data"]), only_cached=True) == {}
+    assert run_specs([spec], tmp_path, str(tiny["data"]))["kept"]["losses"] == res["losses"]  # same seed, same run
+
+
+def test_bench_command_lists_runs_and_refuses(tmp_path, monkeypatch, capsys):
+    assert cli_main(["bench"]) == 0
+    assert "convergence" in capsys.readouterr().out
+    assert cli_main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    # A benchmarks folder of one's own: the script gets the options after the name, its exit status returns.
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "convergence.py").write_text(
+        "import sys, json, pathlib\n"
+        "pathlib.Path(sys.argv[0]).with_name('args.json').write_text(json.dumps(sys.argv[1:]))\n"
+        "sys.exit(3)\n")
+    monkeypatch.setenv("HYPERADALORA_BENCHMARKS", str(folder))
+    assert cli_main(["bench", "convergence", "--quick", "--workers", "1"]) == 3
+    assert json.loads((folder / "args.json").read_text()) == ["--quick", "--workers", "1"]
+
+
+def test_publish_inlines_result_tables_between_markers(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "publish.py"
+    spec = importlib.util.spec_from_file_location("publish", script)
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    (tmp_path / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+    text = "intro\n<!-- table:a -->\nold\n<!-- end:a -->\nmid\n<!-- table:b -->\nkeep\n<!-- end:b -->\n"
+    new, missing = publish.publish(text, tmp_path)
+    assert new == "intro\n<!-- table:a -->\n| x |\n|---|\n| 1 |\n<!-- end:a -->\nmid\n<!-- table:b -->\nkeep\n<!-- end:b -->\n"
+    assert missing == ["b"]
+    assert publish.publish(new, tmp_path)[0] == new  # idempotent
