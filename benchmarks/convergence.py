@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rebuild the tables from the cached runs")
     args = p.parse_args(argv)
     tasks = QUICK_TASKS if args.quick else {t: TASKS[t] for t in args.tasks.split(",") if t}
-    lrs = [1e-5, 1e-3] if args.quick else [float(x) for x in args.lrs.split(",")]
+    lrs = [1e-5, 1e-3] if args.quick else [float(x) for x in args.lrs.split(",")]  # run in this order
     seeds, paper_seeds = (1, 1) if args.quick else (args.seeds, args.paper_seeds)
     mpnet_tasks = [] if args.quick else [t for t in args.mpnet_tasks.split(",") if t and t in tasks]
     name = args.name + ("_quick" if args.quick and args.name == "convergence" else "")
@@ -112,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                       and s.tags["method"] == m]
             best[(t, m)] = best_lr(curves) if curves else None
     # 2 + 3. seeds at the best lr and at the paper's lr; MPNet
-    more = []
-    for t in tasks:
-        for m in METHODS:
-            if best[(t, m)] is not None:
-                more += [spec(t, "minilm", m, best[(t, m)], s, tasks) for s in range(1, seeds)]
-                more += [spec(t, "mpnet", m, best[(t, m)], s, tasks) for s in range(args.mpnet_seeds)
-                         if t in mpnet_tasks]
-            if PAPER_LR in lrs:
-                more += [spec(t, "minilm", m, PAPER_LR, s, tasks) for s in range(1, paper_seeds)]
+    # Order: MPNet first, then seed by seed over tasks and methods, so that a run stopped early
+    # holds whole (task, seed) pairs of both methods.
+    more = [spec(t, "mpnet", m, best[(t, m)], s, tasks) for s in range(args.mpnet_seeds) for t in mpnet_tasks
+            for m in METHODS if best[(t, m)] is not None]
+    for s in range(1, max(seeds, paper_seeds)):
+        for t in tasks:
+            for m in METHODS:
+                if s < seeds and best[(t, m)] is not None:
+                    more.append(spec(t, "minilm", m, best[(t, m)], s, tasks))
+                if s < paper_seeds and PAPER_LR in lrs and best[(t, m)] != PAPER_LR:
+                    more.append(spec(t, "minilm", m, PAPER_LR, s, tasks))
     results.update(run([s for s in more if s.key not in results]))
     report(results, best, tasks, lrs, name, args)
     return 0
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: dict, best: dict, tasks: dict, lrs: list, name: str, args) -> None:
     runs = list(results.values())
+    lrs = sorted(lrs)
     rows, table, sweep, panels, targets = [], [], [], {}, {}
     for t in tasks:
         for m in METHODS:
