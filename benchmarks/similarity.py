@@ -80,14 +80,17 @@ def with_update(f: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, tor
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="the lr of both runs")
+    p.add_argument("--adalora-lr", type=float, default=None, help="AdaLoRA's lr when it differs (e.g. each "
+                   "method's best lr, so that both reached a similar loss)")
     p.add_argument("--task", default="sst2")
     p.add_argument("--work-dir", default="runs/bench/convergence")
     p.add_argument("--name", default="similarity")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     runs = Path(args.work_dir) / "runs"
-    dirs = {m: runs / f"{args.task}-minilm-{m}-lr{args.lr:g}-s0" for m in ("adalora", "hyperadalora")}
+    lrs = {"adalora": args.adalora_lr or args.lr, "hyperadalora": args.lr}
+    dirs = {m: runs / f"{args.task}-minilm-{m}-lr{lrs[m]:g}-s0" for m in ("adalora", "hyperadalora")}
     for m, d in dirs.items():
         if not (d / "adapter" / "adapter_config.json").is_file():
             p.error(f"{d} holds no adapter: run benchmarks/convergence.py first (it keeps the SST-2 / MiniLM / "
@@ -107,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     mean = {key: nanmean([r[key] for r in per_module]) for key in per_module[0] if key != "module"}
     table = [[pair] + [f"{mean[f'{pair}|{k}']:.3f}" if math.isfinite(mean[f"{pair}|{k}"]) else "n/a" for k in kinds]
              for pair in pairs]
-    lines = [f"Cosine similarity of the learned factors, {args.task} / MiniLM, seed 0, both at lr {args.lr:g}, "
+    at = (f"both at lr {args.lr:g}" if lrs["adalora"] == lrs["hyperadalora"]
+          else f"AdaLoRA at lr {lrs['adalora']:g}, HyperAdaLoRA at {lrs['hyperadalora']:g}")
+    lines = [f"Cosine similarity of the learned factors, {args.task} / MiniLM, seed 0, {at}, "
              f"mean over the {len(per_module)} adapted modules (n/a: a zero vector, e.g. lam and dW at init, has no direction).", "",
              *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
     write_result(RESULTS, args.name, {"config": vars(args), "mean": mean, "per_module": per_module}, lines)
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(xs, [r[f"hyper vs adalora|{k}"] for r in per_module], marker=".", label=f"{k}: hyper vs adalora")
     ax.set_xticks(list(xs), [short_module_name(r["module"]) for r in per_module], rotation=90, fontsize=6)
     ax.set_ylabel("cosine similarity")
-    ax.set_title(f"HyperAdaLoRA vs AdaLoRA factors per module ({args.task}, MiniLM, lr {args.lr:g})", fontsize=9)
+    ax.set_title(f"HyperAdaLoRA vs AdaLoRA factors per module ({args.task}, MiniLM, {at})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

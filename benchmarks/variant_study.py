@@ -3,8 +3,9 @@
 A study runs named variants of HyperAdaLoRA (or AdaLoRA) on one task / model with the protocol of
 ``convergence.py`` (same base config, steps, data order; runs cached in the same work dir, so a
 variant identical to a convergence run is not run twice) and compares each with AdaLoRA: the
-target is AdaLoRA's smoothed training loss at its last step. Every variant and the baseline run at
-one lr (``--lr``, default 1e-3), so that a variant differs from the default in one thing only.
+target is AdaLoRA's smoothed training loss at its last step at its best lr of the cached
+convergence sweep (``--adalora-lr``). Every HyperAdaLoRA variant runs at one lr (``--lr``, default
+1e-3), so that a variant differs from the default in one thing only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence as conv  # noqa: E402
 
-from hyperadalora.bench.curves import first_reach, mean_or_none  # noqa: E402
+from hyperadalora.bench.curves import best_lr, first_reach, mean_or_none  # noqa: E402
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result  # noqa: E402
 from hyperadalora.bench.runner import run_specs  # noqa: E402
 
@@ -41,7 +42,9 @@ def study_args(description: str, argv: list[str] | None, default_name: str, add_
     p.add_argument("--data-dir", default=None)
     p.add_argument("--task", default="sst2", choices=sorted(conv.TASKS))
     p.add_argument("--model", default="minilm", choices=sorted(conv.MODELS))
-    p.add_argument("--lr", type=float, default=1e-3, help="the lr of every variant and of the AdaLoRA baseline")
+    p.add_argument("--lr", type=float, default=1e-3, help="the lr of every HyperAdaLoRA variant")
+    p.add_argument("--adalora-lr", default="best", help="the AdaLoRA baseline's lr (its final loss is the target): "
+                   "a number, or 'best': its best lr among the convergence sweep runs cached for the task")
     p.add_argument("--shared", choices=("run", "cached"), default="run",
                    help="the runs identical to convergence.py's (the baseline, the default variant): run them when "
                         "missing, or only read them from the cache (while convergence.py runs them)")
@@ -52,6 +55,12 @@ def study_args(description: str, argv: list[str] | None, default_name: str, add_
     p.add_argument("--name", default=default_name)
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
+
+
+def cached_best_adalora(args) -> float | None:
+    """AdaLoRA's best lr among the cached seed-0 sweep runs of convergence.py on this task."""
+    specs = [conv.spec(args.task, args.model, "adalora", lr, 0, conv.TASKS) for lr in conv.LRS]
+    return best_lr(run_specs(specs, args.work_dir, args.data_dir, only_cached=True).values())
 
 
 def conv_keys(args) -> set[str]:
@@ -69,7 +78,8 @@ def run_study(args, variants: list[Variant], title: str, extra_columns=None) -> 
         title: The plot's title and the table's first line.
         extra_columns: ``{header: fn(result dict) -> str}`` extra table columns.
     """
-    hyper_lr = ada_lr = args.lr  # one lr for all: the variants differ in one thing only
+    hyper_lr = args.lr  # one lr for every variant: they differ from the default in one thing only
+    ada_lr = float(args.adalora_lr) if args.adalora_lr != "best" else (cached_best_adalora(args) or args.lr)
     baseline = [conv.spec(args.task, args.model, "adalora", ada_lr, s, conv.TASKS) for s in range(args.seeds)]
     specs = {v.label: [conv.spec(args.task, args.model, v.method, ada_lr if v.method == "adalora" else hyper_lr, s,
                                  conv.TASKS, extra=v.overrides, tag=v.tag) for s in range(args.seeds)]
