@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     lrs = [1e-5, 1e-3] if args.quick else [float(x) for x in args.lrs.split(",")]  # run in this order
     seeds, paper_seeds = (1, 1) if args.quick else (args.seeds, args.paper_seeds)
     mpnet_tasks = [] if args.quick else [t for t in args.mpnet_tasks.split(",") if t and t in tasks]
-    name = args.name + ("_quick" if args.quick and args.name == "convergence" else "")
+    # "convergence_quick" is convergence_quick.py's result: the quick run of this script gets its own name.
+    name = args.name + ("_bench_quick" if args.quick and args.name == "convergence" else "")
     if args.quick and args.work_dir == p.get_default("work_dir"):  # other steps: never share the full runs' cache
         args.work_dir += "_quick"
     run = lambda specs: run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,  # noqa: E731
