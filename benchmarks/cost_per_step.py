@@ -20,18 +20,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import build, load_base, make_batch, measure_memory  # noqa: E402
+from common import RESULTS  # noqa: E402
+from step_cost import build, load_base, make_batch, measure_memory, time_interleaved  # noqa: E402
 
 from hyperadalora.bench.report import fmt, markdown_table, write_result  # noqa: E402
 from hyperadalora.train.plots import _pyplot  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("floor", "peft_adalora", "adalora", "hyper_adalora")
 
 
@@ -59,15 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     for bs in sizes:
         steps = 3 if args.quick else measured_steps(bs, args.examples)
         batch = make_batch(bs, args.seq_len)
-        built = {v: build(v, base) for v in VARIANTS}
-        for v in VARIANTS:  # one warm-up step each
-            built[v][0](batch)
-        times = {v: [] for v in VARIANTS}
-        for _ in range(steps):
-            for v in VARIANTS:
-                t0 = time.perf_counter()
-                built[v][0](batch)
-                times[v].append(time.perf_counter() - t0)
+        built = {v: build(v, base)[0] for v in VARIANTS}
+        times = time_interleaved(built, batch, steps, warmup=1)
         del built
         mem = {}
         if not args.no_memory:

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHOD_ADAPTERS)}")
     specs = [smollm2_spec("gsm8k", m, hyper, args, keep_run_dir=True) for m in methods for hyper in (False, True)]
     if args.gsm8k_rows != 16:  # nlg.py's AdaLoRA runs evaluate 16 problems: share them only then
-        specs = [s.__class__(**{**s.__dict__, "key": s.key + f"-g{args.gsm8k_rows}",
-                                "overrides": {**s.overrides, "eval_rows": args.gsm8k_rows}}) for s in specs]
+        specs = [dataclasses.replace(s, key=s.key + f"-g{args.gsm8k_rows}",
+                                     overrides={**s.overrides, "eval_rows": args.gsm8k_rows}) for s in specs]
     results = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,
                         only_cached=args.report_only)
     he_dir = Path(args.work_dir) / f"humaneval{args.humaneval_rows}"

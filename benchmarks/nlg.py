@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
+from common import RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.curves import first_reach
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result
 from hyperadalora.bench.runner import RunSpec, run_specs
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {"alpaca": "alpaca_smollm2_adalora", "gsm8k": "gsm8k_smollm2_adalora"}
 EVAL = {"alpaca": {"eval_rows": 32, "max_new_tokens": 64}, "gsm8k": {"eval_rows": 16, "max_new_tokens": 192}}
 METHOD_ADAPTERS = {  # r, source; AdaLoRA prunes 12 -> 8, the others keep r 8

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from common import RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.report import markdown_table, write_result
 from hyperadalora.train.plots import _pyplot, short_module_name
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,17 +51,12 @@ def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def initial_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The factors a run started from (the training loop's seeding and wrapping, replayed)."""
-    import hyperadalora as ha
-    from hyperadalora.train.loop import finalize_adapter_config, load_base_model, load_run, seed_everything
+    """The factors a run started from (built as the training loop builds them)."""
+    from hyperadalora.train.loop import build_model, load_run
 
     config = load_run(run_dir)
-    seed_everything(config.seed)
-    base, _ = load_base_model(config)
-    config = finalize_adapter_config(config, base)
-    torch.manual_seed(config.seed)
     # The hyper source's state starts as the direct factors: build the direct model (same RNG draws).
-    model = ha.wrap(base, dataclasses.replace(config.adapter, source="direct"))
+    model, _, _ = build_model(config.replace(adapter=dataclasses.replace(config.adapter, source="direct")))
     return {name: with_update({k: v.detach().clone() for k, v in layer.factors.items()}, layer.rank_mask)
             for name, layer in model.adapted_layers.items()}
 

@@ -123,6 +123,26 @@ def make_batch(batch_size: int, seq_len: int, seed: int = 0):
             "labels": torch.randint(0, 2, (batch_size,), generator=g)}
 
 
+def time_interleaved(steps: dict, batch, n: int, warmup: int, accumulate: int = 1,
+                     progress: bool = False) -> dict[str, list[float]]:
+    """Seconds of ``n`` steps of each variant's step function, after ``warmup`` untimed steps each.
+
+    The variants take turns step by step (round-robin), so machine noise hits them alike.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step(batch, accumulate)
+    times = {v: [] for v in steps}
+    for i in range(n):
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            step(batch, accumulate)
+            times[v].append(time.perf_counter() - t0)
+        if progress:
+            print(f"step {i + 1}/{n}", file=sys.stderr, flush=True)
+    return times
+
+
 def measure_memory(variant: str, args) -> float:
     """Peak RSS growth (MiB) over a few steps of one variant, in a fresh subprocess.
 
@@ -167,16 +187,8 @@ def main(argv=None) -> None:
     base = load_base()
     batch = make_batch(args.batch_size, args.seq_len)
     built = {v: build(v, base) for v in variants}
-    for v in variants:
-        for _ in range(args.warmup):
-            built[v][0](batch, args.accumulate)
-    times = {v: [] for v in variants}
-    for i in range(args.steps):  # round-robin: noise hits every variant alike
-        for v in variants:
-            t0 = time.perf_counter()
-            built[v][0](batch, args.accumulate)
-            times[v].append(time.perf_counter() - t0)
-        print(f"step {i + 1}/{args.steps}", file=sys.stderr, flush=True)
+    times = time_interleaved({v: b[0] for v, b in built.items()}, batch, args.steps, args.warmup, args.accumulate,
+                             progress=True)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     peaks = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
     floor = med.get("floor")

@@ -63,12 +63,6 @@ def cached_best_adalora(args) -> float | None:
     return best_lr(run_specs(specs, args.work_dir, args.data_dir, only_cached=True).values())
 
 
-def conv_keys(args) -> set[str]:
-    """Keys of the convergence experiment's own runs on this task and model (seed 0 ... 9, its lrs)."""
-    return {conv.spec(args.task, args.model, m, lr, seed, conv.TASKS).key for m in conv.METHODS for lr in conv.LRS
-            for seed in range(10)}
-
-
 def run_study(args, variants: list[Variant], title: str, extra_columns=None) -> dict:
     """Runs the variants (and the AdaLoRA baseline) and writes ``results/<name>.*``.
 
@@ -86,9 +80,11 @@ def run_study(args, variants: list[Variant], title: str, extra_columns=None) -> 
              for v in variants}
     todo = baseline + [s for group in specs.values() for s in group]
     unique = list({s.key: s for s in todo}.values())
-    shared = [s for s in unique if s.key in conv_keys(args)]
-    results = run_specs(shared, args.work_dir, args.data_dir, only_cached=True) if args.shared == "cached" else {}
-    own = [s for s in unique if s.key not in results and not (args.shared == "cached" and s in shared)]
+    # The baseline and the variants tagged "" are convergence.py's own runs (same keys, same overrides).
+    shared = {s.key for s in baseline} | {s.key for v in variants if not v.tag for s in specs[v.label]}
+    results = (run_specs([s for s in unique if s.key in shared], args.work_dir, args.data_dir, only_cached=True)
+               if args.shared == "cached" else {})
+    own = [s for s in unique if s.key not in results and not (args.shared == "cached" and s.key in shared)]
     results.update(run_specs(own, args.work_dir, args.data_dir, args.workers, args.threads,
                              only_cached=args.report_only))
     base_runs = [results[s.key] for s in baseline if s.key in results]

@@ -3,6 +3,7 @@ and ``hyperadalora bench`` dispatch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -97,7 +98,7 @@ def test_run_specs_runs_the_real_loop_caches_and_resumes(tiny, tmp_path):
 def test_kept_run_dir_is_rerun_when_it_was_removed(tiny, tmp_path):
     import shutil
 
-    spec = RunSpec(**{**tiny_spec(tiny, "kept").__dict__, "keep_run_dir": True})
+    spec = dataclasses.replace(tiny_spec(tiny, "kept"), keep_run_dir=True)
     res = run_specs([spec], tmp_path, str(tiny["data"]))["kept"]
     assert (tmp_path / "runs" / "kept" / "adapter" / "adapter_config.json").is_file()
     shutil.rmtree(tmp_path / "runs" / "kept")

@@ -70,7 +70,7 @@ def write_result(results_dir: str | Path, name: str, result: dict, lines: Sequen
 
 
 def plot_curve_groups(groups: dict[str, list[list[float]]], path: str | Path, title: str,
-                      target: float | None = None, ylabel: str = "training loss (smoothed)",
+                      target: float | dict[str, float] | None = None, ylabel: str = "training loss (smoothed)",
                       panels: dict[str, dict[str, list[list[float]]]] | None = None) -> Path:
     """Smoothed loss curves, the mean over seeds as a line and the min-max spread as a band.
 
@@ -78,7 +78,7 @@ def plot_curve_groups(groups: dict[str, list[list[float]]], path: str | Path, ti
         groups: ``{label: [losses of seed 0, losses of seed 1, ...]}`` (one panel), or use ``panels``.
         path: The PNG to write.
         title: Figure title.
-        target: A horizontal line (the target loss) when given.
+        target: A horizontal line (the target loss) when given; a dict gives one per panel title.
         ylabel: Y axis label.
         panels: ``{panel title: groups}`` for several panels side by side (``groups`` ignored).
     """
@@ -92,10 +92,7 @@ def plot_curve_groups(groups: dict[str, list[list[float]]], path: str | Path, ti
             (line,) = ax.plot(steps, mean, linewidth=1.6, label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        if isinstance(target, dict):
-            t = target.get(ptitle)
-        else:
-            t = target
+        t = target.get(ptitle) if isinstance(target, dict) else target
         if t is not None:
             ax.axhline(t, color="grey", linestyle=":", linewidth=1, label=f"target {t:.3f}")
         ax.set_xlabel("optimizer step")

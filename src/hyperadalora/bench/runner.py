@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import _write_json
 from .curves import smoothed_final
 
 
@@ -44,12 +45,6 @@ class RunSpec:
     def __post_init__(self) -> None:
         if not self.key or any(ch in self.key for ch in "/\\ ") or self.key.startswith("."):
             raise ValueError(f"RunSpec.key {self.key!r} must be a plain file name (no '/', '\\\\' or spaces)")
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    from ..checkpoint import _atomic_write
-
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data) + "\n"))
 
 
 def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads: int = 1) -> dict:
@@ -95,7 +90,7 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
         out["final_smoothed"] = None
     if not spec.keep_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
-    _write_json_atomic(cache_dir / f"{spec.key}.json", out)
+    _write_json(cache_dir / f"{spec.key}.json", out)
     return out
 
 

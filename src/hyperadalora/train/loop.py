@@ -150,6 +150,24 @@ def finalize_adapter_config(config: RunConfig, model: torch.nn.Module) -> RunCon
     return config
 
 
+def build_model(config: RunConfig, base_model=None, tokenizer=None) -> tuple[AdaptedModel, Any, RunConfig]:
+    """The run's base model wrapped with its adapter, seeded as every run is.
+
+    Seeds every generator with ``config.seed``, loads the base model (unless given), adds the
+    classification head to ``modules_to_save`` (:func:`finalize_adapter_config`), re-seeds torch
+    and wraps: the adapter's initial factors depend only on the config.
+
+    Returns:
+        ``(model, tokenizer, config)``, ``config`` with the finalized adapter.
+    """
+    seed_everything(config.seed)
+    if base_model is None:
+        base_model, tokenizer = load_base_model(config)
+    config = finalize_adapter_config(config, base_model)
+    torch.manual_seed(config.seed)
+    return wrap(base_model, config.adapter), tokenizer, config
+
+
 def evaluate_rows(task: Task, model: AdaptedModel | torch.nn.Module, rows) -> tuple[dict, list[dict]]:
     """Runs ``task.evaluate`` in eval mode and restores the model's mode; adds ``seconds``."""
     was_training = model.training
@@ -283,13 +301,8 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
     task = make_task(config, data)
     train_rows = task.train_rows()
     eval_rows = task.eval_rows()
-    seed_everything(config.seed)
-    if base_model is None:
-        base_model, tokenizer = load_base_model(config)
+    model, tokenizer, config = build_model(config, base_model, tokenizer)
     task.bind(tokenizer)
-    config = finalize_adapter_config(config, base_model)
-    torch.manual_seed(config.seed)
-    model = wrap(base_model, config.adapter)
     if resume_dir is None:
         run_dir = make_run_dir(config)
         config = config.replace(run_name=run_dir.name)  # the resolved config names its directory
