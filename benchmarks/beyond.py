@@ -9,6 +9,8 @@
   (HyperAdaLoRA Appendix D), for HyperAdaLoRA and for AdaLoRA.
 * Why (experiment 9): the naive generated step (``output_scale`` 1 instead of 1/sqrt(h)) and the
   symmetry trap of zero-initialised factors (no per-module / per-rank context embeddings).
+* Cost (issue 4's goal): a 64-wide ``lam`` hypernetwork, and every hypernetwork 128 wide instead
+  of TinyBERT's 312 (``results/step_cost_goal_b16.md``: 1.59 M instead of 5.87 M parameters).
 
 All at one lr (``--lr``, default 1e-3) with the convergence protocol (the default variant and
 the AdaLoRA baseline are convergence runs themselves). Writes ``results/beyond.*``.
@@ -35,6 +37,8 @@ VARIANTS = [
             tag="-sigmagrad"),
     Variant("output scale 1 (naive step size)", overrides={"adapter.hyper.output_scale": 1.0}, tag="-scale1"),
     Variant("no context embeddings (symmetry)", overrides={"adapter.hyper.context": False}, tag="-nocontext"),
+    Variant("lam hypernetwork 64 wide", overrides={"adapter.hyper.lam_hidden": 64}, tag="-lamh64"),
+    Variant("hypernetworks 128 wide (light)", overrides={"adapter.hyper.hidden": 128}, tag="-h128"),
 ]
 
 

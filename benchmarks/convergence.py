@@ -73,6 +73,20 @@ def spec(task: str, model: str, method: str, lr: float, seed: int, tasks: dict, 
                    tags={"task": task, "model": model, "method": method, "lr": lr, "seed": seed})
 
 
+def parse_mpnet_seeds(text: str, mpnet_tasks: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
+    """``"2"`` -> 2 seeds on every MPNet task; ``"sst2:3,rte:1"`` -> per task (a task left out: 1)."""
+    try:
+        if ":" not in text:
+            return {t: int(text) for t in mpnet_tasks}
+        given = {t: int(n) for t, _, n in (x.partition(":") for x in text.split(",") if x)}
+    except ValueError:
+        parser.error(f"--mpnet-seeds {text!r}: give a number or task:number pairs such as sst2:3,rte:1")
+    unknown = sorted(set(given) - set(mpnet_tasks))
+    if unknown:
+        parser.error(f"--mpnet-seeds names {unknown}, which are not among --mpnet-tasks {mpnet_tasks}")
+    return {t: given.get(t, 1) for t in mpnet_tasks}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="data directory (../shared/data); default: "
@@ -82,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds at each method's best lr")
     p.add_argument("--paper-seeds", type=int, default=1, help="seeds at the paper's lr 1e-5")
     p.add_argument("--mpnet-tasks", default="sst2,rte", help="tasks also run on MPNet ('' for none)")
-    p.add_argument("--mpnet-seeds", type=int, default=1)
+    p.add_argument("--mpnet-seeds", default="1", help="seeds on MPNet: one number for every MPNet task, or per "
+                   "task as task:n pairs (e.g. sst2:3,rte:1,wnli:1)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--work-dir", default="runs/bench/convergence", help="cached runs (resume)")
@@ -97,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     lrs = [1e-5, 1e-3] if args.quick else [float(x) for x in args.lrs.split(",")]  # run in this order
     seeds, paper_seeds = (1, 1) if args.quick else (args.seeds, args.paper_seeds)
     mpnet_tasks = [] if args.quick else [t for t in args.mpnet_tasks.split(",") if t and t in tasks]
+    mpnet_seeds = parse_mpnet_seeds(args.mpnet_seeds, mpnet_tasks, p)
     # "convergence_quick" is convergence_quick.py's result: the quick run of this script gets its own name.
     name = args.name + ("_bench_quick" if args.quick and args.name == "convergence" else "")
     if args.quick and args.work_dir == p.get_default("work_dir"):  # other steps: never share the full runs' cache
@@ -118,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2 + 3. seeds at the best lr and at the paper's lr; MPNet
     # Order: MPNet first, then seed by seed over tasks and methods, so that a run stopped early
     # holds whole (task, seed) pairs of both methods.
-    more = [spec(t, "mpnet", m, best[(t, m)], s, tasks) for s in range(args.mpnet_seeds) for t in mpnet_tasks
-            for m in METHODS if best[(t, m)] is not None]
+    more = [spec(t, "mpnet", m, best[(t, m)], s, tasks) for s in range(max(mpnet_seeds.values(), default=0))
+            for t in mpnet_tasks for m in METHODS if s < mpnet_seeds[t] and best[(t, m)] is not None]
     for s in range(1, max(seeds, paper_seeds)):
         for t in tasks:
             for m in METHODS:

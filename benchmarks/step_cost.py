@@ -14,11 +14,19 @@ method has one (AdaLoRA re-allocates at every measured step: deltaT = 1, worst c
   step (``generate="per_step"``), so with ``--accumulate k`` (k micro-batches per optimizer
   step, e.g. 4 x 16 for the paper's batch 64) the hypernetworks run once per k micro-batches.
 
+A variant name may end in ``HyperConfig`` overrides: ``hyper_adalora+lam_hidden=64+checkpointing=True``.
+
 Timing: every variant lives in one process and the variants take turns step by step
 (round-robin), so machine noise hits them alike; each figure is the median over the measured
-steps. Memory: each variant runs alone in a fresh subprocess; ``peak_mib`` is the process's peak
-resident set over three training steps (the kernel's mark is reset after the model is built)
-minus its resident set before them: activations, gradients and optimizer state.
+steps. The hyper-only phases (generation, the hypernetwork backward, and the optimizer) are also
+timed inside each step: "time / twin from phases" adds them (less the direct twin's optimizer
+time) to the twin's step, which is less noisy than a ratio of two noisy totals because the
+model's forward and backward are the same code in both. Memory: each variant runs alone in a
+fresh subprocess with glibc's mmap threshold fixed at 64 KiB (so that freed tensors leave the
+resident set); ``peak_mib`` is the process's peak resident set over three training steps (the
+kernel's mark is reset after the model is built) minus its resident set before them:
+activations, gradients and optimizer state. ``--memory-batch-size 64`` measures one real
+batch of 64 rows (timing may still accumulate micro-batches).
 
 Usage::
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -68,13 +77,16 @@ def build(variant: str, base):
             cfg = peft.LoraConfig(r=8, use_dora=(method == "dora"), **common)
         model = peft.get_peft_model(model, cfg)
     else:
-        # "lora", "hyper_adalora" (default hypernetwork) or "hyper_<method>_<body>_<layout>".
-        parts = variant.split("_")
+        # "lora", "hyper_adalora" (default hypernetwork) or "hyper_<method>_<body>_<layout>",
+        # each optionally followed by HyperConfig overrides: "hyper_adalora+lam_hidden=64".
+        name, overrides = parse_variant(variant)
+        parts = name.split("_")
         hyper = parts[0] == "hyper"
         method = parts[1] if hyper else parts[0]
         defaults = ha.HyperConfig()
-        hyper_cfg = ha.HyperConfig(arch=parts[2] if len(parts) > 2 else defaults.arch,
-                                   tokens=parts[3] if len(parts) > 3 else defaults.tokens, generate="per_step")
+        hyper_cfg = ha.HyperConfig(**{"arch": parts[2] if len(parts) > 2 else defaults.arch,
+                                      "tokens": parts[3] if len(parts) > 3 else defaults.tokens,
+                                      "generate": "per_step", **overrides})
         kw = dict(r=8)
         if method == "adalora":
             kw = dict(r=12, gamma=0.5, allocator=ha.AllocatorConfig(total_step=TOTAL_STEP, target_r=8, deltaT=1))
@@ -85,14 +97,24 @@ def build(variant: str, base):
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     counter = [0]
+    hyper = getattr(model, "hyper", None)
 
-    def step(batch, accumulate: int = 1):
+    def step(batch, accumulate: int = 1, phases: dict | None = None):
+        t0 = time.perf_counter()
+        if hyper is not None:
+            hyper.regenerate()  # what the first training forward would do; timed on its own
+        t1 = time.perf_counter()
         for _ in range(accumulate):  # micro-batches of one optimizer step
             out = model(**batch)
             (out.loss / accumulate).backward()
+        t2 = time.perf_counter()
         if hasattr(model, "backward_hypernetworks"):
             model.backward_hypernetworks()
+        t3 = time.perf_counter()
         opt.step()
+        if phases is not None:
+            for key, seconds in (("generate", t1 - t0), ("hyper_backward", t3 - t2), ("optimizer", time.perf_counter() - t3)):
+                phases.setdefault(key, []).append(seconds)
         if variant == "peft_adalora":
             model.base_model.update_and_allocate(counter[0])
         elif not variant.startswith(("floor", "peft_")):
@@ -107,6 +129,24 @@ def build(variant: str, base):
                    if isinstance(t, torch.Tensor))
 
     return step, trainable, optimizer_state_bytes
+
+
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """``"hyper_adalora+lam_hidden=64+context=False"`` -> ``("hyper_adalora", {"lam_hidden": 64, "context": False})``."""
+    name, *pairs = variant.split("+")
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"variant override {pair!r} in {variant!r} must look like key=value")
+        overrides[key] = {"None": None, "True": True, "False": False}.get(raw, raw)
+        for cast in (int, float):
+            try:
+                overrides[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+    return name, overrides
 
 
 def load_base():
@@ -124,10 +164,11 @@ def make_batch(batch_size: int, seq_len: int, seed: int = 0):
 
 
 def time_interleaved(steps: dict, batch, n: int, warmup: int, accumulate: int = 1,
-                     progress: bool = False) -> dict[str, list[float]]:
+                     progress: bool = False, phases: dict | None = None) -> dict[str, list[float]]:
     """Seconds of ``n`` steps of each variant's step function, after ``warmup`` untimed steps each.
 
     The variants take turns step by step (round-robin), so machine noise hits them alike.
+    With ``phases`` (a dict), ``phases[variant]`` collects the per-phase seconds of the timed steps.
     """
     for step in steps.values():
         for _ in range(warmup):
@@ -136,11 +177,21 @@ def time_interleaved(steps: dict, batch, n: int, warmup: int, accumulate: int = 
     for i in range(n):
         for v, step in steps.items():
             t0 = time.perf_counter()
-            step(batch, accumulate)
+            if phases is None:
+                step(batch, accumulate)
+            else:
+                step(batch, accumulate, phases.setdefault(v, {}))
             times[v].append(time.perf_counter() - t0)
         if progress:
             print(f"step {i + 1}/{n}", file=sys.stderr, flush=True)
     return times
+
+
+def memory_batch(args) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per step) of the memory runs: ``--memory-batch-size`` runs
+    that many rows in one micro-batch (the peak of a real batch, not of its accumulated parts)."""
+    size = getattr(args, "memory_batch_size", None)
+    return (size, 1) if size else (args.batch_size, args.accumulate)
 
 
 def measure_memory(variant: str, args) -> float:
@@ -152,14 +203,18 @@ def measure_memory(variant: str, args) -> float:
     code = (
         "import sys, torch; sys.path.insert(0, %r); import step_cost as s;"
         "torch.set_num_threads(%d); base = s.load_base(); step, _, _ = s.build(%r, base);"
-        "batch = s.make_batch(%d, %d); del base; import gc; gc.collect();"
+        "batch_size, accumulate = %d, %d; batch = s.make_batch(batch_size, %d); del base; import gc; gc.collect();"
         "rss = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
         "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5');"
-        "[step(batch, %d) for _ in range(%d)];"
+        "[step(batch, accumulate) for _ in range(%d)];"
         "print('PEAK', (rss('VmHWM:') - before) / 1024)"
-    ) % (str(Path(__file__).resolve().parent), args.threads, variant, args.batch_size, args.seq_len,
-         args.accumulate, args.memory_steps)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ) % (str(Path(__file__).resolve().parent), args.threads, variant, *memory_batch(args), args.seq_len,
+         args.memory_steps)
+    # A fixed mmap threshold: glibc then maps every tensor above 64 KiB on its own and unmaps it when
+    # freed, so the resident peak tracks the live tensors (glibc's default adaptive threshold lets
+    # freed tensors linger in the heap, and the same variant measured 841-853 MiB from run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float([ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")][-1].split()[1])
 
 
@@ -174,6 +229,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--memory-steps", type=int, default=3, help="steps of the memory subprocess")
+    p.add_argument("--memory-batch-size", type=int, default=None,
+                   help="rows of one un-accumulated micro-batch in the memory runs (default: --batch-size "
+                        "x --accumulate micro-batches, as timed)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--name", default="step_cost")
     args = p.parse_args(argv)
@@ -187,14 +245,29 @@ def main(argv=None) -> None:
     base = load_base()
     batch = make_batch(args.batch_size, args.seq_len)
     built = {v: build(v, base) for v in variants}
+    phases: dict[str, dict[str, list[float]]] = {}
     times = time_interleaved({v: b[0] for v, b in built.items()}, batch, args.steps, args.warmup, args.accumulate,
-                             progress=True)
+                             progress=True, phases=phases)
     med = {v: statistics.median(ts) for v, ts in times.items()}
+    phase_med = {v: {k: statistics.median(ts) for k, ts in ph.items()} for v, ph in phases.items()}
     peaks = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
     floor = med.get("floor")
 
-    def twin(v):  # hyper_<method>[_<body>_<layout>] -> <method>
-        return v.split("_")[1] if v.startswith("hyper_") else None
+    def twin(v):  # hyper_<method>[_<body>_<layout>][+overrides] -> <method>
+        return parse_variant(v)[0].split("_")[1] if v.startswith("hyper_") else None
+
+    def phase_estimate(v):
+        """(direct step + the hyper-only phases + the extra optimizer time) / direct step.
+
+        Forward and backward of the base model are the same code in both variants, so their
+        difference in a noisy run is noise; the hyper-only phases are timed inside the same steps.
+        """
+        t = twin(v)
+        if t not in med:
+            return None
+        ph, pt = phase_med[v], phase_med[t]
+        extra = ph["generate"] + ph["hyper_backward"] + ph["optimizer"] - pt["optimizer"]
+        return (med[t] + extra) / med[t]
 
     rows = []
     for v in variants:
@@ -203,7 +276,9 @@ def main(argv=None) -> None:
                      "ratio_to_floor": med[v] / floor if floor else None, "trainable_params": built[v][1],
                      "optimizer_state_bytes": built[v][2](),
                      "time_vs_direct_twin": med[v] / med[t] if t in med else None,
-                     "memory_vs_direct_twin": (peaks[v] / peaks[t] if t in peaks and peaks[t] else None)})
+                     "memory_vs_direct_twin": (peaks[v] / peaks[t] if t in peaks and peaks[t] else None),
+                     "phase_ms": {k: 1000 * x for k, x in phase_med[v].items()},
+                     "time_vs_direct_twin_from_phases": phase_estimate(v)})
 
     def ratio(a, b):
         return med[a] / med[b] if a in med and b in med else None
@@ -216,7 +291,8 @@ def main(argv=None) -> None:
                          "adalora_deltaT": 1, "lora_alpha": 16, "optimizer": "AdamW lr 1e-4",
                          "timing": "median of round-robin interleaved steps, one process",
                          "memory": "peak RSS (VmHWM, reset after model build) minus RSS before the first of 3 steps, "
-                                   "fresh subprocess per variant"},
+                                   "fresh subprocess per variant, MALLOC_MMAP_THRESHOLD_=65536",
+                         "memory_batch": "%d rows x %d micro-batches" % memory_batch(args)},
               "rows": rows,
               "ratios": {"adalora_vs_peft_adalora": ratio("adalora", "peft_adalora"),
                          "lora_vs_peft_lora": ratio("lora", "peft_lora"),
@@ -225,13 +301,17 @@ def main(argv=None) -> None:
                          "hyper_adalora_vs_adalora": ratio("hyper_adalora", "adalora")}}
     table = [f"MiniLM, 36 encoder linears, batch {args.batch_size} x {args.seq_len}"
              + (f" x {args.accumulate} micro-batches per step" if args.accumulate > 1 else "")
-             + f", median of {args.steps} interleaved steps, {args.threads} threads ({result['machine']['device']}).",
-             "", "| variant | median s/step | x floor | time / direct twin | peak MiB | memory / direct twin "
-             "| trainable params | optimizer state MiB |", "|---|---|---|---|---|---|---|---|"]
+             + f", median of {args.steps} interleaved steps, {args.threads} threads ({result['machine']['device']})."
+             + (" Memory: one un-accumulated batch of %d rows." % args.memory_batch_size if args.memory_batch_size else ""),
+             "", "| variant | median s/step | x floor | time / direct twin | time / twin from phases "
+             "| generate + hyper backward ms | optimizer ms | peak MiB | memory / direct twin "
+             "| trainable params | optimizer state MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in rows:
+        ph = r["phase_ms"]
         table.append(f"| {r['variant']} | {r['median_s']:.3f} | {fmt(r['ratio_to_floor'], '.3f')} | "
-                     f"{fmt(r['time_vs_direct_twin'], '.3f')} | {fmt(r['peak_mib'], '.0f')} | "
+                     f"{fmt(r['time_vs_direct_twin'], '.3f')} | {fmt(r['time_vs_direct_twin_from_phases'], '.3f')} | "
+                     f"{ph['generate'] + ph['hyper_backward']:.0f} | {ph['optimizer']:.0f} | {fmt(r['peak_mib'], '.0f')} | "
                      f"{fmt(r['memory_vs_direct_twin'], '.3f')} | {r['trainable_params']:,} | "
                      f"{r['optimizer_state_bytes'] / 2**20:.2f} |")
     table += ["", "| ratio | value |", "|---|---|"]

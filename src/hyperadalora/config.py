@@ -157,6 +157,10 @@ class HyperConfig(_JsonConfig):
         width_span: Overrides the preset's width span (columns per token).
         patch_width: Width of a ``patch`` token.
         hidden: Hidden width of the body (TinyBERT: 312).
+        lam_hidden: Hidden width of the ``lam`` hypernetwork (``None``: ``hidden``). A ``lam``
+            token carries ``rank_span`` scalars, so a TinyBERT-wide body there mostly transforms
+            its context embeddings while costing as much as the ``P`` or ``Q`` body
+            (benchmarks/results/step_cost_lam_hidden.md).
         layers: Number of body layers.
         mode: How the state evolves. ``recurrent`` (paper Eqs. 4-6): ``F = S + c*H(S)`` and
             after each optimizer step ``S <- F``, so the state integrates the generated
@@ -174,6 +178,10 @@ class HyperConfig(_JsonConfig):
             it before gradient clipping, or let :meth:`AdaptedModel.attach_optimizer` call it
             before ``optimizer.step()``) pushes their accumulated gradient into the
             hypernetworks.
+        checkpointing: Activation checkpointing of the hypernetworks: only their inputs stay
+            alive through the model's forward and backward, and their activations are recomputed
+            when the gradient reaches them (one more hypernetwork forward per generation, less
+            peak memory; benchmarks/results/step_cost_hyper_memory.md).
         max_tokens_per_call: Upper bound on ``modules x tokens`` per body call; larger groups
             are split by module and run with activation checkpointing, so that long token
             sequences (the ``elements`` and ``rows`` layouts) fit in memory. ``None``: no bound.
@@ -211,12 +219,14 @@ class HyperConfig(_JsonConfig):
     width_span: int | None = None
     patch_width: int = 64
     hidden: int = 312
+    lam_hidden: int | None = None
     layers: int = 1
     mode: str = "anchored"
     output_scale: float | None = None
     context: bool = True
     lr: float | None = None
     generate: str = "per_forward"
+    checkpointing: bool = False
     max_tokens_per_call: int | None = 65536
 
     def __post_init__(self) -> None:
@@ -228,6 +238,8 @@ class HyperConfig(_JsonConfig):
         if self.max_tokens_per_call is not None:
             _check_int(owner, "max_tokens_per_call", self.max_tokens_per_call, 1)
         _check_int(owner, "hidden", self.hidden, 1)
+        if self.lam_hidden is not None:
+            _check_int(owner, "lam_hidden", self.lam_hidden, 1)
         _check_int(owner, "layers", self.layers, 1)
         _check_int(owner, "patch_width", self.patch_width, 1)
         for name in ("rank_span", "width_span"):
@@ -237,13 +249,22 @@ class HyperConfig(_JsonConfig):
             _check_float(owner, "output_scale", self.output_scale, 0.0, low_open=True)
         if self.lr is not None:
             _check_float(owner, "lr", self.lr, 0.0, low_open=True)
-        if not isinstance(self.context, bool):
-            raise TypeError(f"{owner}.context must be a bool, got {self.context!r}")
+        for name in ("context", "checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def hidden_for(self, kind: str) -> int:
+        """The body width of one factor kind's hypernetwork."""
+        return self.lam_hidden if kind == "lam" and self.lam_hidden is not None else self.hidden
+
+    def scale_for(self, kind: str) -> float:
+        """The effective output scale of one factor kind's hypernetwork (``1/sqrt`` of its width)."""
+        return self.output_scale if self.output_scale is not None else self.hidden_for(kind) ** -0.5
 
     @property
     def scale(self) -> float:
-        """The effective output scale."""
-        return self.output_scale if self.output_scale is not None else self.hidden ** -0.5
+        """The effective output scale of the ``hidden``-wide hypernetworks."""
+        return self.scale_for("P")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from hyperadalora.bench.curves import best_lr, first_reach, mean_and_spread, mean_or_none, smoothed_final
-from hyperadalora.bench.runner import RunSpec, run_specs
+from hyperadalora.bench.runner import RunSpec, config_differences, run_specs
 from hyperadalora.cli import main as cli_main
 
 from test_train_loop import tiny_bert_dir, write_rte
@@ -106,6 +106,30 @@ def test_kept_run_dir_is_rerun_when_it_was_removed(tiny, tmp_path):
     assert run_specs([spec], tmp_path, str(tiny["data"]))["kept"]["losses"] == res["losses"]  # same seed, same run
 
 
+def test_config_differences_by_hand():
+    cached = {"lr": 0.001, "threads": 1, "adapter": {"r": 12, "hyper": {"hidden": 312}}}
+    assert config_differences(cached, {"lr": 0.001, "threads": 2, "adapter": {"r": 12, "hyper": {"hidden": 312}}}) == []
+    # A field added after the run (off by default) is the old behaviour; one that is on is not.
+    now = {"lr": 0.001, "threads": 1, "adapter": {"r": 12, "hyper": {"hidden": 312, "lam_hidden": None,
+                                                                    "checkpointing": False}}}
+    assert config_differences(cached, now) == []
+    now["adapter"]["hyper"]["lam_hidden"] = 64
+    now["lr"] = 0.003
+    assert config_differences(cached, now) == ["adapter.hyper.lam_hidden", "lr"]
+
+
+def test_a_cached_run_with_another_config_runs_again(tiny, tmp_path, capsys):
+    spec = tiny_spec(tiny, "s")
+    first = run_specs([spec], tmp_path, str(tiny["data"]))["s"]
+    # The same key, but the spec now resolves to another config (a changed default would do this).
+    changed = dataclasses.replace(spec, overrides={**spec.overrides, "adapter.gamma": 0.25})
+    assert run_specs([changed], tmp_path, str(tiny["data"]), only_cached=True) == {}
+    assert "adapter.gamma" in capsys.readouterr().err
+    again = run_specs([changed], tmp_path, str(tiny["data"]))["s"]
+    assert again["config"]["adapter"]["gamma"] == 0.25 and first["config"]["adapter"]["gamma"] != 0.25
+    assert run_specs([changed], tmp_path, str(tiny["data"]), only_cached=True)["s"]["losses"] == again["losses"]
+
+
 def test_bench_command_lists_runs_and_refuses(tmp_path, monkeypatch, capsys):
     assert cli_main(["bench"]) == 0
     assert "convergence" in capsys.readouterr().out
@@ -123,14 +147,32 @@ def test_bench_command_lists_runs_and_refuses(tmp_path, monkeypatch, capsys):
     assert json.loads((folder / "args.json").read_text()) == ["--quick", "--workers", "1"]
 
 
-def test_publish_inlines_result_tables_between_markers(tmp_path):
+def _benchmark_script(name):
+    """A script of ``benchmarks/`` imported as a module."""
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "publish.py"
-    spec = importlib.util.spec_from_file_location("publish", script)
-    publish = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(publish)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_cost_variant_overrides_parse_to_hyper_config_values():
+    step_cost = _benchmark_script("step_cost")
+    assert step_cost.parse_variant("adalora") == ("adalora", {})
+    name, over = step_cost.parse_variant("hyper_adalora_mlp_rank+lam_hidden=64+checkpointing=True+output_scale=1e-2"
+                                         "+lr=None")
+    assert name == "hyper_adalora_mlp_rank"
+    assert over == {"lam_hidden": 64, "checkpointing": True, "output_scale": 0.01, "lr": None}
+    assert type(over["lam_hidden"]) is int
+    with pytest.raises(ValueError, match="key=value"):
+        step_cost.parse_variant("hyper_adalora+lam_hidden")
+
+
+def test_publish_inlines_result_tables_between_markers(tmp_path):
+    publish = _benchmark_script("publish")
     (tmp_path / "a.md").write_text("| x |\n|---|\n| 1 |\n")
     text = "intro\n<!-- table:a -->\nold\n<!-- end:a -->\nmid\n<!-- table:b -->\nkeep\n<!-- end:b -->\n"
     new, missing = publish.publish(text, tmp_path)

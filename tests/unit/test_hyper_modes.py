@@ -137,6 +137,43 @@ def test_chunked_body_equals_unchunked_in_values_and_gradients(arch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_lam_hidden_narrows_only_the_lam_hypernetwork_and_keeps_step0():
+    base = tiny_bert()
+    wide = ha.wrap(copy.deepcopy(base), cfg("adalora", "hyper"))
+    narrow = ha.wrap(copy.deepcopy(base), cfg("adalora", "hyper", lam_hidden=8))
+    nets = narrow.hyper.nets
+    assert nets["lam"].body[0].qkv.in_features == 8 and nets["P"].body[0].qkv.in_features == 24
+    assert nets["lam"].scale == pytest.approx(8 ** -0.5) and nets["Q"].scale == pytest.approx(24 ** -0.5)
+    counts, wide_counts = narrow.hyper.parameter_counts(), wide.hyper.parameter_counts()
+    assert counts["P"] == wide_counts["P"] and counts["lam"] < wide_counts["lam"]
+    for m in (wide, narrow):
+        m.train()
+    batch = bert_batch(0)
+    # Zero-initialised output projections: step 0 is the direct initialisation whatever the width.
+    torch.testing.assert_close(narrow(**batch).loss, wide(**batch).loss, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="lam_hidden"):
+        ha.HyperConfig(lam_hidden=0)
+
+
+@pytest.mark.parametrize("generate", ["per_forward", "per_step"])
+def test_checkpointing_gives_the_same_values_and_gradients(generate):
+    base = tiny_bert()
+    plain = ha.wrap(copy.deepcopy(base), cfg("adalora", "hyper", generate=generate))
+    ckpt = ha.wrap(copy.deepcopy(base), cfg("adalora", "hyper", generate=generate, checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    _randomise_out_proj(plain)
+    _randomise_out_proj(ckpt)
+    g_plain = _accumulated_step(plain, [0, 1], torch.optim.SGD(plain.parameters(), lr=0.0))
+    g_ckpt = _accumulated_step(ckpt, [0, 1], torch.optim.SGD(ckpt.parameters(), lr=0.0))
+    assert set(g_plain) == set(g_ckpt) and any("hyper" in n for n in g_plain)
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    for key in plain.hyper.groups:  # the same next state (after_step copied the generated factors)
+        torch.testing.assert_close(ckpt.hyper.state(key), plain.hyper.state(key))
+    with pytest.raises(TypeError, match="checkpointing"):
+        ha.HyperConfig(checkpointing="yes")
+
+
 def test_param_groups_give_hypernetworks_their_own_learning_rate():
     m = ha.wrap(tiny_bert(), cfg("adalora", "hyper", lr=3e-5))
     groups = {g["name"]: g for g in m.optimizer_param_groups(1e-3, weight_decay=0.01)}

@@ -94,13 +94,66 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
     return out
 
 
+# Run-config keys that say where and how visibly a run goes, not what it computes.
+_NOT_RESULT_KEYS = frozenset({"output_dir", "run_name", "progress", "threads", "data_dir", "save_every",
+                              "keep_checkpoints", "sandbox_workers"})
+
+
+def config_differences(cached: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where a cached run's config differs from the config its spec gives now.
+
+    A key the cached config lacks (a field added after the run was made) counts as equal when its
+    value now is ``None`` or ``False``: new fields default to off. Keys in ``_NOT_RESULT_KEYS``
+    (at the top level) are ignored.
+
+    Args:
+        cached: ``config`` of the cached result (JSON).
+        current: ``RunConfig.to_dict()`` of the spec now.
+        prefix: Dotted prefix of these dicts (for recursion).
+
+    Returns:
+        The differing keys, sorted (empty: the cached run is this spec's run).
+    """
+    out = []
+    for key in sorted(set(cached) | set(current)):
+        name = f"{prefix}{key}"
+        if not prefix and key in _NOT_RESULT_KEYS:
+            continue
+        if key not in cached:
+            if current[key] not in (None, False):
+                out.append(name)
+        elif key not in current:
+            out.append(name)
+        elif isinstance(cached[key], dict) and isinstance(current[key], dict):
+            out += config_differences(cached[key], current[key], name + ".")
+        elif cached[key] != current[key]:
+            out.append(name)
+    return out
+
+
+def spec_config(spec: RunSpec) -> dict:
+    """The run config ``spec`` resolves to now, as JSON (what :func:`run_one` would train)."""
+    from ..train.config import load_run_config
+
+    return json.loads(json.dumps(load_run_config(spec.config, dict(spec.overrides)).to_dict()))
+
+
 def load_cached(spec: RunSpec, cache_dir: str | Path) -> dict | None:
-    """The cached result of ``spec`` (``None`` when it has not run, or its kept run dir is gone)."""
+    """The cached result of ``spec``.
+
+    ``None`` when it has not run, when its kept run dir is gone, or when it was made with another
+    config than the spec resolves to now (a changed default, say): then it is run again.
+    """
     path = Path(cache_dir) / f"{spec.key}.json"
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     if spec.keep_run_dir and not (data.get("run_dir") and Path(data["run_dir"]).is_dir()):
+        return None
+    stale = config_differences(data.get("config") or {}, spec_config(spec))
+    if stale:
+        print(f"bench: the cached run {spec.key} was made with another config ({', '.join(stale[:5])}"
+              f"{', ...' if len(stale) > 5 else ''} differ); it is stale and runs again", file=sys.stderr, flush=True)
         return None
     return data
 

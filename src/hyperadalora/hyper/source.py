@@ -43,9 +43,9 @@ class KindHypernetwork(nn.Module):
     def __init__(self, kind: str, config: HyperConfig, layout: TokenLayout, token_dims: set[int],
                  n_modules: int, max_rank_blocks: int, max_width_blocks: int) -> None:
         super().__init__()
-        h = config.hidden
+        h = config.hidden_for(kind)
         self.kind = kind
-        self.scale = config.scale
+        self.scale = config.scale_for(kind)
         self.in_proj = nn.ModuleDict({str(d): nn.Linear(d, h) for d in sorted(token_dims)})
         self.out_proj = nn.ModuleDict({str(d): nn.Linear(h, d) for d in sorted(token_dims)})
         for proj in self.out_proj.values():
@@ -196,7 +196,11 @@ class HyperFactorSource(nn.Module):
 
     def regenerate(self) -> None:
         """Generates every group now (one hypernetwork call per (kind, shape) group)."""
-        generated = {key: self.generate_group(key) for key in self.groups}
+        if self.config.checkpointing and torch.is_grad_enabled():
+            # Keeps only the states and anchors; the backward recomputes the hypernetwork's activations.
+            generated = {key: checkpoint(self.generate_group, key, use_reentrant=False) for key in self.groups}
+        else:
+            generated = {key: self.generate_group(key) for key in self.groups}
         used, self.leaves = generated, None
         if torch.is_grad_enabled():
             if self.per_step:
