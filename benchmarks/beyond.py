@@ -27,7 +27,7 @@ import sys
 from variant_study import Variant, run_study, study_args
 
 VARIANTS = [
-    Variant("rank layout, anchored (our default)"),
+    Variant("rank layout, anchored, 312 wide (the paper's size)"),
     Variant("patch layout", overrides={"adapter.hyper.tokens": "patch"}, tag="-patch"),
     Variant("rows layout", overrides={"adapter.hyper.tokens": "rows"}, tag="-rows"),
     Variant("reparam mode", overrides={"adapter.hyper.mode": "reparam"}, tag="-reparam"),
@@ -38,14 +38,23 @@ VARIANTS = [
     Variant("output scale 1 (naive step size)", overrides={"adapter.hyper.output_scale": 1.0}, tag="-scale1"),
     Variant("no context embeddings (symmetry)", overrides={"adapter.hyper.context": False}, tag="-nocontext"),
     Variant("lam hypernetwork 64 wide", overrides={"adapter.hyper.lam_hidden": 64}, tag="-lamh64"),
-    Variant("hypernetworks 128 wide (light)", overrides={"adapter.hyper.hidden": 128}, tag="-h128"),
+    Variant("hypernetworks 128 wide (our default)", overrides={"adapter.hyper.hidden": 128}, tag="-h128"),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = study_args(__doc__, argv, "beyond", lambda p: p.add_argument(
-        "--no-rows", action="store_true", help="skip the rows layout (about 4x the time of a direct step)"))
-    variants = [v for v in VARIANTS if not (args.no_rows and v.tag == "-rows")]
+    def add_arguments(p):
+        p.add_argument("--no-rows", action="store_true", help="skip the rows layout (about 4x the time of a direct step)")
+        p.add_argument("--only", default="", help="run only these variants (their tags without the dash, e.g. "
+                       "h128,lamh64) beside the default and the AdaLoRA baseline")
+
+    args = study_args(__doc__, argv, "beyond", add_arguments)
+    only = {f"-{t}" for t in args.only.split(",") if t}
+    unknown = only - {v.tag for v in VARIANTS}
+    if unknown:
+        raise SystemExit(f"beyond.py --only: unknown variant tags {sorted(t[1:] for t in unknown)}; "
+                         f"known: {', '.join(v.tag[1:] for v in VARIANTS if v.tag)}")
+    variants = [v for v in VARIANTS if not (args.no_rows and v.tag == "-rows") and (not only or not v.tag or v.tag in only)]
     run_study(args, variants, "beyond the paper: layouts, modes, allocation, step size, symmetry")
     return 0
 

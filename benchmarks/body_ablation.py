@@ -1,6 +1,6 @@
 """Experiment 6 (paper Fig. 3): the hypernetwork body, attention vs MLP vs CNN.
 
-The three bodies at their default sizes have similar parameter counts (one TinyBERT-sized
+The three bodies at the paper's size (hidden 312) have similar parameter counts (one TinyBERT-sized
 layer, h = 312; with the shared input / output projections, for MiniLM's 36 linears: attention
 5.87 M, MLP 5.28 M, CNN 5.96 M, listed in the table). SST-2 / MiniLM with the convergence protocol; attention is the convergence
 run itself. Writes ``results/body_ablation.*``.
@@ -29,7 +29,7 @@ def hyper_parameter_count(arch: str) -> int:
     import convergence as conv
 
     cfg = ha.AdapterConfig(method="adalora", r=12, target_modules=conv.MODELS["minilm"]["adapter.target_modules"],
-                           source="hyper", hyper=ha.HyperConfig(arch=arch),
+                           source="hyper", hyper=ha.HyperConfig(arch=arch, hidden=conv.PAPER_HIDDEN),
                            allocator=ha.AllocatorConfig(total_step=100, target_r=8))
     model = ha.wrap(base, cfg)
     return sum(p.numel() for p in model.hyper.parameters() if p.requires_grad)

@@ -37,6 +37,7 @@ from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, wr
 from hyperadalora.bench.runner import RunSpec, run_specs
 
 PAPER_LR = 1e-5
+PAPER_HIDDEN = 312  # TinyBERT's width: the hypernetwork size of the paper's experiments
 LRS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 METHODS = {"adalora": "direct", "hyperadalora": "hyper"}
 MODELS = {
@@ -58,7 +59,9 @@ QUICK_TASKS = {"sst2": {"steps": 100, "max_length": 64, "eval_rows": 256}}
 BASE = {
     "batch_size": 16, "warmup_ratio": 0.06, "max_grad_norm": 1.0, "eval_every": 0, "eval_batch_size": 64,
     "adapter": {"method": "adalora", "r": 12, "gamma": 0.1, "modules_to_save": ["classifier"],
-                "allocator": {"target_r": 8, "deltaT": 10}},
+                "allocator": {"target_r": 8, "deltaT": 10},
+                # The paper's hypernetwork (TinyBERT-sized body), not the library's lighter default.
+                "hyper": {"hidden": PAPER_HIDDEN}},
 }
 
 

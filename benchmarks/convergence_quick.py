@@ -70,7 +70,8 @@ def dev_accuracy(model, tokenizer, rows, max_length):
 def run_variant(base, tokenizer, batches, dev_rows, variant, lr, args):
     hyper = variant is not None
     layout, _, mode = (variant or "").partition(":")
-    hyper_kw = {"tokens": layout or "rank"} | ({"mode": mode} if mode else {})
+    # hidden 312: the paper's TinyBERT-sized hypernetworks (the default when this check was made).
+    hyper_kw = {"tokens": layout or "rank", "hidden": 312} | ({"mode": mode} if mode else {})
     cfg = ha.AdapterConfig(
         method="adalora", r=12, lora_alpha=16, target_modules=ENCODER, modules_to_save=("classifier",),
         gamma=0.1, seed=args.seed, source="hyper" if hyper else "direct",

@@ -25,6 +25,7 @@ from hyperadalora.bench.curves import first_reach
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result
 from hyperadalora.bench.runner import RunSpec, run_specs
 
+PAPER_HIDDEN = 312  # the paper's (TinyBERT-sized) hypernetworks, not the library's lighter default
 PRESETS = {"alpaca": "alpaca_smollm2_adalora", "gsm8k": "gsm8k_smollm2_adalora"}
 EVAL = {"alpaca": {"eval_rows": 32, "max_new_tokens": 64}, "gsm8k": {"eval_rows": 16, "max_new_tokens": 192}}
 METHOD_ADAPTERS = {  # r, source; AdaLoRA prunes 12 -> 8, the others keep r 8
@@ -46,6 +47,8 @@ def scale_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/bench/smollm2")
+    p.add_argument("--eval-rows", type=int, default=None, help="held-out rows to evaluate (default: 32 Alpaca, "
+                   "16 GSM8K)")
     p.add_argument("--report-only", action="store_true")
 
 
@@ -55,12 +58,18 @@ def smollm2_spec(task: str, method: str, hyper: bool, args, eval_overrides: dict
     name = ("hyper" if hyper else "") + method
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": 1, "max_length": args.max_length,
                  "lr": args.lr, "seed": args.seed, "eval_every": 0, "eval_batch_size": 16,
-                 "adapter.source": "hyper" if hyper else "direct", **METHOD_ADAPTERS[method],
+                 "adapter.source": "hyper" if hyper else "direct", "adapter.hyper.hidden": PAPER_HIDDEN,
+                 **METHOD_ADAPTERS[method],
                  **EVAL[task], **(eval_overrides or {})}
     if method != "adalora":
         overrides["adapter.allocator"] = None
         overrides["adapter.gamma"] = 0.0
-    return RunSpec(key=f"{task}-smollm2-{name}-lr{args.lr:g}-s{args.seed}-n{args.steps}", config=PRESETS[task],
+    # The first, default scale keeps its short keys; any other batch size or eval size is in the key.
+    scale = f"-n{args.steps}" + (f"-b{args.batch_size}" if args.batch_size != 2 else "")
+    if getattr(args, "eval_rows", None):
+        overrides["eval_rows"] = args.eval_rows
+        scale += f"-e{args.eval_rows}"
+    return RunSpec(key=f"{task}-smollm2-{name}-lr{args.lr:g}-s{args.seed}{scale}", config=PRESETS[task],
                    overrides=overrides, keep_run_dir=keep_run_dir,
                    tags={"task": task, "model": "smollm2", "method": name, "lr": args.lr, "seed": args.seed})
 
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
              *markdown_table(["task", "method", "final loss", "steps to target", "s to target", "s/step", "BLEU-4",
                               "ROUGE-1", "exact match", "eval rows"], table)]
     config = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
-              "seed": args.seed, "eval": EVAL, "presets": PRESETS, "targets": targets,
+              "seed": args.seed, "eval": EVAL, "eval_rows": args.eval_rows, "presets": PRESETS, "targets": targets,
               "threads_per_run": args.threads, "workers": args.workers}
     curves = {f"{s.tags['task']}/{s.tags['method']}": results[s.key]["losses"] for s in specs if s.key in results}
     write_result(RESULTS, args.name, {"config": config, "rows": rows, "curves": curves}, lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -13,6 +14,22 @@ from .hyper.source import HyperFactorSource
 from .inject import inject_adapters, remove_adapters
 from .layers import AdaptedLinear
 from .methods import orthogonality_penalty
+
+
+# Offsets the hypernetworks' seed from the adapters' (both come from AdapterConfig.seed), so that
+# they do not draw the same random numbers.
+_HYPER_SEED_OFFSET = 0x9E3779B9
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Seeds torch's CPU generator for the block (``None``: leaves it alone), restoring it after."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed + _HYPER_SEED_OFFSET) % 2**63)
+        yield
 
 
 class AdaptedModel(nn.Module):
@@ -44,7 +61,8 @@ class AdaptedModel(nn.Module):
         self.hyper: HyperFactorSource | None = None
         if config.source == "hyper":
             method = next(iter(self.adapted_layers.values())).method
-            self.hyper = HyperFactorSource(self.adapted_layers, method.factor_kinds, config.hyper)
+            with _seeded(config.seed):
+                self.hyper = HyperFactorSource(self.adapted_layers, method.factor_kinds, config.hyper)
         self.allocator = (RankAllocator(self.adapted_layers, config.allocator, source=self.hyper)
                           if config.is_adalora else None)
         self._dylora_gen = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)

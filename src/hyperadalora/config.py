@@ -156,7 +156,8 @@ class HyperConfig(_JsonConfig):
         rank_span: Overrides the preset's rank span (rank components per token).
         width_span: Overrides the preset's width span (columns per token).
         patch_width: Width of a ``patch`` token.
-        hidden: Hidden width of the body (TinyBERT: 312).
+        hidden: Hidden width of the bodies (FFN ``hidden * 1200 / 312``). Default 128; the paper's
+            TinyBERT-sized body is ``hidden=312`` (what ``benchmarks/`` reproduces the paper with).
         lam_hidden: Hidden width of the ``lam`` hypernetwork (``None``: ``hidden``). A ``lam``
             token carries ``rank_span`` scalars, so a TinyBERT-wide body there mostly transforms
             its context embeddings while costing as much as the ``P`` or ``Q`` body
@@ -218,7 +219,13 @@ class HyperConfig(_JsonConfig):
     rank_span: int | None = None
     width_span: int | None = None
     patch_width: int = 64
-    hidden: int = 312
+    # * hidden=128, not TinyBERT's 312 (the paper's size): the hypernetworks' cost is a fixed ~0.1 s
+    #   per optimizer step and their AdamW state; at 312 (5.87 M parameters for MiniLM's 36 linears)
+    #   a batch-16 step needs 1.13x the direct step's memory, at 128 (1.59 M) 1.04x, and 1.03x vs
+    #   1.01x at batch 64 (step_cost_goal_b16 / _b64). On SST-2 / MiniLM, 3 seeds at lr 1e-3, 128
+    #   learned as well (final loss 0.399 vs 0.407, 172 vs 165 steps to AdaLoRA's target, dev 0.796
+    #   vs 0.801), and at 3e-3 better (0.343 vs 0.385; results/beyond_h128*.md).
+    hidden: int = 128
     lam_hidden: int | None = None
     layers: int = 1
     mode: str = "anchored"
@@ -291,7 +298,8 @@ class AdapterConfig(_JsonConfig):
             as peft computes it) or ``paper`` (sum over modules of squared norms, paper Eq. 7).
         allocator: Rank allocation settings (required for ``adalora``).
         hyper: Hypernetwork settings (used when ``source == "hyper"``).
-        seed: Seed for the adapter initialisation (``None``: use torch's global RNG, like peft).
+        seed: Seed for the adapter initialisation and the hypernetworks' (``None``: use torch's global
+            RNG, like peft).
     """
 
     _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}

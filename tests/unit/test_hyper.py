@@ -191,3 +191,19 @@ def test_custom_spans_with_ragged_blocks():
     assert torch.equal(layout.uncut(tokens, 6, 100), x)
     # The first token is the top-left 4 x 7 block, row-major.
     assert torch.equal(tokens[0, 0], x[0, :4, :7].reshape(-1))
+
+
+def test_adapter_seed_fixes_the_hypernetworks_and_leaves_the_global_rng_alone():
+    base = tiny_bert()
+    torch.manual_seed(1)
+    a = ha.wrap(copy.deepcopy(base), cfg("adalora", "hyper"))
+    after_a = torch.rand(1)
+    torch.manual_seed(1)
+    torch.rand(5)  # a different global RNG state before the second wrap
+    b = ha.wrap(copy.deepcopy(base), cfg("adalora", "hyper"))
+    for (name, p), q in zip(a.hyper.named_parameters(), b.hyper.parameters()):
+        assert torch.equal(p, q), name
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_a)  # wrap consumed nothing from the global generator
+    unseeded = ha.wrap(copy.deepcopy(base), ha.AdapterConfig.from_dict({**cfg("adalora", "hyper").to_dict(), "seed": None}))
+    assert not torch.equal(unseeded.hyper.nets["P"].in_proj["32"].weight, a.hyper.nets["P"].in_proj["32"].weight)
