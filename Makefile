@@ -35,14 +35,22 @@ demo: venv
 
 # The paper's experiments (BENCHMARKS.md); runs are cached under runs/bench/, so a stopped `make bench` resumes.
 BENCH := $(VENV)/bin/hyperadalora bench
+# The commands behind BENCHMARKS.md (hours on 2 cores; runs are cached under runs/bench/).
+GOAL_VARIANTS := adalora,hyper_adalora,hyper_adalora+lam_hidden=64,hyper_adalora+checkpointing=True,hyper_adalora+hidden=312,hyper_adalora_mlp_rank
 bench: venv
-	$(BENCH) convergence --data-dir $(DATA_DIR)
+	$(BENCH) convergence --data-dir $(DATA_DIR) --lrs 1e-5,1e-4,1e-3,3e-3,3e-4 --mpnet-tasks sst2,rte,wnli --mpnet-seeds sst2:3,rte:1,wnli:1 --paper-seeds 3
 	$(BENCH) cost_per_step
-	$(BENCH) gamma_sweep --data-dir $(DATA_DIR)
-	$(BENCH) body_ablation --data-dir $(DATA_DIR)
+	$(BENCH) step_cost --variants $(GOAL_VARIANTS) --steps 15 --name step_cost_goal_b16
+	$(BENCH) step_cost --variants $(GOAL_VARIANTS) --steps 6 --accumulate 4 --memory-batch-size 64 --name step_cost_goal_b64
+	$(BENCH) gamma_sweep --data-dir $(DATA_DIR) --seeds 3
+	$(BENCH) body_ablation --data-dir $(DATA_DIR) --seeds 3
 	$(BENCH) similarity
 	$(BENCH) beyond --data-dir $(DATA_DIR)
+	$(BENCH) beyond --data-dir $(DATA_DIR) --only h128 --seeds 3 --name beyond_h128
+	$(BENCH) beyond --data-dir $(DATA_DIR) --only h128 --lr 3e-3 --name beyond_h128_lr3e-3
+	$(BENCH) beyond --data-dir $(DATA_DIR) --model mpnet --only h128 --seeds 2 --name beyond_h128_mpnet
 	$(BENCH) nlg --data-dir $(DATA_DIR)
+	$(BENCH) nlg --data-dir $(DATA_DIR) --tasks alpaca --steps 100 --batch-size 4 --eval-rows 64 --name nlg_alpaca_scaled
 	$(BENCH) generality --data-dir $(DATA_DIR)
 
 # Reduced experiments 1 and 4 (about 5-10 minutes on 2 cores).

@@ -224,7 +224,8 @@ class HyperConfig(_JsonConfig):
     #   a batch-16 step needs 1.13x the direct step's memory, at 128 (1.59 M) 1.04x, and 1.03x vs
     #   1.01x at batch 64 (step_cost_goal_b16 / _b64). On SST-2 / MiniLM, 3 seeds at lr 1e-3, 128
     #   learned as well (final loss 0.399 vs 0.407, 172 vs 165 steps to AdaLoRA's target, dev 0.796
-    #   vs 0.801), and at 3e-3 better (0.343 vs 0.385; results/beyond_h128*.md).
+    #   vs 0.801), and at 3e-3 better (0.343 vs 0.385); on MPNet / SST-2 (2 seeds) a little behind,
+    #   within the seed spread (0.258 vs 0.244, 132 vs 126 steps; results/beyond_h128*.md).
     hidden: int = 128
     lam_hidden: int | None = None
     layers: int = 1
