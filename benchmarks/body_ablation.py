@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from common import PAPER_HIDDEN
 from variant_study import Variant, run_study, study_args
 
 
@@ -29,7 +30,7 @@ def hyper_parameter_count(arch: str) -> int:
     import convergence as conv
 
     cfg = ha.AdapterConfig(method="adalora", r=12, target_modules=conv.MODELS["minilm"]["adapter.target_modules"],
-                           source="hyper", hyper=ha.HyperConfig(arch=arch, hidden=conv.PAPER_HIDDEN),
+                           source="hyper", hyper=ha.HyperConfig(arch=arch, hidden=PAPER_HIDDEN),
                            allocator=ha.AllocatorConfig(total_step=100, target_r=8))
     model = ha.wrap(base, cfg)
     return sum(p.numel() for p in model.hyper.parameters() if p.requires_grad)

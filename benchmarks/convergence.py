@@ -31,13 +31,12 @@ import argparse
 import statistics
 import sys
 
-from common import RESULTS  # benchmarks/ is on sys.path when a script runs
+from common import PAPER_HIDDEN, RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.curves import best_lr, first_reach, mean_or_none
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result
 from hyperadalora.bench.runner import RunSpec, run_specs
 
 PAPER_LR = 1e-5
-PAPER_HIDDEN = 312  # TinyBERT's width: the hypernetwork size of the paper's experiments
 LRS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 METHODS = {"adalora": "direct", "hyperadalora": "hyper"}
 MODELS = {

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import hyperadalora as ha
+from common import PAPER_HIDDEN  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.data.glue import read_glue, resolve_data_dir
 from hyperadalora.models import load_model
 from hyperadalora.train.plots import smooth  # bias-corrected EMA, as the run plots and the demo
@@ -70,8 +71,8 @@ def dev_accuracy(model, tokenizer, rows, max_length):
 def run_variant(base, tokenizer, batches, dev_rows, variant, lr, args):
     hyper = variant is not None
     layout, _, mode = (variant or "").partition(":")
-    # hidden 312: the paper's TinyBERT-sized hypernetworks (the default when this check was made).
-    hyper_kw = {"tokens": layout or "rank", "hidden": 312} | ({"mode": mode} if mode else {})
+    # The paper's TinyBERT-sized hypernetworks (the default when this check was made).
+    hyper_kw = {"tokens": layout or "rank", "hidden": PAPER_HIDDEN} | ({"mode": mode} if mode else {})
     cfg = ha.AdapterConfig(
         method="adalora", r=12, lora_alpha=16, target_modules=ENCODER, modules_to_save=("classifier",),
         gamma=0.1, seed=args.seed, source="hyper" if hyper else "direct",

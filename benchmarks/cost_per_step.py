@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import PAPER_HIDDEN, RESULTS  # noqa: E402
 from step_cost import build, load_base, make_batch, measure_memory, time_interleaved  # noqa: E402
 
 from hyperadalora.bench.report import fmt, markdown_table, write_result  # noqa: E402
@@ -33,7 +33,7 @@ from hyperadalora.train.plots import _pyplot  # noqa: E402
 
 VARIANTS = ("floor", "peft_adalora", "adalora", "hyper_adalora")
 # Table 7 compares the paper's hypernetworks: "hyper_adalora" here is the TinyBERT-sized one.
-BUILD_AS = {"hyper_adalora": "hyper_adalora+hidden=312"}
+BUILD_AS = {"hyper_adalora": f"hyper_adalora+hidden={PAPER_HIDDEN}"}
 
 
 def measured_steps(batch_size: int, budget: int) -> int:

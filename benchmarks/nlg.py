@@ -20,12 +20,11 @@ import argparse
 import statistics
 import sys
 
-from common import RESULTS  # benchmarks/ is on sys.path when a script runs
+from common import PAPER_HIDDEN, RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.curves import first_reach
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result
 from hyperadalora.bench.runner import RunSpec, run_specs
 
-PAPER_HIDDEN = 312  # the paper's (TinyBERT-sized) hypernetworks, not the library's lighter default
 PRESETS = {"alpaca": "alpaca_smollm2_adalora", "gsm8k": "gsm8k_smollm2_adalora"}
 EVAL = {"alpaca": {"eval_rows": 32, "max_new_tokens": 64}, "gsm8k": {"eval_rows": 16, "max_new_tokens": 192}}
 METHOD_ADAPTERS = {  # r, source; AdaLoRA prunes 12 -> 8, the others keep r 8
@@ -66,7 +65,7 @@ def smollm2_spec(task: str, method: str, hyper: bool, args, eval_overrides: dict
         overrides["adapter.gamma"] = 0.0
     # The first, default scale keeps its short keys; any other batch size or eval size is in the key.
     scale = f"-n{args.steps}" + (f"-b{args.batch_size}" if args.batch_size != 2 else "")
-    if getattr(args, "eval_rows", None):
+    if args.eval_rows:
         overrides["eval_rows"] = args.eval_rows
         scale += f"-e{args.eval_rows}"
     return RunSpec(key=f"{task}-smollm2-{name}-lr{args.lr:g}-s{args.seed}{scale}", config=PRESETS[task],

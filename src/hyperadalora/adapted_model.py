@@ -22,8 +22,9 @@ _HYPER_SEED_OFFSET = 0x9E3779B9
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
-    """Seeds torch's CPU generator for the block (``None``: leaves it alone), restoring it after."""
+def _hypernetwork_rng(seed: int | None):
+    """Seeds torch's CPU generator with ``seed + _HYPER_SEED_OFFSET`` for the block and restores it
+    after (``None``: leaves the generator alone, like peft's unseeded init)."""
     if seed is None:
         yield
         return
@@ -61,7 +62,7 @@ class AdaptedModel(nn.Module):
         self.hyper: HyperFactorSource | None = None
         if config.source == "hyper":
             method = next(iter(self.adapted_layers.values())).method
-            with _seeded(config.seed):
+            with _hypernetwork_rng(config.seed):
                 self.hyper = HyperFactorSource(self.adapted_layers, method.factor_kinds, config.hyper)
         self.allocator = (RankAllocator(self.adapted_layers, config.allocator, source=self.hyper)
                           if config.is_adalora else None)

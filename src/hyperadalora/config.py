@@ -161,7 +161,7 @@ class HyperConfig(_JsonConfig):
         lam_hidden: Hidden width of the ``lam`` hypernetwork (``None``: ``hidden``). A ``lam``
             token carries ``rank_span`` scalars, so a TinyBERT-wide body there mostly transforms
             its context embeddings while costing as much as the ``P`` or ``Q`` body
-            (benchmarks/results/step_cost_lam_hidden.md).
+            (benchmarks/results/step_cost_goal_b16.md).
         layers: Number of body layers.
         mode: How the state evolves. ``recurrent`` (paper Eqs. 4-6): ``F = S + c*H(S)`` and
             after each optimizer step ``S <- F``, so the state integrates the generated
@@ -182,7 +182,7 @@ class HyperConfig(_JsonConfig):
         checkpointing: Activation checkpointing of the hypernetworks: only their inputs stay
             alive through the model's forward and backward, and their activations are recomputed
             when the gradient reaches them (one more hypernetwork forward per generation, less
-            peak memory; benchmarks/results/step_cost_hyper_memory.md).
+            peak memory; benchmarks/results/step_cost_goal_b16.md).
         max_tokens_per_call: Upper bound on ``modules x tokens`` per body call; larger groups
             are split by module and run with activation checkpointing, so that long token
             sequences (the ``elements`` and ``rows`` layouts) fit in memory. ``None``: no bound.
@@ -268,11 +268,6 @@ class HyperConfig(_JsonConfig):
     def scale_for(self, kind: str) -> float:
         """The effective output scale of one factor kind's hypernetwork (``1/sqrt`` of its width)."""
         return self.output_scale if self.output_scale is not None else self.hidden_for(kind) ** -0.5
-
-    @property
-    def scale(self) -> float:
-        """The effective output scale of the ``hidden``-wide hypernetworks."""
-        return self.scale_for("P")
 
 
 @dataclass(frozen=True)
