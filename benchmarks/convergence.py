@@ -11,8 +11,9 @@ Protocol (CPU scale; the reasons are in BENCHMARKS.md):
    (chosen on the training loss, never on dev).
 2. Seeds: both methods at their own best lr with ``--seeds`` seeds; at the paper's lr (1e-5)
    with ``--paper-seeds`` seeds (seed 0 of both comes from the sweep).
-3. MPNet: the MiniLM best lr of each method and task (no MPNet sweep: one MPNet step costs
-   about four MiniLM steps), ``--mpnet-seeds`` seeds, on ``--mpnet-tasks``.
+3. MPNet: ``--mpnet-seeds`` seeds on ``--mpnet-tasks``, at the MiniLM best lr of each method and
+   task (one MPNet step costs about four MiniLM steps) or, for the tasks ``--mpnet-sweep`` names,
+   at the MPNet best lr among seed-0 runs at the MiniLM best lr and the lrs it lists.
 
 Target loss of a (task, model, lr setting): the smoothed loss (EMA 0.9) AdaLoRA reaches at its
 last step, averaged over its seeds. Each run's steps / seconds to target are the first step at
@@ -39,6 +40,7 @@ from hyperadalora.bench.runner import RunSpec, run_specs
 PAPER_LR = 1e-5
 LRS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 METHODS = {"adalora": "direct", "hyperadalora": "hyper"}
+MODEL_NAMES = {"minilm": "MiniLM", "mpnet": "MPNet"}
 MODELS = {
     "minilm": {"adapter.target_modules": r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)"
                                          r"|attention\.output\.dense|intermediate\.dense|output\.dense)",
@@ -89,6 +91,21 @@ def parse_mpnet_seeds(text: str, mpnet_tasks: list[str], parser: argparse.Argume
     return {t: given.get(t, 1) for t in mpnet_tasks}
 
 
+def parse_mpnet_sweep(text: str, mpnet_tasks: list[str], parser: argparse.ArgumentParser) -> dict[str, list[float]]:
+    """``"rte:3e-4,rte:1e-3"`` -> ``{"rte": [3e-4, 1e-3]}``: extra lrs swept on MPNet (seed 0) per task."""
+    sweep: dict[str, list[float]] = {}
+    for pair in (x for x in text.split(",") if x):
+        task, _, lr = pair.partition(":")
+        try:
+            sweep.setdefault(task, []).append(float(lr))
+        except ValueError:
+            parser.error(f"--mpnet-sweep {text!r}: give task:lr pairs such as rte:3e-4,rte:1e-3")
+    unknown = sorted(set(sweep) - set(mpnet_tasks))
+    if unknown:
+        parser.error(f"--mpnet-sweep names {unknown}, which are not among --mpnet-tasks {mpnet_tasks}")
+    return sweep
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="data directory (../shared/data); default: "
@@ -100,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpnet-tasks", default="sst2,rte", help="tasks also run on MPNet ('' for none)")
     p.add_argument("--mpnet-seeds", default="1", help="seeds on MPNet: one number for every MPNet task, or per "
                    "task as task:n pairs (e.g. sst2:3,rte:1,wnli:1)")
+    p.add_argument("--mpnet-sweep", default="", help="lrs also swept on MPNet (seed 0), as task:lr pairs (e.g. "
+                   "rte:3e-4,rte:1e-3); those tasks' MPNet seeds then run at the MPNet best lr")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--work-dir", default="runs/bench/convergence", help="cached runs (resume)")
@@ -115,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds, paper_seeds = (1, 1) if args.quick else (args.seeds, args.paper_seeds)
     mpnet_tasks = [] if args.quick else [t for t in args.mpnet_tasks.split(",") if t and t in tasks]
     mpnet_seeds = parse_mpnet_seeds(args.mpnet_seeds, mpnet_tasks, p)
+    mpnet_sweep = parse_mpnet_sweep(args.mpnet_sweep, mpnet_tasks, p)
     # "convergence_quick" is convergence_quick.py's result: the quick run of this script gets its own name.
     name = args.name + ("_bench_quick" if args.quick and args.name == "convergence" else "")
     if args.quick and args.work_dir == p.get_default("work_dir"):  # other steps: never share the full runs' cache
@@ -127,43 +147,59 @@ def main(argv: list[str] | None = None) -> int:
     sweep_specs = [spec(t, "minilm", m, lr, 0, tasks) for lr in lrs for t in tasks for m in METHODS
                    if (t, lr) not in skip]
     results = run(sweep_specs)
-    best = {}
+    best = {}  # (task, model, method) -> lr
     for t in tasks:
         for m in METHODS:
             curves = [results[s.key] for s in sweep_specs if s.key in results and s.tags["task"] == t
                       and s.tags["method"] == m]
-            best[(t, m)] = best_lr(curves) if curves else None
-    # 2 + 3. seeds at the best lr and at the paper's lr; MPNet
+            best[(t, "minilm", m)] = best[(t, "mpnet", m)] = best_lr(curves) if curves else None
+    # 2. the MPNet sweep (seed 0): the MiniLM best lr and the listed ones
+    mpnet_sweep_specs = [spec(t, "mpnet", m, lr, 0, tasks) for t, extra in mpnet_sweep.items() for m in METHODS
+                         if best[(t, "minilm", m)] is not None
+                         for lr in dict.fromkeys([best[(t, "minilm", m)], *extra])]
+    results.update(run([s for s in mpnet_sweep_specs if s.key not in results]))
+    for t in mpnet_sweep:
+        for m in METHODS:
+            curves = [results[s.key] for s in mpnet_sweep_specs if s.key in results and s.tags["task"] == t
+                      and s.tags["method"] == m]
+            if curves:
+                best[(t, "mpnet", m)] = best_lr(curves)
+    # 3. seeds at the best lr and at the paper's lr; MPNet
     # Order: MPNet first, then seed by seed over tasks and methods, so that a run stopped early
     # holds whole (task, seed) pairs of both methods.
-    more = [spec(t, "mpnet", m, best[(t, m)], s, tasks) for s in range(max(mpnet_seeds.values(), default=0))
-            for t in mpnet_tasks for m in METHODS if s < mpnet_seeds[t] and best[(t, m)] is not None]
+    more = [spec(t, "mpnet", m, best[(t, "mpnet", m)], s, tasks) for s in range(max(mpnet_seeds.values(), default=0))
+            for t in mpnet_tasks for m in METHODS if s < mpnet_seeds[t] and best[(t, "mpnet", m)] is not None]
     for s in range(1, max(seeds, paper_seeds)):
         for t in tasks:
             for m in METHODS:
-                if s < seeds and best[(t, m)] is not None:
-                    more.append(spec(t, "minilm", m, best[(t, m)], s, tasks))
-                if s < paper_seeds and PAPER_LR in lrs and best[(t, m)] != PAPER_LR:
+                if s < seeds and best[(t, "minilm", m)] is not None:
+                    more.append(spec(t, "minilm", m, best[(t, "minilm", m)], s, tasks))
+                if s < paper_seeds and PAPER_LR in lrs and best[(t, "minilm", m)] != PAPER_LR:
                     more.append(spec(t, "minilm", m, PAPER_LR, s, tasks))
     results.update(run([s for s in more if s.key not in results]))
-    report(results, best, tasks, lrs, name, args)
+    report(results, best, tasks, lrs, mpnet_sweep, name, args)
     return 0
 
 
-def report(results: dict, best: dict, tasks: dict, lrs: list, name: str, args) -> None:
+def report(results: dict, best: dict, tasks: dict, lrs: list, mpnet_sweep: dict, name: str, args) -> None:
     runs = list(results.values())
     lrs = sorted(lrs)
     rows, table, sweep, panels, targets = [], [], [], {}, {}
     for t in tasks:
-        for m in METHODS:
-            for lr in lrs:
-                r = results.get(f"{t}-minilm-{m}-lr{lr:g}-s0")
-                if r:
-                    sweep.append({"task": t, "method": m, "lr": lr, "final_smoothed_loss": r["final_smoothed"],
-                                  "diverged": r["diverged"], "best": best[(t, m)] == lr})
+        sweeps = {"minilm": lrs, "mpnet": [best[(t, "minilm", m)] for m in METHODS] + mpnet_sweep.get(t, [])}
+        for model, model_lrs in sweeps.items():
+            if model == "mpnet" and t not in mpnet_sweep:
+                continue
+            for m in METHODS:
+                for lr in sorted(set(x for x in model_lrs if x is not None)):
+                    r = results.get(f"{t}-{model}-{m}-lr{lr:g}-s0")
+                    if r:
+                        sweep.append({"task": t, "model": model, "method": m, "lr": lr,
+                                      "final_smoothed_loss": r["final_smoothed"], "diverged": r["diverged"],
+                                      "best": best[(t, model, m)] == lr})
         for model in ("minilm", "mpnet"):
             for setting in ("paper_lr", "own_best_lr"):
-                lr_of = {m: PAPER_LR if setting == "paper_lr" else best[(t, m)] for m in METHODS}
+                lr_of = {m: PAPER_LR if setting == "paper_lr" else best[(t, model, m)] for m in METHODS}
                 group = {m: [r for r in runs if r["tags"]["task"] == t and r["tags"]["model"] == model
                              and r["tags"]["method"] == m and lr_of[m] is not None
                              and abs(r["lr"] - lr_of[m]) < 1e-12] for m in METHODS}
@@ -217,11 +253,8 @@ def report(results: dict, best: dict, tasks: dict, lrs: list, name: str, args) -
         "never left its start and steps to target only measure batch noise.", "",
         *markdown_table(["task", "model", "lr setting", "method", "lr", "reached", "final loss", "steps to target",
                          "s to target", "s/step", "dev acc", "steps hyper/adalora", "AdaLoRA loss drop"], table),
-        "", "Learning-rate sweep (MiniLM, seed 0): final smoothed training loss", "",
-        *markdown_table(["task", "method"] + [f"{lr:g}" for lr in lrs],
-                        [[t, m] + [next((fmt(s["final_smoothed_loss"]) + (" *" if s["best"] else "")
-                                         for s in sweep if s["task"] == t and s["method"] == m and s["lr"] == lr), "")
-                                   for lr in lrs] for t in tasks for m in METHODS]),
+        *sweep_table(sweep, "minilm", list(tasks)),
+        *(sweep_table(sweep, "mpnet", list(mpnet_sweep)) if mpnet_sweep else []),
         "", "`*`: the method's best lr on that task (lowest final smoothed training loss).",
     ]
     curves = [{"key": r["key"], **r["tags"], "losses": [round(x, 5) for x in r["losses"]],
@@ -229,7 +262,7 @@ def report(results: dict, best: dict, tasks: dict, lrs: list, name: str, args) -
                "total_rank": r["total_rank"]} for r in runs]
     config = {"tasks": tasks, "lrs": lrs, "base_config": BASE, "models": MODELS, "paper_lr": PAPER_LR,
               "seeds": args.seeds, "paper_seeds": args.paper_seeds, "mpnet_tasks": args.mpnet_tasks,
-              "mpnet_seeds": args.mpnet_seeds, "workers": args.workers, "threads_per_run": args.threads,
+              "mpnet_seeds": args.mpnet_seeds, "mpnet_sweep": args.mpnet_sweep, "workers": args.workers, "threads_per_run": args.threads,
               "skipped_sweep_cells": args.skip,
               "target_definition": "mean over AdaLoRA seeds of the smoothed (EMA 0.9, bias-corrected) training "
                                    "task loss at the last step, per task, model and lr setting"}
@@ -242,6 +275,17 @@ def report(results: dict, best: dict, tasks: dict, lrs: list, name: str, args) -
                 plot_curve_groups({}, RESULTS / f"{name}{suffix}.png", "AdaLoRA vs HyperAdaLoRA: smoothed "
                                   "training loss, mean and min-max over seeds", target=targets, panels=chosen)
     print("\n".join(lines))
+
+
+def sweep_table(sweep: list[dict], model: str, tasks: list[str]) -> list[str]:
+    """The markdown lines of one model's lr sweep: final smoothed loss per task, method and lr."""
+    cells = [s for s in sweep if s["model"] == model]
+    lrs = sorted({s["lr"] for s in cells})
+    return ["", f"Learning-rate sweep ({MODEL_NAMES[model]}, seed 0): final smoothed training loss", "",
+            *markdown_table(["task", "method"] + [f"{lr:g}" for lr in lrs],
+                            [[t, m] + [next((fmt(s["final_smoothed_loss"]) + (" *" if s["best"] else "")
+                                             for s in cells if s["task"] == t and s["method"] == m and s["lr"] == lr),
+                                            "") for lr in lrs] for t in tasks for m in METHODS])]
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ SmolLM2-135M-Instruct on GSM8K at the CPU scale of ``nlg.py`` (same options; the
 shared with it): each method with and without the hypernetwork, same lr, seed and data order.
 Per pair the target is the direct method's smoothed training loss at its last step. Quality:
 GSM8K exact match on the first ``--gsm8k-rows`` test problems and HumanEval pass@1 (greedy, run
-in the sandbox) on the first ``--humaneval-rows`` problems (all 164 at ``--humaneval-rows 164``,
-which costs about 10x the training on this CPU); the base model without adapter is the
-reference row. Writes ``results/generality.*``.
+in the sandbox; the chat prompt of ``hyperadalora.tasks.humaneval_prompt``) on the first
+``--humaneval-rows`` problems (all 164 at ``--humaneval-rows 164``, which costs several times the
+training on this CPU); the base model without adapter is the reference row. Writes ``results/generality.*``.
 
 Usage::
 
-    python benchmarks/generality.py --data-dir ../shared/data [--steps 30] [--humaneval-rows 8]
+    python benchmarks/generality.py --data-dir ../shared/data [--steps 30] [--humaneval-rows 16]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_args(p, steps=30)
     p.add_argument("--methods", default="lora,dora,dylora,adalora")
     p.add_argument("--gsm8k-rows", type=int, default=16)
-    p.add_argument("--humaneval-rows", type=int, default=8)
+    p.add_argument("--humaneval-rows", type=int, default=16)
     p.add_argument("--name", default="generality")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                                      overrides={**s.overrides, "eval_rows": args.gsm8k_rows}) for s in specs]
     results = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,
                         only_cached=args.report_only)
-    he_dir = Path(args.work_dir) / f"humaneval{args.humaneval_rows}"
+    # "-v2": the chat prompt of hyperadalora.tasks.humaneval_prompt; the first protocol gave the instruct
+    # model the bare stub, which it answered with prose (0 for every model), so those results are not reused.
+    he_dir = Path(args.work_dir) / f"humaneval{args.humaneval_rows}-v2"
     base_he = humaneval(None, args, he_dir / "base.json")
     rows, table, panels, targets = [], [], {}, {}
     for m in methods:

@@ -40,6 +40,10 @@ ALL_TASKS = GLUE_TASKS + INSTRUCTION_TASKS + EVAL_ONLY_TASKS
 HUB = "hub"  # what resolve_data returns when rows come from the Hugging Face hub
 # Codex / HumanEval stop sequences: a completion ends where the next top-level block begins.
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
+# A chat model answers in a fenced block that holds the whole function (see humaneval_prompt); it
+# ends at the fence or at top-level code that would run on import (tests, prints).
+HUMANEVAL_CHAT_STOPS = ("\n```", "\nif __name__", "\nprint(", "\nassert")
+HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 _HUB_GLUE_COLUMNS = {"rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
                      "mrpc": ("sentence1", "sentence2"), "sst2": ("sentence", None), "cola": ("sentence", None)}
 
@@ -213,10 +217,31 @@ class GlueTask(Task):
         return metrics, predictions
 
 
+class _StopOnStrings:
+    """Stops each row once its decoded continuation contains a stop string.
+
+    transformers' own ``stop_strings`` needs a tokenizer whose vocabulary it can map to text
+    (byte-level BPE, SentencePiece) and fails on WordPiece; decoding the continuation works with
+    any tokenizer, and costs little next to a forward pass at these lengths.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, tuple(stops), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        # input_ids: (batch, prompt_length + generated so far) -> (batch,) bool, True = this row is done
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
+
+
 def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                    batch_size: int) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded batches), decoded without the prompt."""
-    from transformers import GenerationConfig
+                    batch_size: int, stop_strings: Sequence[str] | None = None) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded batches), decoded without the prompt.
+
+    A row stops at EOS, after ``max_new_tokens``, or once its text contains one of ``stop_strings``
+    (which stays in the returned text: cut it with :func:`truncate_at_stops`).
+    """
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -232,7 +257,9 @@ def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_n
             seq = list(prompt_ids[i])
             ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, length - len(seq):] = 1
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+        stops = StoppingCriteriaList([_StopOnStrings(tokenizer, stop_strings, length)] if stop_strings else [])
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                                   stopping_criteria=stops)
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(generated[row, length:], skip_special_tokens=True)
     return out
@@ -319,6 +346,39 @@ def truncate_at_stops(text: str, stops: Sequence[str] = HUMANEVAL_STOPS) -> str:
     return text[:cut]
 
 
+def humaneval_prompt(code: str, tokenizer: Any) -> str:
+    """The text a model continues a HumanEval problem from.
+
+    Without a chat template: the problem's ``prompt`` itself, whose function body the model
+    writes (the Codex convention). With one (an instruction-tuned model answers a bare function
+    stub with prose): one user turn asking to complete the function, then the assistant's turn
+    opened with a code fence, in which the model writes the whole function (see
+    :func:`humaneval_completion`).
+
+    Args:
+        code: The HumanEval ``prompt`` (imports, signature and docstring).
+        tokenizer: A Hugging Face tokenizer.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return code
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(prompt=code)}],
+                                         tokenize=False, add_generation_prompt=True)
+    return turn + "```python\n"
+
+
+def humaneval_completion(generated: str, chat: bool) -> str:
+    """What follows the problem's ``prompt`` in the program run (``prompt + completion``).
+
+    Without chat: the generated body up to the first top-level stop (:data:`HUMANEVAL_STOPS`).
+    With chat: the fenced code up to its end (:data:`HUMANEVAL_CHAT_STOPS`), on a new line: it
+    redefines the function the prompt declared (a stub whose docstring is its whole body), so
+    the tests call the model's definition.
+    """
+    if not chat:
+        return truncate_at_stops(generated)
+    return "\n" + truncate_at_stops(generated, HUMANEVAL_CHAT_STOPS)
+
+
 class HumanEvalTask(Task):
     """HumanEval: greedy completions of each prompt, pass@1 of the tests run in a sandbox."""
 
@@ -343,10 +403,12 @@ class HumanEvalTask(Task):
         from .data.instruct import encode_prompts
         from .eval.sandbox import humaneval_pass_at_1
 
-        prompts = [p["prompt"] for p in rows]
+        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        prompts = [humaneval_prompt(p["prompt"], self.tokenizer) for p in rows]
         raw = generate_greedy(model, self.tokenizer, encode_prompts(prompts, self.tokenizer),
-                              self.config.max_new_tokens, self.config.eval_batch_size)
-        completions = [truncate_at_stops(c) for c in raw]
+                              self.config.max_new_tokens, self.config.eval_batch_size,
+                              stop_strings=HUMANEVAL_CHAT_STOPS if chat else HUMANEVAL_STOPS)
+        completions = [humaneval_completion(c, chat) for c in raw]
         score, results = humaneval_pass_at_1(list(rows), completions, timeout_s=self.config.sandbox_timeout_s,
                                              memory_mb=self.config.sandbox_memory_mb,
                                              workers=self.config.sandbox_workers)
@@ -366,5 +428,5 @@ def make_task(config: Any, data: Path | str) -> Task:
 
 
 __all__ = ["ALL_TASKS", "GLUE_TASKS", "HUB", "INSTRUCTION_TASKS", "GlueTask", "HumanEvalTask", "InstructionTask",
-           "SPECS", "Task", "TaskSpec", "generate_greedy", "make_task", "resolve_data", "task_spec",
+           "SPECS", "Task", "TaskSpec", "generate_greedy", "humaneval_completion", "humaneval_prompt", "make_task", "resolve_data", "task_spec",
            "truncate_at_stops"]

@@ -150,12 +150,17 @@ def test_bench_command_lists_runs_and_refuses(tmp_path, monkeypatch, capsys):
 def _benchmark_script(name):
     """A script of ``benchmarks/`` imported as a module."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, script)
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(folder))  # as when the script runs: it imports its neighbours (common)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 
@@ -179,3 +184,30 @@ def test_publish_inlines_result_tables_between_markers(tmp_path):
     assert new == "intro\n<!-- table:a -->\n| x |\n|---|\n| 1 |\n<!-- end:a -->\nmid\n<!-- table:b -->\nkeep\n<!-- end:b -->\n"
     assert missing == ["b"]
     assert publish.publish(new, tmp_path)[0] == new  # idempotent
+
+
+def test_convergence_mpnet_options_parse_and_refuse_tasks_not_run_on_mpnet():
+    import argparse
+
+    conv = _benchmark_script("convergence")
+    parser = argparse.ArgumentParser()
+    assert conv.parse_mpnet_seeds("2", ["sst2", "rte"], parser) == {"sst2": 2, "rte": 2}
+    assert conv.parse_mpnet_seeds("rte:3", ["sst2", "rte"], parser) == {"sst2": 1, "rte": 3}
+    assert conv.parse_mpnet_sweep("rte:3e-4,rte:1e-3", ["sst2", "rte"], parser) == {"rte": [3e-4, 1e-3]}
+    assert conv.parse_mpnet_sweep("", ["sst2"], parser) == {}
+    for bad in ("wnli:1e-3", "rte:fast"):
+        with pytest.raises(SystemExit):
+            conv.parse_mpnet_sweep(bad, ["sst2", "rte"], parser)
+
+
+def test_convergence_sweep_table_marks_the_best_lr_per_model():
+    conv = _benchmark_script("convergence")
+    sweep = [{"task": "rte", "model": "mpnet", "method": "adalora", "lr": 3e-3, "final_smoothed_loss": 0.5, "best": True},
+             {"task": "rte", "model": "mpnet", "method": "adalora", "lr": 1e-3, "final_smoothed_loss": 0.6, "best": False},
+             {"task": "rte", "model": "mpnet", "method": "hyperadalora", "lr": 1e-3, "final_smoothed_loss": 0.55,
+              "best": True},
+             {"task": "rte", "model": "minilm", "method": "adalora", "lr": 1e-5, "final_smoothed_loss": 0.7, "best": True}]
+    lines = conv.sweep_table(sweep, "mpnet", ["rte"])
+    assert lines[1] == "Learning-rate sweep (MPNet, seed 0): final smoothed training loss"
+    assert lines[3] == "| task | method | 0.001 | 0.003 |"
+    assert lines[5:] == ["| rte | adalora | 0.6000 | 0.5000 * |", "| rte | hyperadalora | 0.5500 * |  |"]

@@ -274,3 +274,35 @@ def test_dev_null_can_be_written_but_never_removed_or_replaced(program):
     result = run_program(program)
     assert not result.passed and "PermissionError" in result.detail, result.detail
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # still the character device
+
+
+def test_humaneval_prompt_asks_a_chat_model_for_a_fenced_function():
+    from test_instruct_data import make_tokenizer
+
+    from hyperadalora.tasks import humaneval_prompt
+
+    code = 'def add(a, b):\n    """a + b"""\n'
+    assert humaneval_prompt(code, make_tokenizer(chat=False)) == code  # Codex convention: continue the stub
+    assert humaneval_prompt(code, make_tokenizer(chat=True)) == (
+        "<user> Complete the following Python function.\n\n```python\n" + code + "``` <bot>```python\n")
+
+
+@pytest.mark.integration
+def test_a_chat_models_fenced_function_runs_against_the_real_tests():
+    from hyperadalora.tasks import humaneval_completion
+
+    if not HUMANEVAL.exists():
+        pytest.skip(f"HumanEval data not found at {HUMANEVAL} (set HYPERADALORA_DATA_DIR)")
+    first = read_humaneval(HUMANEVAL)[:3]
+    # What a chat model writes inside the fence: the whole function (imports and all), the fence, prose.
+    right = [p["prompt"] + p["canonical_solution"] + "\n```\nThis function checks the input.\n" for p in first]
+    score, results = humaneval_pass_at_1(first, [humaneval_completion(g, chat=True) for g in right])
+    assert score == 1.0, [r.detail for r in results if not r.passed]
+    # Top-level test code after the function is not run; a wrong function fails the real tests.
+    wrong = first[0]["prompt"] + "    return not True\n\nassert has_close_elements([], 1.0)\n```"
+    completion = humaneval_completion(wrong, chat=True)
+    assert "assert has_close" not in completion
+    score, results = humaneval_pass_at_1(first[:1], [completion])
+    assert score == 0.0 and "AssertionError" in results[0].detail
+    # Without chat the completion is the body, cut at the next top-level block.
+    assert humaneval_completion("    return 1\n\ndef other():\n", chat=False) == "    return 1\n"

@@ -310,3 +310,17 @@ def test_truncate_at_stops():
     assert truncate_at_stops("    return x\n\ndef other():\n    pass") == "    return x\n"
     assert truncate_at_stops("    return x\nprint(1)") == "    return x"
     assert truncate_at_stops("    return x") == "    return x"
+
+
+
+def test_generation_stops_a_row_once_its_continuation_holds_a_stop_string():
+    from test_instruct_data import ids, make_tokenizer
+
+    from hyperadalora.tasks import _StopOnStrings
+
+    tok = make_tokenizer()
+    prompt = ids("say", "hi")  # the stop word in the prompt must not count
+    rows = torch.tensor([prompt + ids("hello", "there", "x"), prompt + ids("hello", "y", "z")])
+    assert _StopOnStrings(tok, ["there"], len(prompt))(rows, None).tolist() == [True, False]
+    assert _StopOnStrings(tok, ["hi", "y"], len(prompt))(rows, None).tolist() == [False, True]
+    assert _StopOnStrings(tok, ["hi"], 0)(rows, None).tolist() == [True, True]
