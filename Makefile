@@ -47,6 +47,7 @@ bench: venv
 	$(BENCH) similarity
 	$(BENCH) beyond --data-dir $(DATA_DIR)
 	$(BENCH) beyond --data-dir $(DATA_DIR) --only reparam,sigmagrad,nocontext --seeds 3 --name beyond_seeds
+	$(BENCH) beyond --data-dir $(DATA_DIR) --only patch,scale1 --seeds 3 --name beyond_layouts_seeds
 	$(BENCH) beyond --data-dir $(DATA_DIR) --only h128 --seeds 3 --name beyond_h128
 	$(BENCH) beyond --data-dir $(DATA_DIR) --only h128 --lr 3e-3 --name beyond_h128_lr3e-3
 	$(BENCH) beyond --data-dir $(DATA_DIR) --model mpnet --only h128 --seeds 2 --name beyond_h128_mpnet
