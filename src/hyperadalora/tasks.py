@@ -428,5 +428,5 @@ def make_task(config: Any, data: Path | str) -> Task:
 
 
 __all__ = ["ALL_TASKS", "GLUE_TASKS", "HUB", "INSTRUCTION_TASKS", "GlueTask", "HumanEvalTask", "InstructionTask",
-           "SPECS", "Task", "TaskSpec", "generate_greedy", "humaneval_completion", "humaneval_prompt", "make_task", "resolve_data", "task_spec",
-           "truncate_at_stops"]
+           "SPECS", "Task", "TaskSpec", "generate_greedy", "humaneval_completion", "humaneval_prompt", "make_task",
+           "resolve_data", "task_spec", "truncate_at_stops"]
