@@ -30,7 +30,8 @@ from hyperadalora.bench.runner import run_specs  # noqa: E402
 
 
 def humaneval(run_dir: Path | None, args, cache: Path) -> dict | None:
-    """pass@1 of a run's adapter (``None``: the base model) on the first problems; cached."""
+    """pass@1 of a run's adapter (``None``: the base model) on the first problems; cached, with the
+    completions and their outcomes in ``<cache>.predictions.jsonl``."""
     import torch
 
     from hyperadalora.train.config import load_run_config
@@ -46,8 +47,8 @@ def humaneval(run_dir: Path | None, args, cache: Path) -> dict | None:
                  f"threads={args.threads}"] + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     config = (load_run(run_dir, overrides) if run_dir is not None
               else load_run_config("humaneval_smollm2", overrides))
-    result = evaluate_run(config, adapter_dir=run_dir / "adapter" if run_dir is not None else None)
-    cache.write_text(json.dumps(result))
+    # out=cache also keeps every completion and whether it passed, beside it (<key>.predictions.jsonl).
+    result = evaluate_run(config, adapter_dir=run_dir / "adapter" if run_dir is not None else None, out=cache)
     print(f"humaneval {run_dir.name if run_dir else 'base model'}: {result['metrics']}", file=sys.stderr, flush=True)
     return result
 
