@@ -147,23 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     sweep_specs = [spec(t, "minilm", m, lr, 0, tasks) for lr in lrs for t in tasks for m in METHODS
                    if (t, lr) not in skip]
     results = run(sweep_specs)
-    best = {}  # (task, model, method) -> lr
-    for t in tasks:
-        for m in METHODS:
-            curves = [results[s.key] for s in sweep_specs if s.key in results and s.tags["task"] == t
-                      and s.tags["method"] == m]
-            best[(t, "minilm", m)] = best[(t, "mpnet", m)] = best_lr(curves) if curves else None
+    minilm_best = best_lrs(sweep_specs, results)
+    # (task, model, method) -> lr; MPNet takes the MiniLM best lr unless it has a sweep of its own
+    best = {(t, model, m): minilm_best.get((t, "minilm", m)) for t in tasks for model in MODELS for m in METHODS}
     # 2. the MPNet sweep (seed 0): the MiniLM best lr and the listed ones
     mpnet_sweep_specs = [spec(t, "mpnet", m, lr, 0, tasks) for t, extra in mpnet_sweep.items() for m in METHODS
                          if best[(t, "minilm", m)] is not None
                          for lr in dict.fromkeys([best[(t, "minilm", m)], *extra])]
     results.update(run([s for s in mpnet_sweep_specs if s.key not in results]))
-    for t in mpnet_sweep:
-        for m in METHODS:
-            curves = [results[s.key] for s in mpnet_sweep_specs if s.key in results and s.tags["task"] == t
-                      and s.tags["method"] == m]
-            if curves:
-                best[(t, "mpnet", m)] = best_lr(curves)
+    best.update(best_lrs(mpnet_sweep_specs, results))
     # 3. seeds at the best lr and at the paper's lr; MPNet
     # Order: MPNet first, then seed by seed over tasks and methods, so that a run stopped early
     # holds whole (task, seed) pairs of both methods.
@@ -177,26 +169,31 @@ def main(argv: list[str] | None = None) -> int:
                 if s < paper_seeds and PAPER_LR in lrs and best[(t, "minilm", m)] != PAPER_LR:
                     more.append(spec(t, "minilm", m, PAPER_LR, s, tasks))
     results.update(run([s for s in more if s.key not in results]))
-    report(results, best, tasks, lrs, mpnet_sweep, name, args)
+    report(results, best, tasks, lrs, sweep_specs + mpnet_sweep_specs, mpnet_sweep, name, args)
     return 0
 
 
-def report(results: dict, best: dict, tasks: dict, lrs: list, mpnet_sweep: dict, name: str, args) -> None:
+def best_lrs(specs: list[RunSpec], results: dict) -> dict[tuple[str, str, str], float | None]:
+    """(task, model, method) -> the best lr (:func:`best_lr`) among the runs of ``specs`` that ran."""
+    groups: dict[tuple[str, str, str], list] = {}
+    for s in specs:
+        if s.key in results:
+            groups.setdefault((s.tags["task"], s.tags["model"], s.tags["method"]), []).append(results[s.key])
+    return {group: best_lr(curves) for group, curves in groups.items()}
+
+
+def report(results: dict, best: dict, tasks: dict, lrs: list, sweep_specs: list[RunSpec], mpnet_sweep: dict,
+           name: str, args) -> None:
     runs = list(results.values())
     lrs = sorted(lrs)
-    rows, table, sweep, panels, targets = [], [], [], {}, {}
+    rows, table, panels, targets = [], [], {}, {}
+    order = lambda s: (list(tasks).index(s.tags["task"]), list(MODELS).index(s.tags["model"]),  # noqa: E731
+                       list(METHODS).index(s.tags["method"]), s.tags["lr"])
+    sweep = [{"task": s.tags["task"], "model": s.tags["model"], "method": s.tags["method"], "lr": s.tags["lr"],
+              "final_smoothed_loss": r["final_smoothed"], "diverged": r["diverged"],
+              "best": best[(s.tags["task"], s.tags["model"], s.tags["method"])] == s.tags["lr"]}
+             for s in sorted(sweep_specs, key=order) if (r := results.get(s.key))]
     for t in tasks:
-        sweeps = {"minilm": lrs, "mpnet": [best[(t, "minilm", m)] for m in METHODS] + mpnet_sweep.get(t, [])}
-        for model, model_lrs in sweeps.items():
-            if model == "mpnet" and t not in mpnet_sweep:
-                continue
-            for m in METHODS:
-                for lr in sorted(set(x for x in model_lrs if x is not None)):
-                    r = results.get(f"{t}-{model}-{m}-lr{lr:g}-s0")
-                    if r:
-                        sweep.append({"task": t, "model": model, "method": m, "lr": lr,
-                                      "final_smoothed_loss": r["final_smoothed"], "diverged": r["diverged"],
-                                      "best": best[(t, model, m)] == lr})
         for model in ("minilm", "mpnet"):
             for setting in ("paper_lr", "own_best_lr"):
                 lr_of = {m: PAPER_LR if setting == "paper_lr" else best[(t, model, m)] for m in METHODS}
@@ -262,7 +259,8 @@ def report(results: dict, best: dict, tasks: dict, lrs: list, mpnet_sweep: dict,
                "total_rank": r["total_rank"]} for r in runs]
     config = {"tasks": tasks, "lrs": lrs, "base_config": BASE, "models": MODELS, "paper_lr": PAPER_LR,
               "seeds": args.seeds, "paper_seeds": args.paper_seeds, "mpnet_tasks": args.mpnet_tasks,
-              "mpnet_seeds": args.mpnet_seeds, "mpnet_sweep": args.mpnet_sweep, "workers": args.workers, "threads_per_run": args.threads,
+              "mpnet_seeds": args.mpnet_seeds, "mpnet_sweep": args.mpnet_sweep, "workers": args.workers,
+              "threads_per_run": args.threads,
               "skipped_sweep_cells": args.skip,
               "target_definition": "mean over AdaLoRA seeds of the smoothed (EMA 0.9, bias-corrected) training "
                                    "task loss at the last step, per task, model and lr setting"}

@@ -47,7 +47,6 @@ def humaneval(run_dir: Path | None, args, cache: Path) -> dict | None:
                  f"threads={args.threads}"] + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     config = (load_run(run_dir, overrides) if run_dir is not None
               else load_run_config("humaneval_smollm2", overrides))
-    # out=cache also keeps every completion and whether it passed, beside it (<key>.predictions.jsonl).
     result = evaluate_run(config, adapter_dir=run_dir / "adapter" if run_dir is not None else None, out=cache)
     print(f"humaneval {run_dir.name if run_dir else 'base model'}: {result['metrics']}", file=sys.stderr, flush=True)
     return result

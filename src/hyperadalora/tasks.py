@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .data.glue import DATA_DIR_ENV, GlueExample, read_glue, resolve_data_dir
+from .data.instruct import has_chat_template
 
 GLUE_TASKS = ("rte", "wnli", "sst2", "mrpc", "cola")
 INSTRUCTION_TASKS = ("alpaca", "gsm8k", "instruct")
@@ -359,7 +360,7 @@ def humaneval_prompt(code: str, tokenizer: Any) -> str:
         code: The HumanEval ``prompt`` (imports, signature and docstring).
         tokenizer: A Hugging Face tokenizer.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return code
     turn = tokenizer.apply_chat_template([{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(prompt=code)}],
                                          tokenize=False, add_generation_prompt=True)
@@ -403,7 +404,7 @@ class HumanEvalTask(Task):
         from .data.instruct import encode_prompts
         from .eval.sandbox import humaneval_pass_at_1
 
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
+        chat = has_chat_template(self.tokenizer)
         prompts = [humaneval_prompt(p["prompt"], self.tokenizer) for p in rows]
         raw = generate_greedy(model, self.tokenizer, encode_prompts(prompts, self.tokenizer),
                               self.config.max_new_tokens, self.config.eval_batch_size,

@@ -312,7 +312,6 @@ def test_truncate_at_stops():
     assert truncate_at_stops("    return x") == "    return x"
 
 
-
 def test_generation_stops_a_row_once_its_continuation_holds_a_stop_string():
     from test_instruct_data import ids, make_tokenizer
 

@@ -275,6 +275,11 @@ def _read_hub(source: str, split: str) -> list[InstructionExample]:
 # Prompts and features
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` carries a chat template (an instruction-tuned model's), which prompts then use."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def format_prompt(example: InstructionExample, tokenizer: Any) -> str:
     """The text a model generates the response after.
 
@@ -288,7 +293,7 @@ def format_prompt(example: InstructionExample, tokenizer: Any) -> str:
         (``### Instruction:``, ``### Input:`` when there is an input, ending in
         ``### Response:\\n``).
     """
-    if getattr(tokenizer, "chat_template", None):
+    if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template([{"role": "user", "content": example.prompt_text}],
                                              tokenize=False, add_generation_prompt=True)
     if example.has_input:
