@@ -6,7 +6,8 @@ Per pair the target is the direct method's smoothed training loss at its last st
 GSM8K exact match on the first ``--gsm8k-rows`` test problems and HumanEval pass@1 (greedy, run
 in the sandbox; the chat prompt of ``hyperadalora.tasks.humaneval_prompt``) on the first
 ``--humaneval-rows`` problems (all 164 at ``--humaneval-rows 164``, which costs several times the
-training on this CPU); the base model without adapter is the reference row. Writes ``results/generality.*``.
+training on this CPU; the evaluations run ``--workers`` at a time, like the training runs); the base model
+without adapter is the reference row. Writes ``results/generality.*``.
 
 Usage::
 
@@ -25,31 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nlg import METHOD_ADAPTERS, RESULTS, scale_args, smollm2_spec  # noqa: E402
 
 from hyperadalora.bench.curves import first_reach  # noqa: E402
+from hyperadalora.bench.humaneval import humaneval_many  # noqa: E402
 from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result  # noqa: E402
 from hyperadalora.bench.runner import run_specs  # noqa: E402
-
-
-def humaneval(run_dir: Path | None, args, cache: Path) -> dict | None:
-    """pass@1 of a run's adapter (``None``: the base model) on the first problems; cached, with the
-    completions and their outcomes in ``<cache>.predictions.jsonl``."""
-    import torch
-
-    from hyperadalora.train.config import load_run_config
-    from hyperadalora.train.loop import evaluate_run, load_run
-
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    if args.report_only:
-        return None
-    torch.set_num_threads(args.threads)
-    overrides = ["task=humaneval", f"eval_rows={args.humaneval_rows}", "max_new_tokens=256", "eval_batch_size=8",
-                 f"threads={args.threads}"] + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
-    config = (load_run(run_dir, overrides) if run_dir is not None
-              else load_run_config("humaneval_smollm2", overrides))
-    result = evaluate_run(config, adapter_dir=run_dir / "adapter" if run_dir is not None else None, out=cache)
-    print(f"humaneval {run_dir.name if run_dir else 'base model'}: {result['metrics']}", file=sys.stderr, flush=True)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     # "-v2": the chat prompt of hyperadalora.tasks.humaneval_prompt; the first protocol gave the instruct
     # model the bare stub, which it answered with prose (0 for every model), so those results are not reused.
     he_dir = Path(args.work_dir) / f"humaneval{args.humaneval_rows}-v2"
-    base_he = humaneval(None, args, he_dir / "base.json")
+    he_jobs = {"base": None} | {key: Path(r["run_dir"]) for key, r in results.items()
+                                if r.get("run_dir") and Path(r["run_dir"]).is_dir()}
+    he = humaneval_many(he_jobs, he_dir, args.humaneval_rows, args.data_dir, args.workers, args.threads,
+                        only_cached=args.report_only)
+    base_he = he.get("base")
     rows, table, panels, targets = [], [], {}, {}
     for m in methods:
         pair = [s for s in specs if s.tags["method"] in (m, "hyper" + m)]
@@ -85,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             r = results.get(s.key)
             if r is None:
                 continue
-            run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
-            he = humaneval(run_dir, args, he_dir / f"{s.key}.json") if run_dir and run_dir.is_dir() else None
             steps, secs = first_reach(r["losses"], r["step_times"], target) if target is not None else (None, None)
             em = (r["final_metrics"] or {}).get("exact_match")
-            pass1 = he["metrics"].get("pass@1") if he else None
+            pass1 = he[s.key]["metrics"].get("pass@1") if s.key in he else None
             rows.append({"method": s.tags["method"], "target_loss": target, "steps_to_target": steps,
                          "seconds_to_target": secs, "final_smoothed_loss": r["final_smoothed"],
                          "seconds_per_step": sum(r["step_times"]) / len(r["step_times"]),

@@ -13,7 +13,7 @@ from hyperadalora.bench.curves import best_lr, first_reach, mean_and_spread, mea
 from hyperadalora.bench.runner import RunSpec, config_differences, run_specs
 from hyperadalora.cli import main as cli_main
 
-from test_train_loop import tiny_bert_dir, write_rte
+from test_train_loop import read_jsonl, tiny_bert_dir, tiny_llama_dir, write_instruct, write_rte
 
 
 def ema(values, beta=0.9):
@@ -104,6 +104,46 @@ def test_kept_run_dir_is_rerun_when_it_was_removed(tiny, tmp_path):
     shutil.rmtree(tmp_path / "runs" / "kept")
     assert run_specs([spec], tmp_path, str(tiny["data"]), only_cached=True) == {}
     assert run_specs([spec], tmp_path, str(tiny["data"]))["kept"]["losses"] == res["losses"]  # same seed, same run
+
+
+def test_in_processes_runs_every_call_in_spawned_workers_and_keeps_the_indices():
+    import operator
+    import os
+
+    from hyperadalora.bench.runner import in_processes
+
+    calls = [(2, 3), (3, 2), (5, 0), (7, 1)]
+    assert dict(in_processes(operator.pow, calls, workers=2)) == {0: 8, 1: 9, 2: 1, 3: 7}
+    assert list(in_processes(operator.pow, calls, workers=1)) == [(0, 8), (1, 9), (2, 1), (3, 7)]  # in order
+    pids = {pid for _, pid in in_processes(os.getpid, [()] * 4, workers=2)}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert list(in_processes(os.getpid, [()], workers=1)) == [(0, os.getpid())]
+
+
+def test_humaneval_many_scores_a_kept_run_like_evaluate_run_and_caches_it(tmp_path):
+    from hyperadalora.bench.humaneval import HUMANEVAL_OVERRIDES, humaneval_many
+    from hyperadalora.train.config import load_run_config
+    from hyperadalora.train.loop import evaluate_run, load_run, train
+
+    data = write_instruct(tmp_path / "data")
+    cfg = load_run_config("gsm8k_smollm2_adalora", [
+        f"model={tiny_llama_dir(tmp_path)}", f"data_dir={data}", f"output_dir={tmp_path}", "run_name=run",
+        "steps=2", "batch_size=2", "max_length=64", "eval_every=0", "eval_rows=1", "max_new_tokens=2",
+        "progress=false", "adapter.target_modules=[q_proj,v_proj]"])
+    run_dir = train(cfg).run_dir
+    cache = tmp_path / "he"
+    got = humaneval_many({"run": run_dir}, cache, rows=2, data_dir=str(data), threads=None)["run"]
+    # The same evaluation written out by hand: the run's config with the benchmark's HumanEval settings.
+    ref = evaluate_run(load_run(run_dir, [*HUMANEVAL_OVERRIDES, "eval_rows=2", f"data_dir={data}"]),
+                       adapter_dir=run_dir / "adapter", out=tmp_path / "ref.json")
+    assert got["num_examples"] == 2 and got["metrics"]["pass@1"] == ref["metrics"]["pass@1"]
+    assert got["adapter"] == str(run_dir / "adapter")
+    completions = [p["completion"] for p in read_jsonl(cache / "run.predictions.jsonl")]
+    assert completions == [p["completion"] for p in read_jsonl(tmp_path / "ref.predictions.jsonl")]
+    # Cached: not evaluated again; a job without a result is skipped when only reading the cache.
+    stamp = (cache / "run.json").stat().st_mtime_ns
+    again = humaneval_many({"run": run_dir, "other": run_dir}, cache, rows=2, data_dir=None, only_cached=True)
+    assert set(again) == {"run"} and again["run"] == got and (cache / "run.json").stat().st_mtime_ns == stamp
 
 
 def test_config_differences_by_hand():

@@ -4,6 +4,8 @@
   a target, best learning rate, mean and spread over seeds.
 * :mod:`.runner`: :class:`RunSpec` (one training run of the real loop), cached and run in
   parallel worker processes, so that a stopped benchmark resumes where it stopped.
+* :mod:`.humaneval`: HumanEval pass@1 of kept runs' adapters, cached and spread over the same
+  worker processes.
 * :mod:`.report`: machine / version records, markdown tables, result files and plots.
 """
 

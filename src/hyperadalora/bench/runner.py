@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..checkpoint import _write_json
@@ -193,16 +194,30 @@ def run_specs(specs: list[RunSpec], cache_dir: str | Path, data_dir: str | None,
               f"{'n/a' if fs is None else f'{fs:.4f}'}, {shown}, {res['seconds']:.0f} s", file=sys.stderr,
               flush=True)
 
+    calls = [(s, str(cache_dir), data_dir, threads) for s in todo]
+    for i, (_, res) in enumerate(in_processes(run_one, calls, workers), 1):
+        results[res["key"]] = res
+        report(i, res)
+    return results
+
+
+def in_processes(fn: Callable, calls: list[tuple], workers: int = 1) -> Iterator[tuple[int, Any]]:
+    """Calls ``fn(*call)`` for every call, ``workers`` spawned processes at a time.
+
+    Args:
+        fn: A module-level function (it is pickled by name into the workers).
+        calls: The argument tuples, in the order to start them.
+        workers: Processes at a time; ``<= 1`` runs every call in this process, in order.
+
+    Yields:
+        ``(index into calls, result)`` as each call finishes.
+    """
     if workers <= 1:
-        for i, spec in enumerate(todo, 1):
-            results[spec.key] = run_one(spec, cache_dir, data_dir, threads)
-            report(i, results[spec.key])
-        return results
+        for i, call in enumerate(calls):
+            yield i, fn(*call)
+        return
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(run_one, s, str(cache_dir), data_dir, threads): s for s in todo}
-        for i, fut in enumerate(as_completed(futures), 1):
-            res = fut.result()
-            results[res["key"]] = res
-            report(i, res)
-    return results
+        futures = {pool.submit(fn, *call): i for i, call in enumerate(calls)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
