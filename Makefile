@@ -53,6 +53,7 @@ bench: venv
 	$(BENCH) beyond --data-dir $(DATA_DIR) --model mpnet --only h128 --seeds 2 --name beyond_h128_mpnet
 	$(BENCH) nlg --data-dir $(DATA_DIR)
 	$(BENCH) nlg --data-dir $(DATA_DIR) --tasks alpaca --steps 100 --batch-size 4 --eval-rows 64 --name nlg_alpaca_scaled
+	$(BENCH) nlg --data-dir $(DATA_DIR) --tasks gsm8k --steps 100 --batch-size 4 --eval-rows 32 --lr 3e-3 --name nlg_gsm8k_scaled_lr3e-3
 	$(BENCH) generality --data-dir $(DATA_DIR)
 	$(BENCH) generality --data-dir $(DATA_DIR) --methods lora,adalora --humaneval-rows 164 --name generality_humaneval164
 	$(BENCH) generality --data-dir $(DATA_DIR) --steps 100 --batch-size 4 --gsm8k-rows 32 --name generality_scaled
