@@ -43,14 +43,13 @@ def humaneval_pass1(run_dir: str | Path | None, cache: str | Path, rows: int, da
     overrides = [*HUMANEVAL_OVERRIDES, f"eval_rows={rows}"]
     overrides += [f"threads={threads}"] if threads is not None else []  # evaluate_run sets them
     overrides += [f"data_dir={data_dir}"] if data_dir else []
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        config = load_run(run_dir, overrides)
+    if run_dir is None:
+        config, adapter_dir, label = load_run_config("humaneval_smollm2", overrides), None, "base model"
     else:
-        config = load_run_config("humaneval_smollm2", overrides)
-    result = evaluate_run(config, adapter_dir=run_dir / "adapter" if run_dir is not None else None, out=cache)
-    print(f"humaneval {run_dir.name if run_dir else 'base model'}: {result['metrics']}", file=sys.stderr,
-          flush=True)
+        run_dir = Path(run_dir)
+        config, adapter_dir, label = load_run(run_dir, overrides), run_dir / "adapter", run_dir.name
+    result = evaluate_run(config, adapter_dir=adapter_dir, out=cache)
+    print(f"humaneval {label}: {result['metrics']}", file=sys.stderr, flush=True)
     return result
 
 
