@@ -38,7 +38,7 @@ BENCH := $(VENV)/bin/hyperadalora bench
 # The commands behind BENCHMARKS.md (hours on 2 cores; runs are cached under runs/bench/).
 GOAL_VARIANTS := adalora,hyper_adalora,hyper_adalora+lam_hidden=64,hyper_adalora+checkpointing=True,hyper_adalora+hidden=312,hyper_adalora_mlp_rank
 bench: venv
-	$(BENCH) convergence --data-dir $(DATA_DIR) --lrs 1e-5,1e-4,1e-3,3e-3,3e-4 --mpnet-tasks sst2,rte,wnli --mpnet-sweep sst2:1e-5,rte:3e-4,rte:1e-3,rte:1e-5 --mpnet-seeds sst2:3,rte:3,wnli:3 --paper-seeds 3
+	$(BENCH) convergence --data-dir $(DATA_DIR) --lrs 1e-5,1e-4,1e-3,3e-3,3e-4 --mpnet-tasks sst2,rte,wnli --mpnet-sweep sst2:1e-5,rte:3e-4,rte:1e-3,rte:1e-5 --mpnet-seeds sst2:3,rte:3,wnli:3 --mpnet-paper-seeds 3 --paper-seeds 3
 	$(BENCH) cost_per_step
 	$(BENCH) step_cost --variants $(GOAL_VARIANTS) --steps 15 --name step_cost_goal_b16
 	$(BENCH) step_cost --variants $(GOAL_VARIANTS) --steps 6 --accumulate 4 --memory-batch-size 64 --name step_cost_goal_b64
@@ -57,7 +57,7 @@ bench: venv
 	$(BENCH) generality --data-dir $(DATA_DIR)
 	$(BENCH) generality --data-dir $(DATA_DIR) --methods lora,adalora --humaneval-rows 164 --name generality_humaneval164
 	$(BENCH) generality --data-dir $(DATA_DIR) --steps 100 --batch-size 4 --gsm8k-rows 32 --name generality_scaled
-	$(BENCH) generality --data-dir $(DATA_DIR) --methods adalora --steps 100 --batch-size 4 --gsm8k-rows 32 --humaneval-rows 164 --name generality_scaled_humaneval164
+	$(BENCH) generality --data-dir $(DATA_DIR) --methods dora,adalora --steps 100 --batch-size 4 --gsm8k-rows 32 --humaneval-rows 164 --name generality_scaled_humaneval164 --workers 2
 
 # Reduced experiments 1 and 4 (about 5-10 minutes on 2 cores).
 bench-quick: venv

@@ -10,7 +10,8 @@ Protocol (CPU scale; the reasons are in BENCHMARKS.md):
    A method's *best lr* is the one with the lowest smoothed training loss at the last step
    (chosen on the training loss, never on dev).
 2. Seeds: both methods at their own best lr with ``--seeds`` seeds; at the paper's lr (1e-5)
-   with ``--paper-seeds`` seeds (seed 0 of both comes from the sweep).
+   with ``--paper-seeds`` seeds (seed 0 of both comes from the sweep); on MPNet with
+   ``--mpnet-paper-seeds`` seeds.
 3. MPNet: ``--mpnet-seeds`` seeds on ``--mpnet-tasks``, at the MiniLM best lr of each method and
    task (one MPNet step costs about four MiniLM steps) or, for the tasks ``--mpnet-sweep`` names,
    at the MPNet best lr among seed-0 runs at the MiniLM best lr and the lrs it lists.
@@ -77,18 +78,19 @@ def spec(task: str, model: str, method: str, lr: float, seed: int, tasks: dict, 
                    tags={"task": task, "model": model, "method": method, "lr": lr, "seed": seed})
 
 
-def parse_mpnet_seeds(text: str, mpnet_tasks: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
-    """``"2"`` -> 2 seeds on every MPNet task; ``"sst2:3,rte:1"`` -> per task (a task left out: 1)."""
+def parse_mpnet_seeds(text: str, mpnet_tasks: list[str], parser: argparse.ArgumentParser,
+                      option: str = "--mpnet-seeds", left_out: int = 1) -> dict[str, int]:
+    """``"2"`` -> 2 seeds on every MPNet task; ``"sst2:3,rte:1"`` -> per task (a task left out: ``left_out``)."""
     try:
         if ":" not in text:
             return {t: int(text) for t in mpnet_tasks}
         given = {t: int(n) for t, _, n in (x.partition(":") for x in text.split(",") if x)}
     except ValueError:
-        parser.error(f"--mpnet-seeds {text!r}: give a number or task:number pairs such as sst2:3,rte:1")
+        parser.error(f"{option} {text!r}: give a number or task:number pairs such as sst2:3,rte:1")
     unknown = sorted(set(given) - set(mpnet_tasks))
     if unknown:
-        parser.error(f"--mpnet-seeds names {unknown}, which are not among --mpnet-tasks {mpnet_tasks}")
-    return {t: given.get(t, 1) for t in mpnet_tasks}
+        parser.error(f"{option} names {unknown}, which are not among --mpnet-tasks {mpnet_tasks}")
+    return {t: given.get(t, left_out) for t in mpnet_tasks}
 
 
 def parse_mpnet_sweep(text: str, mpnet_tasks: list[str], parser: argparse.ArgumentParser) -> dict[str, list[float]]:
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpnet-tasks", default="sst2,rte", help="tasks also run on MPNet ('' for none)")
     p.add_argument("--mpnet-seeds", default="1", help="seeds on MPNet: one number for every MPNet task, or per "
                    "task as task:n pairs (e.g. sst2:3,rte:1,wnli:1)")
+    p.add_argument("--mpnet-paper-seeds", default="0", help="seeds on MPNet at the paper's lr 1e-5, as for "
+                   "--mpnet-seeds (a task left out: 0); seed 0 comes from --mpnet-sweep where it lists 1e-5")
     p.add_argument("--mpnet-sweep", default="", help="lrs also swept on MPNet (seed 0), as task:lr pairs (e.g. "
                    "rte:3e-4,rte:1e-3); those tasks' MPNet seeds then run at the MPNet best lr")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one process each)")
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds, paper_seeds = (1, 1) if args.quick else (args.seeds, args.paper_seeds)
     mpnet_tasks = [] if args.quick else [t for t in args.mpnet_tasks.split(",") if t and t in tasks]
     mpnet_seeds = parse_mpnet_seeds(args.mpnet_seeds, mpnet_tasks, p)
+    mpnet_paper_seeds = parse_mpnet_seeds(args.mpnet_paper_seeds, mpnet_tasks, p, "--mpnet-paper-seeds", 0)
     mpnet_sweep = parse_mpnet_sweep(args.mpnet_sweep, mpnet_tasks, p)
     # "convergence_quick" is convergence_quick.py's result: the quick run of this script gets its own name.
     name = args.name + ("_bench_quick" if args.quick and args.name == "convergence" else "")
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # holds whole (task, seed) pairs of both methods.
     more = [spec(t, "mpnet", m, best[(t, "mpnet", m)], s, tasks) for s in range(max(mpnet_seeds.values(), default=0))
             for t in mpnet_tasks for m in METHODS if s < mpnet_seeds[t] and best[(t, "mpnet", m)] is not None]
+    more += mpnet_paper_specs(mpnet_paper_seeds, best, tasks)
     for s in range(1, max(seeds, paper_seeds)):
         for t in tasks:
             for m in METHODS:
@@ -171,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     results.update(run([s for s in more if s.key not in results]))
     report(results, best, tasks, lrs, sweep_specs + mpnet_sweep_specs, mpnet_sweep, name, args)
     return 0
+
+
+def mpnet_paper_specs(seeds: dict[str, int], best: dict, tasks: dict) -> list[RunSpec]:
+    """MPNet runs at the paper's lr: ``seeds[task]`` seeds of each method, seed by seed.
+
+    A method whose MPNet best lr is the paper's gets none: its seed runs at the best lr are these.
+    """
+    return [spec(t, "mpnet", m, PAPER_LR, s, tasks) for s in range(max(seeds.values(), default=0))
+            for t in seeds for m in METHODS if s < seeds[t] and best[(t, "mpnet", m)] != PAPER_LR]
 
 
 def best_lrs(specs: list[RunSpec], results: dict) -> dict[tuple[str, str, str], float | None]:
@@ -259,7 +274,8 @@ def report(results: dict, best: dict, tasks: dict, lrs: list, sweep_specs: list[
                "total_rank": r["total_rank"]} for r in runs]
     config = {"tasks": tasks, "lrs": lrs, "base_config": BASE, "models": MODELS, "paper_lr": PAPER_LR,
               "seeds": args.seeds, "paper_seeds": args.paper_seeds, "mpnet_tasks": args.mpnet_tasks,
-              "mpnet_seeds": args.mpnet_seeds, "mpnet_sweep": args.mpnet_sweep, "workers": args.workers,
+              "mpnet_seeds": args.mpnet_seeds,
+              "mpnet_paper_seeds": args.mpnet_paper_seeds, "mpnet_sweep": args.mpnet_sweep, "workers": args.workers,
               "threads_per_run": args.threads,
               "skipped_sweep_cells": args.skip,
               "target_definition": "mean over AdaLoRA seeds of the smoothed (EMA 0.9, bias-corrected) training "

@@ -233,11 +233,27 @@ def test_convergence_mpnet_options_parse_and_refuse_tasks_not_run_on_mpnet():
     parser = argparse.ArgumentParser()
     assert conv.parse_mpnet_seeds("2", ["sst2", "rte"], parser) == {"sst2": 2, "rte": 2}
     assert conv.parse_mpnet_seeds("rte:3", ["sst2", "rte"], parser) == {"sst2": 1, "rte": 3}
+    assert conv.parse_mpnet_seeds("rte:3", ["sst2", "rte"], parser, "--mpnet-paper-seeds", 0) == {"sst2": 0, "rte": 3}
+    with pytest.raises(SystemExit):
+        conv.parse_mpnet_seeds("wnli:2", ["sst2", "rte"], parser, "--mpnet-paper-seeds", 0)
     assert conv.parse_mpnet_sweep("rte:3e-4,rte:1e-3", ["sst2", "rte"], parser) == {"rte": [3e-4, 1e-3]}
     assert conv.parse_mpnet_sweep("", ["sst2"], parser) == {}
     for bad in ("wnli:1e-3", "rte:fast"):
         with pytest.raises(SystemExit):
             conv.parse_mpnet_sweep(bad, ["sst2", "rte"], parser)
+
+
+def test_convergence_mpnet_paper_specs_run_each_method_at_1e5_unless_that_is_its_best_lr():
+    conv = _benchmark_script("convergence")
+    best = {("sst2", "mpnet", "adalora"): 1e-3, ("sst2", "mpnet", "hyperadalora"): 1e-5,
+            ("wnli", "mpnet", "adalora"): 3e-3, ("wnli", "mpnet", "hyperadalora"): 3e-3}
+    specs = conv.mpnet_paper_specs({"sst2": 2, "wnli": 1}, best, conv.TASKS)
+    # seed by seed; HyperAdaLoRA on SST-2 already runs its seeds at 1e-5 as its best lr
+    assert [s.key for s in specs] == ["sst2-mpnet-adalora-lr1e-05-s0", "wnli-mpnet-adalora-lr1e-05-s0",
+                                      "wnli-mpnet-hyperadalora-lr1e-05-s0", "sst2-mpnet-adalora-lr1e-05-s1"]
+    assert {s.overrides["lr"] for s in specs} == {conv.PAPER_LR}
+    assert specs[1].overrides["steps"] == conv.TASKS["wnli"]["steps"]
+    assert conv.mpnet_paper_specs({"sst2": 0}, best, conv.TASKS) == []
 
 
 def test_convergence_sweep_table_marks_the_best_lr_per_model():
