@@ -274,9 +274,8 @@ def report(results: dict, best: dict, tasks: dict, lrs: list, sweep_specs: list[
                "total_rank": r["total_rank"]} for r in runs]
     config = {"tasks": tasks, "lrs": lrs, "base_config": BASE, "models": MODELS, "paper_lr": PAPER_LR,
               "seeds": args.seeds, "paper_seeds": args.paper_seeds, "mpnet_tasks": args.mpnet_tasks,
-              "mpnet_seeds": args.mpnet_seeds,
-              "mpnet_paper_seeds": args.mpnet_paper_seeds, "mpnet_sweep": args.mpnet_sweep, "workers": args.workers,
-              "threads_per_run": args.threads,
+              "mpnet_seeds": args.mpnet_seeds, "mpnet_paper_seeds": args.mpnet_paper_seeds,
+              "mpnet_sweep": args.mpnet_sweep, "workers": args.workers, "threads_per_run": args.threads,
               "skipped_sweep_cells": args.skip,
               "target_definition": "mean over AdaLoRA seeds of the smoothed (EMA 0.9, bias-corrected) training "
                                    "task loss at the last step, per task, model and lr setting"}
