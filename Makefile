@@ -58,6 +58,7 @@ bench: venv
 	$(BENCH) generality --data-dir $(DATA_DIR) --methods lora,adalora --humaneval-rows 164 --name generality_humaneval164
 	$(BENCH) generality --data-dir $(DATA_DIR) --steps 100 --batch-size 4 --gsm8k-rows 32 --name generality_scaled
 	$(BENCH) generality --data-dir $(DATA_DIR) --methods dora,adalora --steps 100 --batch-size 4 --gsm8k-rows 32 --humaneval-rows 164 --name generality_scaled_humaneval164 --workers 2
+	$(BENCH) generality --data-dir $(DATA_DIR) --methods lora,dylora --steps 100 --batch-size 4 --gsm8k-rows 32 --humaneval-rows 164 --name generality_scaled_humaneval164_lora_dylora --workers 2
 
 # Reduced experiments 1 and 4 (about 5-10 minutes on 2 cores).
 bench-quick: venv
