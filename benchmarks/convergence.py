@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 
 from common import PAPER_HIDDEN, RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.curves import best_lr, first_reach, mean_or_none
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. seeds at the best lr and at the paper's lr; MPNet
     # Order: MPNet first, then seed by seed over tasks and methods, so that a run stopped early
     # holds whole (task, seed) pairs of both methods.
-    more = [spec(t, "mpnet", m, best[(t, "mpnet", m)], s, tasks) for s in range(max(mpnet_seeds.values(), default=0))
-            for t in mpnet_tasks for m in METHODS if s < mpnet_seeds[t] and best[(t, "mpnet", m)] is not None]
+    more = mpnet_seed_specs(mpnet_seeds, lambda t, m: best[(t, "mpnet", m)], tasks)
     more += mpnet_paper_specs(mpnet_paper_seeds, best, tasks)
     for s in range(1, max(seeds, paper_seeds)):
         for t in tasks:
@@ -179,13 +179,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def mpnet_seed_specs(seeds: dict[str, int], lr_for: Callable[[str, str], float | None],
+                     tasks: dict) -> list[RunSpec]:
+    """MPNet runs seed by seed: ``seeds[task]`` seeds of each method at ``lr_for(task, method)``.
+
+    Seed-major order, so that a run stopped early holds whole (task, seed) pairs of both methods;
+    a method whose ``lr_for`` is ``None`` gets no runs on that task.
+    """
+    lrs = {(t, m): lr_for(t, m) for t in seeds for m in METHODS}
+    return [spec(t, "mpnet", m, lrs[(t, m)], s, tasks) for s in range(max(seeds.values(), default=0))
+            for t in seeds for m in METHODS if s < seeds[t] and lrs[(t, m)] is not None]
+
+
 def mpnet_paper_specs(seeds: dict[str, int], best: dict, tasks: dict) -> list[RunSpec]:
     """MPNet runs at the paper's lr: ``seeds[task]`` seeds of each method, seed by seed.
 
     A method whose MPNet best lr is the paper's gets none: its seed runs at the best lr are these.
     """
-    return [spec(t, "mpnet", m, PAPER_LR, s, tasks) for s in range(max(seeds.values(), default=0))
-            for t in seeds for m in METHODS if s < seeds[t] and best[(t, "mpnet", m)] != PAPER_LR]
+    return mpnet_seed_specs(seeds, lambda t, m: None if best[(t, "mpnet", m)] == PAPER_LR else PAPER_LR, tasks)
 
 
 def best_lrs(specs: list[RunSpec], results: dict) -> dict[tuple[str, str, str], float | None]:
