@@ -19,63 +19,23 @@ Training checkpoints (``hyperadalora.train.resume``) are such folders.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import AdapterConfig
+from .fileio import CorruptCheckpointError, verify_checkpoint, write_json, write_manifest, write_tensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ALLOC_TENSORS_NAME = "allocator_state.safetensors"
 ALLOC_META_NAME = "allocator_state.json"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Writes through ``write(tmp)`` into a temporary file, fsyncs it, and renames it over ``path``.
-
-    Refuses to replace anything but a regular file: renaming over ``/dev/null`` (a user's
-    ``--out /dev/null``) would replace the device node for the whole machine.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path} exists and is not a regular file (a device, folder or pipe); refusing to "
-                         "replace it: give the path of a file")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json(path: Path, data: Any, *, sort_keys: bool = True, default=None) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=sort_keys, default=default)
-            fh.write("\n")
-
-    _atomic_write(path, write)
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
@@ -113,12 +73,12 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
 
     modules = {name: {"in_features": layer.in_features, "out_features": layer.out_features, "r": layer.r}
                for name, layer in model.adapted_layers.items()}
-    _write_tensors(path / WEIGHTS_NAME, adapter_state_dict(model))
+    write_tensors(path / WEIGHTS_NAME, adapter_state_dict(model))
     if model.allocator is not None:
-        _write_tensors(path / ALLOC_TENSORS_NAME, model.allocator.state_dict())
-        _write_json(path / ALLOC_META_NAME, model.allocator.meta_dict())
+        write_tensors(path / ALLOC_TENSORS_NAME, model.allocator.state_dict())
+        write_json(path / ALLOC_META_NAME, model.allocator.meta_dict())
     # The config goes last: a directory with a config is a complete adapter.
-    _write_json(path / CONFIG_NAME, {
+    write_json(path / CONFIG_NAME, {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "base_model_class": type(model.model).__name__,
@@ -205,137 +165,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike):
     return wrapped
 
 
-# -- manifests: checksums of a folder's files ---------------------------------------------------
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint folder is incomplete or damaged (a file is missing, extra, truncated or altered).
-
-    The message names the file and says what to do. Raised by :func:`verify_checkpoint`; a
-    resumed run skips such a checkpoint and uses the previous good one.
-
-    Attributes:
-        path: The offending file (or the folder's ``manifest.json``).
-        checkpoint: The checkpoint folder.
-    """
-
-    def __init__(self, message: str, path: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
-        super().__init__(message)
-        self.path = Path(path)
-        self.checkpoint = Path(checkpoint)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _folder_files(directory: Path) -> list[str]:
-    """Relative POSIX paths of every file below ``directory`` except the manifest, sorted."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if not p.is_dir() and p.relative_to(directory).as_posix() != MANIFEST_NAME)
-
-
-def write_manifest(directory: str | os.PathLike, **extra: Any) -> dict:
-    """Writes ``directory/manifest.json``: the size and SHA-256 of every file in the folder.
-
-    Call it after every other file is complete: the checksums are computed from the files as
-    they are on disk, and a folder whose manifest is missing counts as incomplete.
-
-    Args:
-        directory: The folder (its files are listed recursively, by relative POSIX path).
-        **extra: JSON values stored next to ``files`` (e.g. ``step=100``).
-
-    Returns:
-        The manifest written: ``{"format_version", **extra, "files": {name: {"size", "sha256"}}}``.
-    """
-    directory = Path(directory)
-    files = {name: {"size": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
-             for name in _folder_files(directory)}
-    manifest = {"format_version": MANIFEST_VERSION, **extra, "files": files}
-    _write_json(directory / MANIFEST_NAME, manifest)
-    return manifest
-
-
-def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Checks every file of a folder against its ``manifest.json``.
-
-    Args:
-        directory: A folder written with :func:`write_manifest` (e.g. a training checkpoint
-            ``RUN_DIR/checkpoints/step-<N>``).
-
-    Returns:
-        The manifest.
-
-    Raises:
-        CorruptCheckpointError: The manifest is missing or unreadable (the folder was still being
-            written), or a file is missing, not listed, of another size (truncated) or of another
-            checksum; the message names the file.
-    """
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST_NAME
-    advice = (f"delete {directory} (a resumed run falls back to the previous good checkpoint "
-              "by itself)")
-    if not manifest_path.is_file():
-        raise CorruptCheckpointError(f"incomplete checkpoint: {manifest_path} is missing (the checkpoint was still "
-                                     f"being written when the run stopped); {advice}", manifest_path, directory)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict) or manifest.get("format_version") != MANIFEST_VERSION:
-            raise ValueError("unexpected layout")
-        sizes = {name: int(entry["size"]) for name, entry in files.items()}
-        sums = {name: str(entry["sha256"]) for name, entry in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptCheckpointError(f"corrupt checkpoint: {manifest_path} is not a valid manifest ({exc}); {advice}",
-                                     manifest_path, directory) from exc
-    present = _folder_files(directory)
-    extra = sorted(set(present) - set(files))
-    if extra:
-        raise CorruptCheckpointError(f"corrupt checkpoint: {directory / extra[0]} is not listed in {manifest_path}; "
-                                     f"{advice}", directory / extra[0], directory)
-    for name in sorted(files):
-        path = directory / name
-        if not path.is_file():
-            raise CorruptCheckpointError(f"corrupt checkpoint: {path} is missing (listed in {manifest_path}); {advice}",
-                                         path, directory)
-        size = path.stat().st_size
-        if size != sizes[name]:
-            what = "truncated" if size < sizes[name] else "longer than written"
-            raise CorruptCheckpointError(f"corrupt checkpoint: {path} is {what} ({size} bytes, the manifest says "
-                                         f"{sizes[name]}); {advice}", path, directory)
-        if file_sha256(path) != sums[name]:
-            raise CorruptCheckpointError(f"corrupt checkpoint: {path} does not match its SHA-256 in {manifest_path} "
-                                         f"(the file was altered or damaged on disk); {advice}", path, directory)
-    return manifest
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes a folder's entries (renames, new files) durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swaps the complete folder ``tmp`` in as ``target`` (the old ``target`` is removed after)."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    _fsync_dir(tmp)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    _fsync_dir(target.parent)
-    if old.exists():
-        shutil.rmtree(old)
+__all__ = ["CorruptCheckpointError", "load_adapter", "load_adapter_weights", "read_adapter_config", "save_adapter",
+           "verify_checkpoint", "write_manifest"]

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _write_json, _write_tensors
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .fileio import write_json, write_tensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -250,6 +251,6 @@ def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_
     }
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    _write_tensors(path / WEIGHTS_NAME, tensors)
-    _write_json(path / CONFIG_NAME, config)  # last: a directory with a config is a complete adapter
+    write_tensors(path / WEIGHTS_NAME, tensors)
+    write_json(path / CONFIG_NAME, config)  # last: a directory with a config is a complete adapter
     return path

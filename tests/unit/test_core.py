@@ -271,15 +271,15 @@ def test_config_json_round_trip(tmp_path):
 
 
 def test_atomic_writes_refuse_to_replace_a_device_or_folder(tmp_path):
-    from hyperadalora.checkpoint import _write_json
+    from hyperadalora.fileio import write_json
 
     with pytest.raises(ValueError, match="not a regular file"):
-        _write_json(tmp_path, {"a": 1})  # a folder
+        write_json(tmp_path, {"a": 1})  # a folder
     import os
     import stat
 
     with pytest.raises(ValueError, match="not a regular file"):
-        _write_json(Path("/dev/null"), {"a": 1})
+        write_json(Path("/dev/null"), {"a": 1})
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
-    _write_json(tmp_path / "ok.json", {"a": 1})
+    write_json(tmp_path / "ok.json", {"a": 1})
     assert (tmp_path / "ok.json").read_text().strip().startswith("{")

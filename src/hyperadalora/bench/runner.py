@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import _write_json
+from ..fileio import write_json
 from .curves import smoothed_final
 
 
@@ -91,7 +91,7 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
         out["final_smoothed"] = None
     if not spec.keep_run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
-    _write_json(cache_dir / f"{spec.key}.json", out)
+    write_json(cache_dir / f"{spec.key}.json", out)
     return out
 
 

@@ -1,6 +1,6 @@
 """Training runs: the run config, the loop, the schedule, plots (``hyperadalora train``)."""
 
-from ..checkpoint import CorruptCheckpointError, verify_checkpoint
+from ..fileio import CorruptCheckpointError, verify_checkpoint
 from .config import RunConfig, fields_help, list_presets, load_run_config
 from .loop import NonFiniteLossError, RunResult, evaluate_run, load_run, load_trained, train
 from .schedule import make_scheduler, warmup_cosine

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from ..adapted_model import AdaptedModel, wrap
-from ..checkpoint import _atomic_write, _replace_dir
-from ..checkpoint import _write_json as _write_json_file
+from ..fileio import atomic_write, replace_dir
+from ..fileio import write_json as write_json_file
 from ..tasks import HUB, Task, make_task, resolve_data, task_spec
 from .config import RunConfig
 from .resume import (CHECKPOINTS_DIR, check_resume_config, checkpoint_dirs, data_fingerprint,
@@ -183,12 +183,12 @@ def evaluate_rows(task: Task, model: AdaptedModel | torch.nn.Module, rows) -> tu
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _write_json_file(Path(path), data, sort_keys=False, default=str)
+    write_json_file(Path(path), data, sort_keys=False, default=str)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(model: AdaptedModel, run_dir: Path) -> None:
@@ -197,7 +197,7 @@ def save_checkpoint(model: AdaptedModel, run_dir: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_adapter(str(tmp))
-    _replace_dir(tmp, run_dir / "adapter")
+    replace_dir(tmp, run_dir / "adapter")
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -307,7 +307,7 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
         run_dir = make_run_dir(config)
         config = config.replace(run_name=run_dir.name)  # the resolved config names its directory
         text = config.to_yaml()
-        _atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     else:
         run_dir = resume_dir
         config = config.replace(output_dir=str(run_dir.parent), run_name=run_dir.name)

@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import (CorruptCheckpointError, _atomic_write, _replace_dir, _write_json, _write_tensors,
-                          load_adapter_weights, verify_checkpoint, write_manifest)
+from ..checkpoint import load_adapter_weights
+from ..fileio import (CorruptCheckpointError, atomic_write, replace_dir, verify_checkpoint, write_json, write_manifest,
+                      write_tensors)
 from .config import RunConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -204,16 +205,16 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
     tmp.mkdir()
     model.save_adapter(str(tmp))
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-    _write_tensors(tmp / OPTIMIZER_NAME, opt_tensors)
-    _write_json(tmp / OPTIMIZER_META_NAME, opt_meta, sort_keys=False)
+    write_tensors(tmp / OPTIMIZER_NAME, opt_tensors)
+    write_json(tmp / OPTIMIZER_META_NAME, opt_meta, sort_keys=False)
     rng_tensors, rng_meta = capture_rng(model, rng)
-    _write_tensors(tmp / RNG_NAME, rng_tensors)
+    write_tensors(tmp / RNG_NAME, rng_tensors)
     state = {"format_version": STATE_VERSION, "step": step, **trainer_state, "rng": rng_meta,
              "scheduler": scheduler.state_dict(), "after_step_calls": model._after_step_calls,
              "dylora_rank": model.dylora_rank}
-    _write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
+    write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
     write_manifest(tmp, step=step)  # last: a folder without a valid manifest is incomplete
-    _replace_dir(tmp, target)
+    replace_dir(tmp, target)
     complete = [p for _, p in checkpoint_dirs(run_dir) if (p / "manifest.json").is_file()]
     for old in complete[:-max(1, keep)]:
         if old != target:
@@ -352,7 +353,7 @@ def truncate_log(path: str | Path, step: int) -> list[dict]:
         raise ValueError(f"{path} holds {len(rows)} complete step row(s) but the checkpoint is at step {step}: the "
                          "log does not belong to this checkpoint")
     text = "".join(kept)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return rows
 
 
