@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperadalora.eval import sandbox
+from hyperadalora.eval import containment, sandbox
 from hyperadalora.eval.sandbox import (
     ExecutionResult,
     humaneval_pass_at_1,
@@ -138,16 +138,20 @@ def test_sockets_are_refused(listener, attack):
     _assert_no_connection(listener)
 
 
-def test_network_namespace_has_no_route_to_the_host(listener):
+def test_network_namespace_has_no_route_to_the_host(listener, tmp_path):
     # The fence under the prelude: a child in the sandbox's namespaces, with no prelude at all.
-    flags = sandbox._namespace_isolation_flags()
-    if not flags:
+    fences = sandbox.containment()
+    if not fences.prefix and not fences.unshare_flags:
         pytest.skip("this kernel does not let us create network namespaces")
     code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=2)\n"
             "except OSError as e:\n    print('refused', e)\nelse:\n    print('CONNECTED')\n")
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30,
-                         preexec_fn=partial(sandbox._limit_child, [], flags))
-    assert out.stdout.startswith("refused"), out.stdout + out.stderr
+    with tempfile.TemporaryFile() as out:
+        proc = containment.start([sys.executable, "-I", "-c", code], cwd=str(tmp_path),
+                                 env=containment.child_env(str(tmp_path)), stdout=out, limits=[])
+        assert containment.wait_then_stop(proc, 30)
+        out.seek(0)
+        text = out.read().decode()
+    assert text.startswith("refused"), text
     _assert_no_connection(listener)
 
 

@@ -1,0 +1,160 @@
+"""Issue 21: a program that tries on purpose can neither forge a HumanEval pass nor escape the sandbox.
+
+The attacks come from the issue. Item 1: a completion reaches the runner's own exit, or returns an
+object equal to everything. Item 2: past the in-process guards (undone below through ``gc`` and the
+audit hook's closure), a child that calls ``setsid()`` outlives the sandbox, and the program signals
+the evaluating process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hyperadalora.eval import sandbox
+from hyperadalora.eval.sandbox import humaneval_pass_at_1, run_program
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+PROBLEM = {
+    "task_id": "Toy/0",
+    "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n",
+    "canonical_solution": "    return 2 * x\n",
+    "test": "\n\ndef check(candidate):\n    assert candidate(3) == 6\n    assert candidate(-1) == -2\n",
+    "entry_point": "double",
+}
+
+# Undoes the prelude from inside: every cell of the audit hook's closure that holds a rule is
+# emptied (its events, its path checks), and `posix` is re-imported with its real functions.
+BYPASS = '''
+import gc, sys
+for obj in gc.get_objects():
+    if type(obj).__name__ == "function" and obj.__name__ == "hook" and obj.__closure__:
+        for cell in obj.__closure__:
+            value = cell.cell_contents
+            if isinstance(value, (frozenset, set)):
+                cell.cell_contents = frozenset()
+            elif isinstance(value, dict):
+                cell.cell_contents = {}
+            elif isinstance(value, int):
+                cell.cell_contents = 0
+            elif callable(value):
+                cell.cell_contents = lambda *args, **kwargs: True
+        print("HOOK DISABLED", flush=True)
+del sys.modules["posix"]
+import posix
+'''
+
+
+def _one_result(completion: str):
+    score, (result,) = humaneval_pass_at_1([PROBLEM], [completion], timeout_s=5)
+    return score, result
+
+
+def test_the_real_solution_still_passes():
+    assert _one_result("    return 2 * x\n")[0] == 1.0
+
+
+@pytest.mark.parametrize("completion", [
+    # the issue's one-liner: the runner's own exit, found one frame up
+    "    return 0\nimport sys; sys._getframe(1).f_locals['finish'](0)\n",
+    # any frame's `finish`, looked for when the tests call the function
+    "    import sys\n    f = sys._getframe()\n    while f is not None:\n"
+    "        if callable(f.f_locals.get('finish')):\n            f.f_locals['finish'](0)\n"
+    "        f = f.f_back\n    return 0\n",
+    # the real _exit, past the monkeypatches (no audit event guards it)
+    "    return 0\nimport sys; del sys.modules['posix']; import posix; posix._exit(0)\n",
+    "    import sys; del sys.modules['posix']; import posix; posix._exit(0)\n",
+])
+def test_exiting_early_with_status_zero_is_not_a_pass(completion):
+    score, result = _one_result(completion)
+    assert (score, result.status) == (0.0, "failed"), result.detail
+
+
+@pytest.mark.parametrize("completion", [
+    "    class Yes:\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
+    "    class Yes(int):\n        def __eq__(self, other):\n            return True\n"
+    "        __hash__ = int.__hash__\n    return Yes(0)\n",
+    "    class Yes(list):\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
+])
+def test_an_object_equal_to_everything_is_not_a_pass(completion):
+    score, result = _one_result(completion)
+    assert (score, result.status) == (0.0, "failed"), result.detail
+    assert "plain" in result.detail  # the reason: only plain values come back from the program
+
+
+def test_the_bypass_reaches_the_real_functions():
+    # Guards the tests below: past the prelude, fork is no longer refused by the audit hook.
+    result = run_program(BYPASS + "pid = posix.fork()\nif pid == 0:\n    posix._exit(0)\nposix.waitpid(pid, 0)\n"
+                         "print('FORKED')\n")
+    assert "HOOK DISABLED" in result.detail and "FORKED" in result.detail, result.detail
+
+
+def test_a_detached_grandchild_dies_with_the_sandbox():
+    # The issue's escape: setsid() leaves the process group; the grandchild writes a file later.
+    shared = Path(tempfile.mkdtemp(prefix="sandbox-escape-"))
+    shared.chmod(0o1777)  # writable by whichever uid the sandbox runs as
+    marker = shared / "alive"
+    attack = BYPASS + (
+        "pid = posix.fork()\n"
+        "if pid == 0:\n"
+        "    posix.setsid()\n"
+        "    if posix.fork() == 0:\n"
+        "        import time\n"
+        "        for _ in range(40):\n"
+        "            time.sleep(0.1)\n"
+        f"            fd = posix.open({str(marker)!r}, posix.O_WRONLY | posix.O_CREAT | posix.O_APPEND, 0o666)\n"
+        "            posix.write(fd, b'x')\n"
+        "            posix.close(fd)\n"
+        "    posix._exit(0)\n"
+        "posix.waitpid(pid, 0)\n"
+        "print('DETACHED')\n")
+    try:
+        result = run_program(attack, timeout_s=5)
+        assert "HOOK DISABLED" in result.detail and "DETACHED" in result.detail, result.detail
+        size_then = marker.stat().st_size if marker.exists() else 0
+        time.sleep(1.5)
+        size_now = marker.stat().st_size if marker.exists() else 0
+        assert size_now == size_then, "a process the sandbox started still writes files after it returned"
+    finally:
+        for path in shared.iterdir():
+            path.unlink()
+        shared.rmdir()
+
+
+def test_the_program_cannot_signal_the_evaluator_or_its_neighbours():
+    # The evaluator runs in its own process, so a successful kill cannot take pytest down with it.
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    evaluator = (
+        "import os, sys\n"
+        "from hyperadalora.eval.sandbox import run_program\n"
+        "targets = (os.getpid(), int(sys.argv[2]))\n"
+        "attack = sys.argv[1] + ''.join(\n"
+        "    f'try:\\n    posix.kill({pid}, 9)\\n    print(\"KILLED {pid}\")\\n'\n"
+        "    f'except OSError as e:\\n    print(\"refused\", type(e).__name__)\\n' for pid in targets)\n"
+        "result = run_program(attack)\n"
+        "print('EVALUATOR ALIVE', result.status)\n"
+        "print(result.detail)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", evaluator, BYPASS, str(decoy.pid)], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(SRC)})
+        assert out.returncode == 0 and "EVALUATOR ALIVE" in out.stdout, (out.returncode, out.stdout, out.stderr)
+        assert "HOOK DISABLED" in out.stdout and "KILLED" not in out.stdout, out.stdout
+        assert out.stdout.count("refused") == 2, out.stdout
+        assert decoy.poll() is None, "the program killed another process of the evaluator's user"
+    finally:
+        decoy.kill()
+        decoy.wait()
+
+
+def test_the_containment_is_reported():
+    report = sandbox.containment()
+    assert report.mode in ("namespaces", "process-group")
+    if sys.platform.startswith("linux") and Path("/usr/bin/unshare").exists() and os.geteuid() == 0:
+        assert report.mode == "namespaces"  # the project's CI machines: root, util-linux present
