@@ -8,6 +8,7 @@ the evaluating process.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperadalora.eval import sandbox
+from hyperadalora.eval import containment, sandbox
 from hyperadalora.eval.sandbox import humaneval_pass_at_1, run_program
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -157,4 +158,37 @@ def test_the_containment_is_reported():
     report = sandbox.containment()
     assert report.mode in ("namespaces", "process-group")
     if sys.platform.startswith("linux") and Path("/usr/bin/unshare").exists() and os.geteuid() == 0:
-        assert report.mode == "namespaces"  # the project's CI machines: root, util-linux present
+        # the project's CI machines: root, util-linux present, Linux >= 5.12
+        assert (report.mode, report.sealed) == ("namespaces", True)
+
+
+def test_past_the_prelude_the_file_system_is_read_only_and_the_homes_are_empty():
+    fences = sandbox.containment()
+    if not fences.sealed:
+        pytest.skip("this machine cannot seal the sandbox's file system (see the sandbox docs)")
+    shared = Path(tempfile.mkdtemp(prefix="sandbox-escape-"))
+    shared.chmod(0o1777)
+    victim = shared / "victim.txt"
+    victim.write_text("precious")
+    victim.chmod(0o666)
+    config = containment.seal_config(str(shared))
+    attack = BYPASS + (
+        "import json, os\n"
+        "try:\n"
+        f"    open({str(victim)!r}, 'w').write('gone')\n"
+        "except OSError as e:\n"
+        "    print('WRITE REFUSED', e.strerror)\n"
+        f"print('HOMES', json.dumps({{h: sorted(os.listdir(h)) for h in {config['hide']!r}}}))\n")
+    try:
+        result = run_program(attack)
+        assert "HOOK DISABLED" in result.detail and "WRITE REFUSED Read-only file system" in result.detail, result.detail
+        assert victim.read_text() == "precious"
+        homes = json.loads(result.detail.split("HOMES ", 1)[1].splitlines()[0])
+        assert set(homes) == set(config["hide"]) and "/root" in homes or os.geteuid() != 0
+        for home, names in homes.items():  # only the way to the Python installation is left
+            on_the_way = {os.path.relpath(k, home).split(os.sep)[0] for k in config["keep"]
+                          if k.startswith(home.rstrip("/") + "/")}
+            assert set(names) <= on_the_way, (home, names)
+    finally:
+        victim.unlink()
+        shared.rmdir()

@@ -18,6 +18,7 @@ what this machine allows, probed once (:func:`containment`):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -26,16 +27,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
 
 _MIB = 1024 * 1024
 MAX_FILE_BYTES = 16 * _MIB  # RLIMIT_FSIZE: any one file, captured output included
 _MAX_OPEN_FILES = 256
 _EXTRA_TASKS = 64  # RLIMIT_NPROC headroom above the user's current task count
 _UNSHARE_OPTIONS = ("--user", "--pid", "--net", "--mount", "--mount-proc", "--fork", "--kill-child")
+_MAP_ROOT = "--map-root-user"  # root of its user namespace until sandbox_seal drops every capability
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _TREE_DEATH_WAIT_S = 10.0  # how long stop() waits for the kernel to empty a PID namespace
 
@@ -48,15 +52,54 @@ class Containment:
         mode: ``"namespaces"`` or ``"process-group"`` (see the module docstring).
         prefix: The command put in front of the contained one (the ``unshare`` invocation).
         unshare_flags: ``unshare(2)`` flags applied before ``exec`` (``"process-group"`` mode).
+        sealed: The child can seal its file system (:func:`seal_config`; ``"namespaces"`` only).
     """
 
     mode: str
     prefix: tuple[str, ...]
     unshare_flags: int
+    sealed: bool = False
 
     def __post_init__(self):
         if self.mode not in ("namespaces", "process-group"):
             raise ValueError(f"unknown containment mode {self.mode!r}")
+        if self.sealed and self.mode != "namespaces":
+            raise ValueError("only the namespaces mode can seal the file system")
+
+
+@cache
+def script(*names: str) -> str:
+    """The source a child runs with ``python -c``: these files of this package, in order."""
+    here = Path(__file__).resolve().parent
+    return "\n\n".join((here / name).read_text(encoding="utf-8") for name in names)
+
+
+def _python_dirs() -> list[str]:
+    """Where this Python lives: what a sealed child must still see."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted(os.path.realpath(d) for d in dirs if d)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def seal_config(workdir: str) -> dict | None:
+    """What a sealed child hides and keeps (see ``sandbox_seal.py``), or ``None`` when not sealed.
+
+    Hidden: the home directories (``~``, ``/root``, ``/home``) except one holding ``workdir``
+    or lying inside the Python installation; kept under them: the Python installation.
+    """
+    if not containment().sealed:
+        return None
+    workdir, keep = os.path.realpath(workdir), _python_dirs()
+    hide: list[str] = []
+    for home in sorted({os.path.realpath(os.path.expanduser("~")), "/root", "/home"}):
+        if (home != "/" and os.path.isdir(home) and not _inside(workdir, home)
+                and not any(_inside(home, k) for k in keep) and not any(_inside(home, h) for h in hide)):
+            hide.append(home)
+    return {"workdir": workdir, "hide": hide, "keep": keep}
 
 
 def _load_unshare():
@@ -86,19 +129,47 @@ def limit_child(limits: list[tuple[int, int, int]], unshare_flags: int = 0) -> N
         resource.setrlimit(which, (soft, hard))
 
 
-def _runs(command: list[str], preexec=None, check: str = "pass") -> bool:
+def _runs(command: list[str], preexec=None, check: str = "pass", args: tuple[str, ...] = (), cwd=None) -> bool:
     try:
         probe = subprocess.run(
-            [*command, sys.executable, "-I", "-c", check], stdin=subprocess.DEVNULL,
+            [*command, sys.executable, "-I", "-c", check, *args], stdin=subprocess.DEVNULL, cwd=cwd,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, preexec_fn=preexec)
     except (OSError, subprocess.SubprocessError):
         return False
     return probe.returncode == 0
 
 
+_SEAL_CHECK = """
+import json, os, sys
+seal(json.loads(sys.argv[1]))
+assert os.getpid() == 1 and os.getppid() == 0
+open("inside", "w").write("ok")  # the working directory stays writable
+for path in ("/", os.path.dirname(os.getcwd())):  # and nothing else is
+    try:
+        open(os.path.join(path, "hyperadalora-seal-probe"), "w")
+    except OSError:
+        continue
+    raise SystemExit(f"{path} is writable after sealing")
+"""
+
+
+def _seals(prefix: tuple[str, ...]) -> bool:
+    """Whether a child started with ``prefix`` can seal its file system and drop its capabilities."""
+    workdir = tempfile.mkdtemp(prefix="hyperadalora-sandbox-probe-")
+    try:
+        config = {"workdir": workdir, "hide": [], "keep": _python_dirs()}
+        return _runs(list(prefix), check=script("sandbox_seal.py") + _SEAL_CHECK, args=(json.dumps(config),),
+                     cwd=workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _probe() -> Containment:
     unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin") if sys.platform.startswith("linux") else None
     if unshare:
+        sealing = (unshare, _MAP_ROOT, *_UNSHARE_OPTIONS, "--")
+        if _seals(sealing):
+            return Containment("namespaces", sealing, 0, sealed=True)
         prefix = (unshare, *_UNSHARE_OPTIONS, "--")
         if _runs(list(prefix), check="import os; assert os.getpid() == 1 and os.getppid() == 0"):
             return Containment("namespaces", prefix, 0)

@@ -46,7 +46,6 @@ prelude stops a program from deleting files outside its directory. POSIX only (u
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import math
@@ -107,11 +106,13 @@ class ExecutionResult:
 # --------------------------------------------------------------------------- parent side
 
 
-@functools.cache
-def _child_script(name: str) -> str:
-    """The source run by ``python -c`` in a child: the plain-value codec, then ``name``'s own code."""
-    here = Path(__file__).resolve().parent
-    return (here / "wire.py").read_text(encoding="utf-8") + "\n\n" + (here / name).read_text(encoding="utf-8")
+_RUNNER_FILES = ("wire.py", "sandbox_seal.py", "sandbox_runner.py")
+_JUDGE_FILES = ("wire.py", "sandbox_judge.py")
+
+
+def _runner_argv(workdir: str, serve: list | None) -> list[str]:
+    config = {"seal": fences.seal_config(workdir), "serve": serve}
+    return [sys.executable, *_PYTHON_FLAGS, "-c", fences.script(*_RUNNER_FILES), json.dumps(config)]
 
 
 def _exit_status(proc: subprocess.Popen) -> int | None:
@@ -128,7 +129,7 @@ def _exit_status(proc: subprocess.Popen) -> int | None:
 def _start_judge(problem: dict, workdir: str, out, limits, fds: tuple[int, int]) -> subprocess.Popen:
     """The judge: a trusted process outside the sandbox that runs ``problem``'s tests."""
     judge = subprocess.Popen(
-        [sys.executable, *_PYTHON_FLAGS, "-c", _child_script("sandbox_judge.py"), *map(str, fds)],
+        [sys.executable, *_PYTHON_FLAGS, "-c", fences.script(*_JUDGE_FILES), *map(str, fds)],
         cwd=workdir, env=fences.child_env(workdir), stdin=subprocess.PIPE, stdout=out,
         stderr=subprocess.STDOUT, close_fds=True, pass_fds=fds, start_new_session=True,
         preexec_fn=partial(fences.limit_child, limits))
@@ -148,9 +149,7 @@ def _judged_run(problem: dict, workdir: str, limits, out, judge_out, timeout_s: 
     start = time.monotonic()
     try:
         proc = fences.start(
-            [sys.executable, *_PYTHON_FLAGS, "-c", _child_script("sandbox_runner.py"), problem["entry_point"],
-             *map(str, program_fds)],
-            cwd=workdir, env=fences.child_env(workdir), stdout=out, limits=limits, pass_fds=program_fds)
+            _runner_argv(workdir, [problem["entry_point"], *program_fds]), cwd=workdir, env=fences.child_env(workdir), stdout=out, limits=limits, pass_fds=program_fds)
         try:
             judge = _start_judge(problem, workdir, judge_out, limits, judge_fds)
         except BaseException:
@@ -174,8 +173,7 @@ def _judged_run(problem: dict, workdir: str, limits, out, judge_out, timeout_s: 
 def _run_alone(workdir: str, limits, out, timeout_s: float) -> ExecutionResult:
     start = time.monotonic()
     try:
-        proc = fences.start([sys.executable, *_PYTHON_FLAGS, "-c", _child_script("sandbox_runner.py")],
-                            cwd=workdir, env=fences.child_env(workdir), stdout=out, limits=limits)
+        proc = fences.start(_runner_argv(workdir, None), cwd=workdir, env=fences.child_env(workdir), stdout=out, limits=limits)
     except (OSError, subprocess.SubprocessError) as exc:
         return ExecutionResult(False, "error", f"could not start the sandbox process: {exc}", time.monotonic() - start)
     exited = fences.wait_then_stop(proc, timeout_s)

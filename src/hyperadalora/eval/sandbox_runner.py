@@ -5,9 +5,11 @@ text of :mod:`hyperadalora.eval.wire`, as ``python -I -c`` in the sandbox's work
 Everything here runs inside the untrusted interpreter, so none of it is a fence (see the
 sandbox's module docstring): it turns accidents into clear ``PermissionError``\\ s, no more.
 
-Arguments (``sys.argv[1:]``): none to run the program and exit, or ``ENTRY_POINT REQUESTS
-REPLIES`` to then serve calls of the function ``ENTRY_POINT`` from the judge over the two pipe
-file descriptors (see :mod:`hyperadalora.eval.wire`). Exit status: 0 the program ran to its end
+``sys.argv[1]`` is a JSON object: ``"seal"`` (``null``, or the configuration of
+:mod:`hyperadalora.eval.sandbox_seal`, whose text then runs ahead of this file's: a fence, done
+before anything untrusted runs) and ``"serve"`` (``null`` to run the program and exit, or
+``[entry point, requests fd, replies fd]`` to then serve calls of that function from the judge
+over the two pipes; see :mod:`hyperadalora.eval.wire`). Exit status: 0 the program ran to its end
 (and, when serving, the judge closed the requests), 1 an exception, 2 ``SystemExit``, 3 the
 runner itself failed.
 """
@@ -223,8 +225,13 @@ def _runner_main():
     import os
 
     finish = _finisher(sys.stdout, sys.stderr, os._exit)
-    serving = sys.argv[1:4] if len(sys.argv) == 4 else None
     try:
+        import json
+
+        config = json.loads(sys.argv[1])
+        serving = config["serve"]
+        if config["seal"]:
+            seal(config["seal"])  # noqa: F821 (sandbox_seal, run ahead of this file)
         workdir, code = _read_program(finish)
         _patch_modules()
         _add_audit_hook(workdir)
