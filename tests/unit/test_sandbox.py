@@ -11,10 +11,8 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import pytest

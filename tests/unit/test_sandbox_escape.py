@@ -20,16 +20,10 @@ import pytest
 
 from hyperadalora.eval import containment, sandbox
 from hyperadalora.eval.sandbox import humaneval_pass_at_1, run_program
+from test_sandbox import PROBLEM  # the toy problem: double(x), checked against 6 and -2
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
-PROBLEM = {
-    "task_id": "Toy/0",
-    "prompt": "def double(x):\n    \"\"\"Twice x.\"\"\"\n",
-    "canonical_solution": "    return 2 * x\n",
-    "test": "\n\ndef check(candidate):\n    assert candidate(3) == 6\n    assert candidate(-1) == -2\n",
-    "entry_point": "double",
-}
 
 # Undoes the prelude from inside: every cell of the audit hook's closure that holds a rule is
 # emptied (its events, its path checks), and `posix` is re-imported with its real functions.

