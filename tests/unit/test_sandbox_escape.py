@@ -91,33 +91,49 @@ def test_the_bypass_reaches_the_real_functions():
     assert "HOOK DISABLED" in result.detail and "FORKED" in result.detail, result.detail
 
 
+def _processes_with(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # it ended while we looked
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to find the survivor")
 def test_a_detached_grandchild_dies_with_the_sandbox():
-    # The issue's escape: setsid() leaves the process group; the grandchild writes a file later.
+    # The issue's escape: setsid() leaves the process group; the grandchild (found by a tag in its
+    # command line) keeps trying to write a file. Where the file system is sealed the writes fail,
+    # so its being alive is what the test looks at.
     shared = Path(tempfile.mkdtemp(prefix="sandbox-escape-"))
     shared.chmod(0o1777)  # writable by whichever uid the sandbox runs as
-    marker = shared / "alive"
+    marker, tag = shared / "alive", f"survivor-{os.getpid()}-{time.monotonic_ns()}"
+    survivor = ("import os, time\nfor _ in range(40):\n    time.sleep(0.1)\n    try:\n"
+                f"        fd = os.open({str(marker)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)\n"
+                "        os.write(fd, b'x')\n        os.close(fd)\n    except OSError:\n        pass\n")
     attack = BYPASS + (
         "pid = posix.fork()\n"
         "if pid == 0:\n"
         "    posix.setsid()\n"
         "    if posix.fork() == 0:\n"
-        "        import time\n"
-        "        for _ in range(40):\n"
-        "            time.sleep(0.1)\n"
-        f"            fd = posix.open({str(marker)!r}, posix.O_WRONLY | posix.O_CREAT | posix.O_APPEND, 0o666)\n"
-        "            posix.write(fd, b'x')\n"
-        "            posix.close(fd)\n"
+        f"        posix.execv(sys.executable, [sys.executable, '-c', {survivor!r}, {tag!r}])\n"
         "    posix._exit(0)\n"
         "posix.waitpid(pid, 0)\n"
+        "import time\n"
+        "time.sleep(0.3)\n"
         "print('DETACHED')\n")
     try:
         result = run_program(attack, timeout_s=5)
         assert "HOOK DISABLED" in result.detail and "DETACHED" in result.detail, result.detail
         size_then = marker.stat().st_size if marker.exists() else 0
-        time.sleep(1.5)
-        size_now = marker.stat().st_size if marker.exists() else 0
-        assert size_now == size_then, "a process the sandbox started still writes files after it returned"
+        assert _processes_with(tag) == [], "a process the sandbox started outlived it"
+        time.sleep(1.0)
+        assert (marker.stat().st_size if marker.exists() else 0) == size_then, "something still writes files"
     finally:
+        for pid in _processes_with(tag):
+            os.kill(pid, 9)
         for path in shared.iterdir():
             path.unlink()
         shared.rmdir()
