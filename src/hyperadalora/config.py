@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-METHODS = ("lora", "adalora", "dora", "dylora")
+from .allocation import POLICY_REGISTRY
+from .methods import METHOD_REGISTRY, AdapterMethod
+
+METHODS = tuple(METHOD_REGISTRY)
 SOURCES = ("direct", "hyper")
-POLICIES = ("adalora", "sigma-grad")
+POLICIES = tuple(POLICY_REGISTRY)
 ORTH_REG_FORMS = ("peft", "paper")
 
 
@@ -261,13 +264,14 @@ class HyperConfig(_JsonConfig):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
 
-    def hidden_for(self, kind: str) -> int:
-        """The body width of one factor kind's hypernetwork."""
-        return self.lam_hidden if kind == "lam" and self.lam_hidden is not None else self.hidden
+    def hidden_for(self, singular_values: bool) -> int:
+        """The body width of a kind's hypernetwork (``lam_hidden`` for the singular values, the
+        kind a method declares as ``AdapterMethod.singular_value_kind``)."""
+        return self.lam_hidden if singular_values and self.lam_hidden is not None else self.hidden
 
-    def scale_for(self, kind: str) -> float:
-        """The effective output scale of one factor kind's hypernetwork (``1/sqrt`` of its width)."""
-        return self.output_scale if self.output_scale is not None else self.hidden_for(kind) ** -0.5
+    def scale_for(self, singular_values: bool) -> float:
+        """The effective output scale of a kind's hypernetwork (``1/sqrt`` of its width)."""
+        return self.output_scale if self.output_scale is not None else self.hidden_for(singular_values) ** -0.5
 
 
 @dataclass(frozen=True)
@@ -355,10 +359,13 @@ class AdapterConfig(_JsonConfig):
         if not isinstance(self.hyper, HyperConfig):
             raise TypeError(f"{owner}.hyper must be a HyperConfig (or a dict of its fields), "
                             f"got {type(self.hyper).__name__} ({self.hyper!r})")
-        if self.method == "adalora":
+        self._check_allocator(owner)
+
+    def _check_allocator(self, owner: str) -> None:
+        if self.method_class.uses_allocator:
             if self.allocator is None:
                 raise ValueError(
-                    f"{owner}: method='adalora' needs allocator=AllocatorConfig(total_step=..., target_r=...) "
+                    f"{owner}: method={self.method!r} needs allocator=AllocatorConfig(total_step=..., target_r=...) "
                     "(AdaLoRA's budget schedule needs the run's total number of optimizer steps)"
                 )
             if self.allocator.target_r > self.r:
@@ -367,9 +374,10 @@ class AdapterConfig(_JsonConfig):
                     "the initial rank that AdaLoRA prunes down from"
                 )
         elif self.allocator is not None:
-            raise ValueError(f"{owner}: allocator is only used with method='adalora', not {self.method!r}")
+            allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
+            raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}")
 
     @property
-    def is_adalora(self) -> bool:
-        """Whether this config uses AdaLoRA's SVD form and allocator."""
-        return self.method == "adalora"
+    def method_class(self) -> type[AdapterMethod]:
+        """The registered class of :attr:`method` (what it supports: allocator, regulariser, inits)."""
+        return METHOD_REGISTRY[self.method]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterMethod, kaiming_uniform_a
+from .base import AdapterMethod, LoraExport, kaiming_uniform_a
 
 
 class LoRA(AdapterMethod):
@@ -12,6 +12,8 @@ class LoRA(AdapterMethod):
 
     name = "lora"
     factor_kinds = ("A", "B")
+    rank_axes = {"A": 0, "B": 1}
+    zero_init_kinds = ("B",)
 
     def factor_shapes(self, d_out, d_in, r):
         return {"A": (r, d_in), "B": (d_out, r)}
@@ -27,3 +29,7 @@ class LoRA(AdapterMethod):
 
     def effective_factors(self, layer, factors):
         return factors["A"], factors["B"], self.scaling(layer)
+
+    def to_lora(self, layer, factors):
+        a, b, scale = self.effective_factors(layer, factors)
+        return LoraExport(a.detach().clone(), b.detach().clone(), float(scale), float(layer.lora_alpha))
