@@ -21,6 +21,7 @@ from .methods import METHOD_REGISTRY, AdapterMethod
 METHODS = tuple(METHOD_REGISTRY)
 SOURCES = ("direct", "hyper")
 POLICIES = tuple(POLICY_REGISTRY)
+INITS = tuple(dict.fromkeys(i for m in METHOD_REGISTRY.values() for i in m.inits))
 ORTH_REG_FORMS = ("peft", "paper")
 
 
@@ -300,6 +301,10 @@ class AdapterConfig(_JsonConfig):
         hyper: Hypernetwork settings (used when ``source == "hyper"``).
         seed: Seed for the adapter initialisation and the hypernetworks' (``None``: use torch's global
             RNG, like peft).
+        init: Factor initialisation: ``default`` (as peft initialises each method) or ``pissa``
+            (LoRA and DoRA: factors from the top-r singular vectors of ``W0`` and the base replaced
+            by the residual, as peft's ``init_lora_weights="pissa"``; see
+            :mod:`hyperadalora.methods.lora` for merge, save and export).
     """
 
     _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}
@@ -316,10 +321,17 @@ class AdapterConfig(_JsonConfig):
     allocator: AllocatorConfig | None = None
     hyper: HyperConfig = field(default_factory=HyperConfig)
     seed: int | None = None
+    init: str = "default"
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
         _check_choice(owner, "method", self.method, METHODS)
+        _check_choice(owner, "init", self.init, INITS)
+        if self.init not in self.method_class.inits:
+            supporting = ", ".join(n for n, m in METHOD_REGISTRY.items() if self.init in m.inits)
+            raise ValueError(f"{owner}.init={self.init!r} is not supported by method={self.method!r} "
+                             f"(methods supporting it: {supporting}; {self.method!r} supports "
+                             f"{', '.join(self.method_class.inits)})")
         _check_choice(owner, "source", self.source, SOURCES)
         _check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
         _check_int(owner, "r", self.r)

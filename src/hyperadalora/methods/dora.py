@@ -22,12 +22,13 @@ class DoRA(LoRA):
     peft_use_dora = True
 
     def init_layer(self, layer, w0, generator):
+        with torch.no_grad():  # m = ||W0||_row (as peft), of the original W0 (PiSSA replaces the base)
+            norm = torch.linalg.norm(w0, dim=1).clone()
         super().init_layer(layer, w0, generator)
-        with torch.no_grad():
-            layer.magnitude = nn.Parameter(torch.linalg.norm(w0, dim=1).clone())  # m = ||W0||_row (as peft)
+        layer.magnitude = nn.Parameter(norm)
 
     def state_tensors(self, layer):
-        return {"magnitude": layer.magnitude}
+        return {**super().state_tensors(layer), "magnitude": layer.magnitude}
 
     def to_lora(self, layer, factors):
         out = super().to_lora(layer, factors)

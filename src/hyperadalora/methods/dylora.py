@@ -18,6 +18,8 @@ class DyLoRA(LoRA):
     """LoRA whose training rank is truncated to a sampled ``b``."""
 
     name = "dylora"
+    # No PiSSA: a sampled rank b < r would see W0 - s B0 A0 + s' B0[:, :b] A0[:b] != W0 at step 0.
+    inits = ("default",)
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
