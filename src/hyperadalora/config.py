@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-METHODS = ("lora", "adalora", "dora", "dylora")
+from .allocation import POLICY_REGISTRY
+from .methods import METHOD_REGISTRY, AdapterMethod
+
+METHODS = tuple(METHOD_REGISTRY)
 SOURCES = ("direct", "hyper")
-POLICIES = ("adalora", "sigma-grad")
+POLICIES = tuple(POLICY_REGISTRY)
+INITS = tuple(dict.fromkeys(i for m in METHOD_REGISTRY.values() for i in m.inits))
 ORTH_REG_FORMS = ("peft", "paper")
 
 
@@ -261,13 +265,14 @@ class HyperConfig(_JsonConfig):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
 
-    def hidden_for(self, kind: str) -> int:
-        """The body width of one factor kind's hypernetwork."""
-        return self.lam_hidden if kind == "lam" and self.lam_hidden is not None else self.hidden
+    def hidden_for(self, singular_values: bool) -> int:
+        """The body width of a kind's hypernetwork (``lam_hidden`` for the singular values, the
+        kind a method declares as ``AdapterMethod.singular_value_kind``)."""
+        return self.lam_hidden if singular_values and self.lam_hidden is not None else self.hidden
 
-    def scale_for(self, kind: str) -> float:
-        """The effective output scale of one factor kind's hypernetwork (``1/sqrt`` of its width)."""
-        return self.output_scale if self.output_scale is not None else self.hidden_for(kind) ** -0.5
+    def scale_for(self, singular_values: bool) -> float:
+        """The effective output scale of a kind's hypernetwork (``1/sqrt`` of its width)."""
+        return self.output_scale if self.output_scale is not None else self.hidden_for(singular_values) ** -0.5
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,10 @@ class AdapterConfig(_JsonConfig):
         hyper: Hypernetwork settings (used when ``source == "hyper"``).
         seed: Seed for the adapter initialisation and the hypernetworks' (``None``: use torch's global
             RNG, like peft).
+        init: Factor initialisation: ``default`` (as peft initialises each method) or ``pissa``
+            (LoRA and DoRA: factors from the top-r singular vectors of ``W0`` and the base replaced
+            by the residual, as peft's ``init_lora_weights="pissa"``; see
+            :mod:`hyperadalora.methods.lora` for merge, save and export).
     """
 
     _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}
@@ -312,10 +321,17 @@ class AdapterConfig(_JsonConfig):
     allocator: AllocatorConfig | None = None
     hyper: HyperConfig = field(default_factory=HyperConfig)
     seed: int | None = None
+    init: str = "default"
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
         _check_choice(owner, "method", self.method, METHODS)
+        _check_choice(owner, "init", self.init, INITS)
+        if self.init not in self.method_class.inits:
+            supporting = ", ".join(n for n, m in METHOD_REGISTRY.items() if self.init in m.inits)
+            raise ValueError(f"{owner}.init={self.init!r} is not supported by method={self.method!r} "
+                             f"(methods supporting it: {supporting}; {self.method!r} supports "
+                             f"{', '.join(self.method_class.inits)})")
         _check_choice(owner, "source", self.source, SOURCES)
         _check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
         _check_int(owner, "r", self.r)
@@ -355,10 +371,13 @@ class AdapterConfig(_JsonConfig):
         if not isinstance(self.hyper, HyperConfig):
             raise TypeError(f"{owner}.hyper must be a HyperConfig (or a dict of its fields), "
                             f"got {type(self.hyper).__name__} ({self.hyper!r})")
-        if self.method == "adalora":
+        self._check_allocator(owner)
+
+    def _check_allocator(self, owner: str) -> None:
+        if self.method_class.uses_allocator:
             if self.allocator is None:
                 raise ValueError(
-                    f"{owner}: method='adalora' needs allocator=AllocatorConfig(total_step=..., target_r=...) "
+                    f"{owner}: method={self.method!r} needs allocator=AllocatorConfig(total_step=..., target_r=...) "
                     "(AdaLoRA's budget schedule needs the run's total number of optimizer steps)"
                 )
             if self.allocator.target_r > self.r:
@@ -367,9 +386,10 @@ class AdapterConfig(_JsonConfig):
                     "the initial rank that AdaLoRA prunes down from"
                 )
         elif self.allocator is not None:
-            raise ValueError(f"{owner}: allocator is only used with method='adalora', not {self.method!r}")
+            allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
+            raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}")
 
     @property
-    def is_adalora(self) -> bool:
-        """Whether this config uses AdaLoRA's SVD form and allocator."""
-        return self.method == "adalora"
+    def method_class(self) -> type[AdapterMethod]:
+        """The registered class of :attr:`method` (what it supports: allocator, regulariser, inits)."""
+        return METHOD_REGISTRY[self.method]

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layers import AdaptedLinear
-from .methods import get_method
+from .methods import AdapterMethod
 
 # Names of output / task heads that "all-linear" never adapts (transformers' conventions).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output_projection")
@@ -86,8 +86,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, AdaptedLinear]:
+def inject_adapters(model: nn.Module, config: AdapterConfig, method: AdapterMethod) -> dict[str, AdaptedLinear]:
     """Freezes ``model`` and replaces each target module with an :class:`AdaptedLinear`.
+
+    Args:
+        model: The model to adapt (modified in place).
+        config: What to adapt.
+        method: The method object every adapted layer shares.
 
     Returns:
         The adapted layers by module name, in model order.
@@ -99,7 +104,6 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, Adapte
     if config.seed is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    method = get_method(config.method)
     layers: dict[str, AdaptedLinear] = {}
     for name in names:
         base = model.get_submodule(name)

@@ -326,7 +326,7 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
 
     with contextlib.redirect_stdout(io.StringIO()) as buf:
         model.print_trainable_parameters()
-    is_adalora = model.allocator is not None
+    is_adalora = model.allocator.adaptive
     modules = list(model.adapted_layers)
     rank_history: list[tuple[int, list[int]]] = []
     if is_adalora:
@@ -533,7 +533,7 @@ def make_plots(run_dir: Path, config: RunConfig, log_rows: list[dict], evals: li
              f"{' (hyper)' if config.adapter.source == 'hyper' else ''} | lr {config.lr:g} | seed {config.seed}")
     if log_rows:
         plot_loss(log_rows, evals, run_dir / "loss.png", title, spec.primary_metric)
-    if model.allocator is not None and rank_history:
+    if model.allocator.adaptive and rank_history:
         _write_json(run_dir / "ranks.json", {"modules": modules, "initial_rank": config.adapter.r,
                                              "history": [{"step": s, "ranks": r} for s, r in rank_history]})
         plot_rank_heatmap(modules, rank_history, max(1, len(log_rows)), config.adapter.r,

@@ -72,9 +72,8 @@ def rng_snapshot(model=None) -> dict[str, Any]:
         numpy_state = np.random.get_state()
     except ImportError:  # pragma: no cover
         numpy_state = None
-    gen = getattr(model, "_dylora_gen", None) if model is not None else None
     return {"torch_cpu": torch.get_rng_state(), "torch_cuda": cuda, "python": random.getstate(),
-            "numpy": numpy_state, "dylora": gen.get_state() if gen is not None else None}
+            "numpy": numpy_state, "dylora": model.rng_state() if model is not None else None}
 
 
 def capture_rng(model=None, snapshot: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -130,9 +129,8 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model=No
         n = meta["numpy"]
         np.random.set_state((n["name"], tensors["numpy_mt"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                              n["cached_gaussian"]))
-    gen = getattr(model, "_dylora_gen", None) if model is not None else None
-    if gen is not None and "dylora" in tensors:
-        gen.set_state(tensors["dylora"])
+    if model is not None and "dylora" in tensors:
+        model.set_rng_state(tensors["dylora"])
 
 
 # -- optimizer state (no pickle) ---------------------------------------------------------------
@@ -210,7 +208,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
     rng_tensors, rng_meta = capture_rng(model, rng)
     write_tensors(tmp / RNG_NAME, rng_tensors)
     state = {"format_version": STATE_VERSION, "step": step, **trainer_state, "rng": rng_meta,
-             "scheduler": scheduler.state_dict(), "after_step_calls": model._after_step_calls,
+             "scheduler": scheduler.state_dict(), "after_step_calls": model.steps_taken,
              "dylora_rank": model.dylora_rank}
     write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
     write_manifest(tmp, step=step)  # last: a folder without a valid manifest is incomplete
@@ -277,7 +275,7 @@ def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.O
         raise ValueError(f"{folder / TRAINER_STATE_NAME}: unsupported format_version {state.get('format_version')!r} "
                          f"(this library reads {STATE_VERSION})")
     load_adapter_weights(model, folder)
-    model._after_step_calls = state["after_step_calls"]
+    model.restore_steps_taken(state["after_step_calls"])
     if state.get("dylora_rank") is not None:
         for layer in model.adapted_layers.values():
             layer.dylora_b = state["dylora_rank"]
