@@ -28,7 +28,7 @@ import torch
 
 from common import RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.report import markdown_table, write_result
-from hyperadalora.train.plots import _pyplot, short_module_name
+from hyperadalora.train.plots import pyplot, short_module_name
 
 
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
              f"mean over the {len(per_module)} adapted modules (n/a: a zero vector, e.g. lam and dW at init, has no direction).", "",
              *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
     write_result(RESULTS, args.name, {"config": vars(args), "mean": mean, "per_module": per_module}, lines)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4), dpi=110)
     xs = range(len(per_module))
     for k in kinds:

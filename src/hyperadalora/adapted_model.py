@@ -185,6 +185,16 @@ class AdaptedModel(nn.Module):
         if self.adapter_config.method == "dylora":
             self._sample_dylora_rank()
 
+    # Shim until the core branch (which adds the same two members) merges.
+    @property
+    def steps_taken(self) -> int:
+        """How many times :meth:`after_step` ran (optimizer steps taken by this model)."""
+        return self._after_step_calls
+
+    def restore_steps_taken(self, n: int) -> None:
+        """Sets :attr:`steps_taken` back to ``n`` (resuming from a training checkpoint)."""
+        self._after_step_calls = int(n)
+
     def _sample_dylora_rank(self) -> None:
         b = int(torch.randint(1, self.adapter_config.r + 1, (1,), generator=self._dylora_gen))
         for layer in self.adapted_layers.values():

@@ -26,15 +26,15 @@ from typing import Any
 
 import yaml
 
-from ..config import (METHODS, AdapterConfig, AllocatorConfig, HyperConfig, _check_choice, _check_float, _check_int,
-                      _JsonConfig)
+from ..config import (METHODS, AdapterConfig, AllocatorConfig, HyperConfig, check_choice, check_float, check_int,
+                      JsonConfig)
 
 TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
 CONFIGS_ENV = "HYPERADALORA_CONFIGS"
 
 
 @dataclass(frozen=True)
-class RunConfig(_JsonConfig):
+class RunConfig(JsonConfig):
     """One training / evaluation run.
 
     Attributes:
@@ -120,7 +120,7 @@ class RunConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         owner = "RunConfig"
-        _check_choice(owner, "task", self.task, TASK_NAMES)
+        check_choice(owner, "task", self.task, TASK_NAMES)
         for name in ("model", "output_dir"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -131,24 +131,24 @@ class RunConfig(_JsonConfig):
                 raise ValueError(f"{owner}.{name} must be a non-empty string or null, got {value!r}")
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"{owner}.run_name={self.run_name!r} must be a plain folder name (no '/')")
-        _check_int(owner, "seed", self.seed, 0)
+        check_int(owner, "seed", self.seed, 0)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens",
                      "sandbox_memory_mb", "sandbox_workers"):
-            _check_int(owner, name, getattr(self, name), 1)
-        _check_int(owner, "eval_every", self.eval_every, 0)
-        _check_int(owner, "save_every", self.save_every, 0)
-        _check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
+            check_int(owner, name, getattr(self, name), 1)
+        check_int(owner, "eval_every", self.eval_every, 0)
+        check_int(owner, "save_every", self.save_every, 0)
+        check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
         for name in ("train_rows", "eval_rows", "threads"):
             if getattr(self, name) is not None:
-                _check_int(owner, name, getattr(self, name), 1)
+                check_int(owner, name, getattr(self, name), 1)
         if self.warmup_steps is not None:
-            _check_int(owner, "warmup_steps", self.warmup_steps, 0)
-        _check_float(owner, "lr", self.lr, 0.0, low_open=True)
-        _check_float(owner, "weight_decay", self.weight_decay, 0.0)
-        _check_float(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0)
-        _check_float(owner, "sandbox_timeout_s", self.sandbox_timeout_s, 0.0, low_open=True)
+            check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        check_float(owner, "lr", self.lr, 0.0, low_open=True)
+        check_float(owner, "weight_decay", self.weight_decay, 0.0)
+        check_float(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0)
+        check_float(owner, "sandbox_timeout_s", self.sandbox_timeout_s, 0.0, low_open=True)
         if not isinstance(self.progress, bool):
             raise TypeError(f"{owner}.progress must be a bool, got {self.progress!r}")
         if self.task == "instruct" and self.data_source is None:
@@ -188,7 +188,7 @@ class RunConfig(_JsonConfig):
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated again)."""
         data = self.to_dict()
-        data.update({k: (v.to_dict() if isinstance(v, _JsonConfig) else v) for k, v in changes.items()})
+        data.update({k: (v.to_dict() if isinstance(v, JsonConfig) else v) for k, v in changes.items()})
         return RunConfig.from_dict(data)
 
 
@@ -205,7 +205,7 @@ def resolve_adapter(adapter: AdapterConfig | dict | None, steps: int) -> Adapter
         raise TypeError(f"RunConfig.adapter must be a mapping of AdapterConfig fields, got {type(adapter).__name__}")
     data = dict(adapter)
     method = data.get("method", AdapterConfig.method)
-    _check_choice("AdapterConfig", "method", method, METHODS)
+    check_choice("AdapterConfig", "method", method, METHODS)
     alloc = data.get("allocator")
     if method == "adalora":
         if isinstance(alloc, AllocatorConfig):
@@ -329,7 +329,7 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         sub = node.get(part)
-        if isinstance(sub, _JsonConfig):
+        if isinstance(sub, JsonConfig):
             sub = sub.to_dict()
         if sub is None:
             sub = {}

@@ -210,7 +210,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
     rng_tensors, rng_meta = capture_rng(model, rng)
     write_tensors(tmp / RNG_NAME, rng_tensors)
     state = {"format_version": STATE_VERSION, "step": step, **trainer_state, "rng": rng_meta,
-             "scheduler": scheduler.state_dict(), "after_step_calls": model._after_step_calls,
+             "scheduler": scheduler.state_dict(), "after_step_calls": model.steps_taken,
              "dylora_rank": model.dylora_rank}
     write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
     write_manifest(tmp, step=step)  # last: a folder without a valid manifest is incomplete
@@ -277,7 +277,7 @@ def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.O
         raise ValueError(f"{folder / TRAINER_STATE_NAME}: unsupported format_version {state.get('format_version')!r} "
                          f"(this library reads {STATE_VERSION})")
     load_adapter_weights(model, folder)
-    model._after_step_calls = state["after_step_calls"]
+    model.restore_steps_taken(state["after_step_calls"])
     if state.get("dylora_rank") is not None:
         for layer in model.adapted_layers.values():
             layer.dylora_b = state["dylora_rank"]
