@@ -41,7 +41,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {P, lam, Q, dW}}`` of a run's saved adapter (generated factors for hyper runs)."""
-    from hyperadalora.train.loop import load_run, load_trained
+    from hyperadalora.train import load_run, load_trained
 
     config = load_run(run_dir)
     model, _ = load_trained(config, run_dir / "adapter")
@@ -52,7 +52,7 @@ def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def initial_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The factors a run started from (built as the training loop builds them)."""
-    from hyperadalora.train.loop import build_model, load_run
+    from hyperadalora.train import build_model, load_run
 
     config = load_run(run_dir)
     # The hyper source's state starts as the direct factors: build the direct model (same RNG draws).
