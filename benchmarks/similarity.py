@@ -28,7 +28,7 @@ import torch
 
 from common import RESULTS  # benchmarks/ is on sys.path when a script runs
 from hyperadalora.bench.report import markdown_table, write_result
-from hyperadalora.train.plots import _pyplot, short_module_name
+from hyperadalora.train.plots import pyplot, short_module_name
 
 
 
@@ -41,7 +41,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {P, lam, Q, dW}}`` of a run's saved adapter (generated factors for hyper runs)."""
-    from hyperadalora.train.loop import load_run, load_trained
+    from hyperadalora.train import load_run, load_trained
 
     config = load_run(run_dir)
     model, _ = load_trained(config, run_dir / "adapter")
@@ -52,7 +52,7 @@ def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def initial_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The factors a run started from (built as the training loop builds them)."""
-    from hyperadalora.train.loop import build_model, load_run
+    from hyperadalora.train import build_model, load_run
 
     config = load_run(run_dir)
     # The hyper source's state starts as the direct factors: build the direct model (same RNG draws).
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
              f"mean over the {len(per_module)} adapted modules (n/a: a zero vector, e.g. lam and dW at init, has no direction).", "",
              *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
     write_result(RESULTS, args.name, {"config": vars(args), "mean": mean, "per_module": per_module}, lines)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4), dpi=110)
     xs = range(len(per_module))
     for k in kinds:

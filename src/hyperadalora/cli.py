@@ -25,7 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from .train.config import configs_dir, fields_help, list_presets, load_run_config
+from .train.help import fields_help
+from .train.presets import configs_dir, list_presets, load_run_config
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 1
@@ -114,7 +115,7 @@ def _is_run_dir(item: str | None) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.loop import NonFiniteLossError, train
+    from .train import NonFiniteLossError, train
 
     source, overrides = _split_items(args.items, "train")
     if args.resume is not None:
@@ -125,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not _is_run_dir(args.resume):
             raise FileNotFoundError(f"--resume {args.resume}: not a run directory (a folder with config.yaml, as "
                                     "`hyperadalora train` writes)")
-        from .train.loop import load_run
+        from .train import load_run
 
         config = load_run(args.resume, _with_flags(overrides, args))
     else:
@@ -151,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.loop import evaluate_run, load_run
+    from .train import evaluate_run, load_run
 
     target, overrides = _split_items(args.items, "eval")
     overrides = _with_flags(overrides, args)
@@ -169,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_peft_lora
-    from .train.loop import load_run, load_trained
+    from .train import load_run, load_trained
 
     target, overrides = _split_items(args.items, "export")
     if not _is_run_dir(target):

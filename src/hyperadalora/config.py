@@ -25,20 +25,23 @@ INITS = tuple(dict.fromkeys(i for m in METHOD_REGISTRY.values() for i in m.inits
 ORTH_REG_FORMS = ("peft", "paper")
 
 
-def _check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raises ValueError naming ``owner.name`` and the allowed values unless ``value`` is one of them."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{owner}.{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
 
 
-def _check_int(owner: str, name: str, value: Any, minimum: int | None = None) -> None:
+def check_int(owner: str, name: str, value: Any, minimum: int | None = None) -> None:
+    """Raises TypeError unless ``value`` is an int (not a bool), ValueError if below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{owner}.{name}={value} must be >= {minimum}")
 
 
-def _check_float(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def check_float(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raises unless ``value`` is a finite number within ``[low, high]`` (``*_open``: bound excluded)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}.{name} must be a number, got {type(value).__name__} ({value!r})")
     if isinstance(value, float) and not math.isfinite(value):
@@ -51,7 +54,7 @@ def _check_float(owner: str, name: str, value: Any, low: float | None = None, hi
         raise ValueError(f"{owner}.{name}={value} must be {bound}")
 
 
-class _JsonConfig:
+class JsonConfig:
     """Mixin: dict / JSON round trip with unknown-key checking."""
 
     _nested: ClassVar[dict[str, type]] = {}
@@ -61,7 +64,7 @@ class _JsonConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if isinstance(value, _JsonConfig):
+            if isinstance(value, JsonConfig):
                 value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
@@ -99,7 +102,7 @@ class _JsonConfig:
 
 
 @dataclass(frozen=True)
-class AllocatorConfig(_JsonConfig):
+class AllocatorConfig(JsonConfig):
     """AdaLoRA rank allocation schedule and scoring.
 
     Attributes:
@@ -133,14 +136,14 @@ class AllocatorConfig(_JsonConfig):
                 f"{owner}.total_step is required for AdaLoRA: set it to the number of optimizer steps of the run "
                 "(the rank budget schedule is defined relative to it)"
             )
-        _check_int(owner, "total_step", self.total_step, 1)
-        _check_int(owner, "target_r", self.target_r, 1)
-        _check_int(owner, "tinit", self.tinit, 0)
-        _check_int(owner, "tfinal", self.tfinal, 0)
-        _check_int(owner, "deltaT", self.deltaT, 1)
-        _check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
-        _check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
-        _check_choice(owner, "policy", self.policy, POLICIES)
+        check_int(owner, "total_step", self.total_step, 1)
+        check_int(owner, "target_r", self.target_r, 1)
+        check_int(owner, "tinit", self.tinit, 0)
+        check_int(owner, "tfinal", self.tfinal, 0)
+        check_int(owner, "deltaT", self.deltaT, 1)
+        check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
+        check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
+        check_choice(owner, "policy", self.policy, POLICIES)
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(
                 f"{owner}: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be < total_step ({self.total_step}) "
@@ -149,7 +152,7 @@ class AllocatorConfig(_JsonConfig):
 
 
 @dataclass(frozen=True)
-class HyperConfig(_JsonConfig):
+class HyperConfig(JsonConfig):
     """Hypernetwork factor source settings (used when ``AdapterConfig.source == "hyper"``).
 
     Attributes:
@@ -243,24 +246,24 @@ class HyperConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         owner = "HyperConfig"
-        _check_choice(owner, "arch", self.arch, self.ARCHS)
-        _check_choice(owner, "tokens", self.tokens, self.TOKENS)
-        _check_choice(owner, "mode", self.mode, self.MODES)
-        _check_choice(owner, "generate", self.generate, self.GENERATE)
+        check_choice(owner, "arch", self.arch, self.ARCHS)
+        check_choice(owner, "tokens", self.tokens, self.TOKENS)
+        check_choice(owner, "mode", self.mode, self.MODES)
+        check_choice(owner, "generate", self.generate, self.GENERATE)
         if self.max_tokens_per_call is not None:
-            _check_int(owner, "max_tokens_per_call", self.max_tokens_per_call, 1)
-        _check_int(owner, "hidden", self.hidden, 1)
+            check_int(owner, "max_tokens_per_call", self.max_tokens_per_call, 1)
+        check_int(owner, "hidden", self.hidden, 1)
         if self.lam_hidden is not None:
-            _check_int(owner, "lam_hidden", self.lam_hidden, 1)
-        _check_int(owner, "layers", self.layers, 1)
-        _check_int(owner, "patch_width", self.patch_width, 1)
+            check_int(owner, "lam_hidden", self.lam_hidden, 1)
+        check_int(owner, "layers", self.layers, 1)
+        check_int(owner, "patch_width", self.patch_width, 1)
         for name in ("rank_span", "width_span"):
             if getattr(self, name) is not None:
-                _check_int(owner, name, getattr(self, name), 1)
+                check_int(owner, name, getattr(self, name), 1)
         if self.output_scale is not None:
-            _check_float(owner, "output_scale", self.output_scale, 0.0, low_open=True)
+            check_float(owner, "output_scale", self.output_scale, 0.0, low_open=True)
         if self.lr is not None:
-            _check_float(owner, "lr", self.lr, 0.0, low_open=True)
+            check_float(owner, "lr", self.lr, 0.0, low_open=True)
         for name in ("context", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
@@ -276,7 +279,7 @@ class HyperConfig(_JsonConfig):
 
 
 @dataclass(frozen=True)
-class AdapterConfig(_JsonConfig):
+class AdapterConfig(JsonConfig):
     """What to adapt and how.
 
     Attributes:
@@ -325,25 +328,25 @@ class AdapterConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
-        _check_choice(owner, "method", self.method, METHODS)
-        _check_choice(owner, "init", self.init, INITS)
+        check_choice(owner, "method", self.method, METHODS)
+        check_choice(owner, "init", self.init, INITS)
         if self.init not in self.method_class.inits:
             supporting = ", ".join(n for n, m in METHOD_REGISTRY.items() if self.init in m.inits)
             raise ValueError(f"{owner}.init={self.init!r} is not supported by method={self.method!r} "
                              f"(methods supporting it: {supporting}; {self.method!r} supports "
                              f"{', '.join(self.method_class.inits)})")
-        _check_choice(owner, "source", self.source, SOURCES)
-        _check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
-        _check_int(owner, "r", self.r)
+        check_choice(owner, "source", self.source, SOURCES)
+        check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
+        check_int(owner, "r", self.r)
         if self.r <= 0:
             raise ValueError(f"{owner}.r={self.r} must be a positive integer (the adapter rank)")
-        _check_float(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
-        _check_float(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
-        _check_float(owner, "gamma", self.gamma)
+        check_float(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
+        check_float(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        check_float(owner, "gamma", self.gamma)
         if self.gamma < 0:
             raise ValueError(f"{owner}.gamma={self.gamma} must be >= 0 (orthogonality regulariser weight)")
         if self.seed is not None:
-            _check_int(owner, "seed", self.seed)
+            check_int(owner, "seed", self.seed)
         # Normalise list-like fields to tuples so the frozen config stays hashable / immutable.
         tm = self.target_modules
         if isinstance(tm, (list, tuple, set, frozenset)):

@@ -122,8 +122,8 @@ def test_in_processes_runs_every_call_in_spawned_workers_and_keeps_the_indices()
 
 def test_humaneval_many_scores_a_kept_run_like_evaluate_run_and_caches_it(tmp_path):
     from hyperadalora.bench.humaneval import HUMANEVAL_OVERRIDES, humaneval_many
-    from hyperadalora.train.config import load_run_config
-    from hyperadalora.train.loop import evaluate_run, load_run, train
+    from hyperadalora.train import load_run_config
+    from hyperadalora.train import evaluate_run, load_run, train
 
     data = write_instruct(tmp_path / "data")
     cfg = load_run_config("gsm8k_smollm2_adalora", [

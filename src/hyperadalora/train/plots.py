@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only, never a window
@@ -42,7 +43,7 @@ def short_module_name(name: str) -> str:
 def plot_loss(rows: Sequence[dict], evals: Sequence[dict], path: str | Path, title: str,
               metric: str | None = None) -> Path:
     """Training loss per step (raw and smoothed), task loss, and the eval metric on a second axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
@@ -87,7 +88,7 @@ def plot_rank_heatmap(modules: Sequence[str], history: Sequence[tuple[int, Seque
         total_steps: The last step on the x axis.
         max_rank: The colour scale's upper end (the initial rank ``r``).
     """
-    plt = _pyplot()
+    plt = pyplot()
     steps = max(1, total_steps)
     grid = np.zeros((len(modules), steps), dtype=float)
     for i, (step, ranks) in enumerate(history):  # column j shows the ranks after step j + 1
@@ -119,7 +120,7 @@ def plot_rank_heatmap(modules: Sequence[str], history: Sequence[tuple[int, Seque
 def plot_loss_overlay(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,
                       title: str) -> Path:
     """Several runs' training losses (raw, faint, and smoothed) on one axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for (label, (steps, values)), color in zip(curves.items(), colors * 4):

@@ -24,7 +24,6 @@ one is skipped with a warning on stderr that names the refused file.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import sys
@@ -38,6 +37,8 @@ from ..checkpoint import load_adapter_weights
 from ..fileio import (CorruptCheckpointError, atomic_write, replace_dir, verify_checkpoint, write_json, write_manifest,
                       write_tensors)
 from .config import RunConfig
+from .rng import capture_rng, restore_rng
+from .rundir import info, load_run
 
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -52,85 +53,6 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 RESUME_SAFE_FIELDS = frozenset({"progress", "threads", "data_dir", "output_dir", "run_name", "save_every",
                                 "keep_checkpoints", "eval_batch_size", "sandbox_timeout_s", "sandbox_memory_mb",
                                 "sandbox_workers"})
-
-
-# -- RNG state --------------------------------------------------------------------------------
-
-def rng_snapshot(model=None) -> dict[str, Any]:
-    """The generators' states as they are now, unconverted (cheap enough to take every step).
-
-    Args:
-        model: An :class:`~hyperadalora.AdaptedModel`, whose DyLoRA rank generator is included.
-
-    Returns:
-        A snapshot for :func:`capture_rng` / :func:`save_training_checkpoint`.
-    """
-    cuda = (torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
-    try:
-        import numpy as np
-
-        numpy_state = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        numpy_state = None
-    return {"torch_cpu": torch.get_rng_state(), "torch_cuda": cuda, "python": random.getstate(),
-            "numpy": numpy_state, "dylora": model.rng_state() if model is not None else None}
-
-
-def capture_rng(model=None, snapshot: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The global generators' states (and a DyLoRA model's rank sampler) as tensors + JSON values.
-
-    Args:
-        model: An :class:`~hyperadalora.AdaptedModel`, whose DyLoRA rank generator is included.
-        snapshot: A :func:`rng_snapshot` taken earlier (default: the states now).
-
-    Returns:
-        ``(tensors, meta)``: ``torch_cpu``, ``torch_cuda_<i>`` (when CUDA is initialised),
-        ``python_mt``, ``numpy_mt`` and ``dylora`` tensors; the scalar parts of Python's and
-        NumPy's states in ``meta``.
-    """
-    snap = snapshot if snapshot is not None else rng_snapshot(model)
-    tensors = {"torch_cpu": snap["torch_cpu"]}
-    for i, state in enumerate(snap["torch_cuda"]):
-        tensors[f"torch_cuda_{i}"] = state
-    version, mt, gauss = snap["python"]
-    tensors["python_mt"] = torch.tensor(mt, dtype=torch.int64)
-    meta: dict[str, Any] = {"python_version": version, "python_gauss_next": gauss}
-    if snap["numpy"] is not None:
-        name, key, pos, has_gauss, cached = snap["numpy"]
-        tensors["numpy_mt"] = torch.from_numpy(key.astype("int64"))
-        meta["numpy"] = {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
-                         "cached_gaussian": float(cached)}
-    if snap["dylora"] is not None:
-        tensors["dylora"] = snap["dylora"]
-    return tensors, meta
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model=None) -> None:
-    """Sets the generators back to what :func:`capture_rng` recorded.
-
-    CUDA states are restored when CUDA is available with the same number of devices; otherwise a
-    warning says that GPU randomness (dropout on the GPU) will differ from the original run.
-    """
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")),
-                                       key=lambda k: int(k.rsplit("_", 1)[1]))]
-    if cuda:
-        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            print(f"hyperadalora: warning: the checkpoint holds {len(cuda)} CUDA generator state(s) but "
-                  f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s) are visible; "
-                  "GPU random numbers will differ from the original run", file=sys.stderr, flush=True)
-    random.setstate((meta["python_version"], tuple(int(v) for v in tensors["python_mt"].tolist()),
-                     meta["python_gauss_next"]))
-    if "numpy_mt" in tensors and "numpy" in meta:
-        import numpy as np
-
-        n = meta["numpy"]
-        np.random.set_state((n["name"], tensors["numpy_mt"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-    if model is not None and "dylora" in tensors:
-        model.set_rng_state(tensors["dylora"])
 
 
 # -- optimizer state (no pickle) ---------------------------------------------------------------
@@ -189,7 +111,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
         scheduler: Its learning-rate scheduler.
         trainer_state: The loop's JSON state (loss EMA, evaluations, data position, ...).
         keep: How many complete checkpoints to keep (the newest ones; at least this one).
-        rng: A :func:`rng_snapshot` of the generators (default: taken now).
+        rng: A :func:`~.rng.rng_snapshot` of the generators (default: taken now).
 
     Returns:
         The checkpoint folder.
@@ -311,6 +233,41 @@ def check_resume_config(config: RunConfig, saved: RunConfig, run_dir: str | Path
                          "for other settings")
 
 
+def prepare_resume(run_dir: Path) -> tuple[RunConfig, Path]:
+    """The resumed run's saved config and the newest checkpoint that verifies (nothing loaded yet).
+
+    Raises:
+        ValueError: The run already completed.
+        FileNotFoundError / CorruptCheckpointError: See :func:`find_resume_checkpoint`.
+    """
+    saved = load_run(run_dir)
+    info_path = run_dir / "eval.json"
+    if info_path.is_file():
+        try:
+            done = json.loads(info_path.read_text())
+        except ValueError:
+            done = {}
+        if isinstance(done, dict) and done.get("status") == "completed" and done.get("final") is not None:
+            raise ValueError(f"{run_dir} already completed its {saved.steps} steps (see its eval.json); nothing to "
+                             "resume: start a new run (or `hyperadalora eval` it)")
+    return saved, find_resume_checkpoint(run_dir)
+
+
+def set_aside_after(run_dir: Path, step: int) -> None:
+    """Before a resumed run writes checkpoints again: leftovers of interrupted writes are removed and
+    checkpoints newer than ``step`` (they failed verification) are renamed ``corrupt-step-<N>``."""
+    root = run_dir / CHECKPOINTS_DIR
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for n, folder in checkpoint_dirs(run_dir):
+        if n > step:
+            aside = root / f"corrupt-{folder.name}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            folder.rename(aside)
+            info(f"hyperadalora: the refused checkpoint {folder} was moved to {aside}")
+
+
 def data_fingerprint(rows) -> str:
     """SHA-256 of the training rows' ``repr`` (in order): a resumed run must see the same data."""
     import hashlib
@@ -355,7 +312,6 @@ def truncate_log(path: str | Path, step: int) -> list[dict]:
     return rows
 
 
-__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "CorruptCheckpointError", "capture_rng", "check_resume_config",
-           "checkpoint_dirs", "data_fingerprint", "find_resume_checkpoint", "flatten_optimizer_state",
-           "load_training_checkpoint", "restore_rng", "rng_snapshot", "save_training_checkpoint", "truncate_log",
-           "unflatten_optimizer_state", "verify_checkpoint"]
+__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "check_resume_config", "checkpoint_dirs", "data_fingerprint",
+           "find_resume_checkpoint", "flatten_optimizer_state", "load_training_checkpoint", "prepare_resume",
+           "save_training_checkpoint", "set_aside_after", "truncate_log", "unflatten_optimizer_state"]

@@ -1,0 +1,119 @@
+"""Building a run's pieces: seeds, the data order, the adapted model, the optimizer and schedule."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from ..adapted_model import AdaptedModel, wrap
+from ..tasks import task_spec
+from .config import RunConfig
+from .schedule import make_scheduler
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed)
+
+
+def batch_order(n_rows: int, batch_size: int, seed: int):
+    """Yields lists of row indices forever: a fresh seeded permutation per epoch.
+
+    An epoch's incomplete last batch is dropped (unless there are fewer rows than one batch),
+    so every micro-batch has the same size and the order depends only on ``seed``.
+    """
+    if n_rows < 1:
+        raise ValueError("no training rows")
+    gen = torch.Generator().manual_seed(seed)
+    size = min(batch_size, n_rows)
+    while True:
+        perm = torch.randperm(n_rows, generator=gen).tolist()
+        for start in range(0, n_rows - size + 1, size):
+            yield perm[start:start + size]
+
+
+def load_base_model(config: RunConfig):
+    """``(model, tokenizer)`` for the run's model and task (head size from the task)."""
+    from ..models import load_model
+
+    spec = task_spec(config.task)
+    return load_model(config.model, task=spec.model_task, num_labels=max(spec.num_labels, 1))
+
+
+def finalize_adapter_config(config: RunConfig, model: torch.nn.Module) -> RunConfig:
+    """Adds the classification head to ``adapter.modules_to_save`` when none is listed.
+
+    A fresh head that is not trained would make a classifier guess, so for sequence
+    classification the head (``classifier`` for BERT-likes, ``score`` for decoder models) must
+    train; a listed module that matches nothing raises, naming the candidates.
+    """
+    spec = task_spec(config.task)
+    names = [n for n, _ in model.named_modules()]
+
+    def matches(target: str) -> bool:
+        return any(n == target or n.endswith("." + target) for n in names)
+
+    saved = config.adapter.modules_to_save
+    for target in saved:
+        if not matches(target):
+            heads = [h for h in ("classifier", "score", "lm_head") if matches(h)]
+            raise ValueError(f"adapter.modules_to_save: {target!r} matches no module of {config.model}; "
+                             f"this model's head is {', '.join(heads) or 'unknown'}")
+    if spec.model_task == "sequence-classification" and not saved:
+        head = next((h for h in ("classifier", "score") if matches(h)), None)
+        if head is None:
+            raise ValueError(f"{config.model} has no 'classifier' or 'score' head: set adapter.modules_to_save "
+                             "to its classification head so that it trains")
+        adapter = config.adapter.to_dict()
+        adapter["modules_to_save"] = [head]
+        return config.replace(adapter=adapter)
+    return config
+
+
+def build_model(config: RunConfig, base_model=None, tokenizer=None) -> tuple[AdaptedModel, Any, RunConfig]:
+    """The run's base model wrapped with its adapter, seeded as every run is.
+
+    Seeds every generator with ``config.seed``, loads the base model (unless given), adds the
+    classification head to ``modules_to_save`` (:func:`finalize_adapter_config`), re-seeds torch
+    and wraps: the adapter's initial factors depend only on the config.
+
+    Returns:
+        ``(model, tokenizer, config)``, ``config`` with the finalized adapter.
+    """
+    seed_everything(config.seed)
+    if base_model is None:
+        base_model, tokenizer = load_base_model(config)
+    config = finalize_adapter_config(config, base_model)
+    torch.manual_seed(config.seed)
+    return wrap(base_model, config.adapter), tokenizer, config
+
+
+def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.optim.Optimizer, Any, float | None]:
+    """AdamW over the model's parameter groups and its warm-up + cosine schedule.
+
+    Returns:
+        ``(optimizer, scheduler, hyper_lr)``: ``hyper_lr`` is the hypernetworks' own peak
+        learning rate when it differs from ``config.lr`` (else None).
+    """
+    groups = (model.optimizer_param_groups(config.lr, config.weight_decay)
+              if hasattr(model, "optimizer_param_groups")
+              else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr,
+                     "weight_decay": config.weight_decay}])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.steps, config.effective_warmup_steps, config.min_lr_ratio)
+    hyper_lr = next((g["initial_lr"] for g in optimizer.param_groups
+                     if g.get("name") == "hypernetworks" and g["initial_lr"] != config.lr), None)
+    return optimizer, scheduler, hyper_lr
+
+
+__all__ = ["batch_order", "build_model", "finalize_adapter_config", "load_base_model", "make_optimizer",
+           "seed_everything"]
