@@ -50,6 +50,7 @@ from .resume import (CHECKPOINTS_DIR, check_resume_config, checkpoint_dirs, data
                      find_resume_checkpoint, load_training_checkpoint, rng_snapshot, save_training_checkpoint,
                      truncate_log)
 from .schedule import make_scheduler
+from .step import optimizer_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -320,7 +321,6 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
                      "weight_decay": config.weight_decay}])
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = make_scheduler(optimizer, config.steps, config.effective_warmup_steps, config.min_lr_ratio)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     hyper_lr = next((g["initial_lr"] for g in optimizer.param_groups
                      if g.get("name") == "hypernetworks" and g["initial_lr"] != config.lr), None)
 
@@ -409,47 +409,25 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
     # writes no training checkpoint. rng_after holds the generators as they were after the last
     # complete step (what a checkpoint written on Ctrl-C must record).
     mid_update, rng_after = False, None
+
+    def start_update() -> None:
+        nonlocal mid_update
+        mid_update = True
+
     log_file = open(run_dir / "log.jsonl", "a" if resume_from is not None else "w")
     try:
         for step in range(start, config.steps):
-            t0 = time.perf_counter()
-            losses, task_losses, regs = [], [], []
-            bad = None
-            for micro in range(config.grad_accum):
-                rows = [train_rows[i] for i in next(order)]
-                batch = task.collate(rows)
-                out = model(**batch)
-                loss = out.loss
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    bad = f"the loss is {value} at step {step + 1} (micro-batch {micro + 1} of {config.grad_accum})"
-                    break
-                (loss / config.grad_accum).backward()
-                losses.append(value)
-                task_losses.append(model.last_task_loss)
-                if model.last_regularizer is not None and is_adalora:
-                    regs.append(model.last_regularizer)
-            grad_norm = None
-            if bad is None:
-                if hasattr(model, "backward_hypernetworks"):
-                    model.backward_hypernetworks()
-                max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                if not math.isfinite(grad_norm):
-                    bad = f"the gradient norm is {grad_norm} at step {step + 1}"
-            if bad is not None:
-                optimizer.zero_grad(set_to_none=True)
+            micro_batches = (task.collate([train_rows[i] for i in next(order)]) for _ in range(config.grad_accum))
+            stats = optimizer_step(model, optimizer, micro_batches, step_index=step,
+                                   max_grad_norm=config.max_grad_norm, scheduler=scheduler,
+                                   grad_accum=config.grad_accum, on_update=start_update)
+            if not stats.finite:
                 status = "stopped: non-finite loss"
-                stop_message = bad
+                stop_message = stats.problem
                 break
-            factor = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]
-            lr_now = config.lr * factor
-            mid_update = True
-            optimizer.step()
-            model.after_step(step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_time = time.perf_counter() - t0
+            lr_now = config.lr * stats.lr_factor
+            factor = stats.lr_factor
+            step_time = stats.seconds
             total_rank = sum(model.ranks.values())
             if is_adalora:
                 ranks = [model.ranks[m] for m in modules]
@@ -457,10 +435,9 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
                     rank_history.append((step + 1, ranks))
             row = {"step": step + 1, "epoch": round((step + 1) * config.batch_size * config.grad_accum
                                                     / len(train_rows), 4),
-                   "loss": sum(losses) / len(losses),
-                   "task_loss": sum(task_losses) / len(task_losses) if None not in task_losses else None,
-                   "regularizer": sum(regs) / len(regs) if regs else None,
-                   "lr": lr_now, "grad_norm": grad_norm, "step_time": round(step_time, 4),
+                   "loss": stats.loss, "task_loss": stats.task_loss,
+                   "regularizer": stats.regularizer if is_adalora else None,
+                   "lr": lr_now, "grad_norm": stats.grad_norm, "step_time": round(step_time, 4),
                    "total_rank": total_rank, "budget": model.budget}
             if hyper_lr is not None:
                 row["hyper_lr"] = hyper_lr * factor
