@@ -116,7 +116,8 @@ def tiny_base(tmp_path_factory):
 
 def tiny_batch(n=4, seq=8):
     g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(5, 20, (n, seq), generator=g), "attention_mask": torch.ones(n, seq, dtype=torch.long),
+    return {"input_ids": torch.randint(5, 20, (n, seq), generator=g),
+            "attention_mask": torch.ones(n, seq, dtype=torch.long),
             "labels": torch.randint(0, 2, (n,), generator=g)}
 
 

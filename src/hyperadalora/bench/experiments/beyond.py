@@ -49,7 +49,8 @@ VARIANTS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The study's options, with ``--no-rows`` and ``--only``."""
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--no-rows", action="store_true", help="skip the rows layout (about 4x the time of a direct step)")
+        p.add_argument("--no-rows", action="store_true",
+                       help="skip the rows layout (about 4x the time of a direct step)")
         p.add_argument("--only", default="", help="run only these variants (their tags without the dash, e.g. "
                        "h128,lamh64) beside the default and the AdaLoRA baseline")
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"beyond --only: unknown variant tags {sorted(t[1:] for t in unknown)}; "
                          f"known: {', '.join(v.tag[1:] for v in VARIANTS if v.tag)}")
-    variants = [v for v in VARIANTS if not (args.no_rows and v.tag == "-rows") and (not only or not v.tag or v.tag in only)]
+    variants = [v for v in VARIANTS
+                if not (args.no_rows and v.tag == "-rows") and (not only or not v.tag or v.tag in only)]
     study.run_study(args, variants, TITLE, render)
     return 0

@@ -47,7 +47,8 @@ def hyper_parameter_counts(archs: list[str]) -> dict[str, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The study's options, with ``--bodies``."""
-    return study.study_args("body_ablation", __doc__, argv, lambda p: p.add_argument("--bodies", default="attention,mlp,cnn"))
+    return study.study_args("body_ablation", __doc__, argv,
+                            lambda p: p.add_argument("--bodies", default="attention,mlp,cnn"))
 
 
 def render(result: dict) -> list[str]:

@@ -76,7 +76,8 @@ def dev_accuracy(model, tokenizer, rows, max_length):
 
 def adapter_overrides(variant: str | None, args: argparse.Namespace) -> list[str]:
     """The run-config overrides of a variant: ``None`` is AdaLoRA, ``layout[:mode]`` a hyper source."""
-    overrides = [f"steps={args.steps}", f"adapter.seed={args.seed}", f"adapter.source={'hyper' if variant else 'direct'}"]
+    overrides = [f"steps={args.steps}", f"adapter.seed={args.seed}",
+                 f"adapter.source={'hyper' if variant else 'direct'}"]
     if variant:
         layout, _, mode = variant.partition(":")
         overrides += [f"adapter.hyper.tokens={layout or 'rank'}"] + ([f"adapter.hyper.mode={mode}"] if mode else [])
@@ -157,8 +158,9 @@ def render(result: dict) -> list[str]:
 @experiment("convergence_quick", section="## 8. Beyond the paper: layouts, modes, allocation",
             title="8. the first one-seed layout / mode check (constant lr, 300 steps)", parse_args=parse_args,
             render=render,
-            commands=[Command("convergence_quick", ("--variants", "rank:anchored,rank:reparam,rank:recurrent,patch:reparam",
-                                                    "--skip", "rank:reparam@1e-4,rank:recurrent@1e-4,patch:reparam@1e-4"))])
+            commands=[Command("convergence_quick",
+                              ("--variants", "rank:anchored,rank:reparam,rank:recurrent,patch:reparam",
+                               "--skip", "rank:reparam@1e-4,rank:recurrent@1e-4,patch:reparam@1e-4"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs every variant at every lr (learning-rate major) and writes ``results/<name>.*`` after each run."""
     from ...data.glue import read_glue, resolve_data_dir
@@ -209,7 +211,8 @@ def write_summary(runs: list[dict], args: argparse.Namespace, n_dev: int, notes:
                      "final_smoothed_loss": r["final_smoothed"], "steps_to_target": steps,
                      "seconds_to_target": secs, "seconds_per_step": r["seconds_per_step"],
                      "dev_accuracy": r["dev_accuracy"], "diverged": bool(r.get("diverged"))})
-    result = {"config": {**{k: v for k, v in vars(args).items() if k != "skip_cells"}, "model": "minilm", "task": "sst2", "target_loss": target, "dev_rows_used": n_dev,
+    options = {k: v for k, v in vars(args).items() if k != "skip_cells"}
+    result = {"config": {**options, "model": "minilm", "task": "sst2", "target_loss": target, "dev_rows_used": n_dev,
                          "target_definition": "smoothed (EMA 0.9) training task loss of AdaLoRA at its best lr, "
                                               "last step",
                          "note": "a diverged run (non-finite loss) is never a best lr; its row says so"},

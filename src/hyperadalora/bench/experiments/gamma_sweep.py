@@ -22,7 +22,8 @@ TITLE = "gamma sweep"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The study's options, with ``--gammas``."""
-    return study.study_args("gamma_sweep", __doc__, argv, lambda p: p.add_argument("--gammas", default="0,0.1,0.15,0.2"))
+    return study.study_args("gamma_sweep", __doc__, argv,
+                            lambda p: p.add_argument("--gammas", default="0,0.1,0.15,0.2"))
 
 
 def fmt_last(value: float | None) -> str:

@@ -49,7 +49,8 @@ def render(result: dict) -> list[str]:
     """The table of a generality result: each method with and without hypernetwork, then the base model."""
     c = result["config"]
     table = [[r["method"], fmt(r["final_smoothed_loss"]), fmt(r["steps_to_target"], ".0f"),
-              fmt(r["seconds_to_target"], ".0f"), f"{r['seconds_per_step']:.2f}", fmt(r["gsm8k_exact_match"], ".3f", "n/a"),
+              fmt(r["seconds_to_target"], ".0f"), f"{r['seconds_per_step']:.2f}",
+              fmt(r["gsm8k_exact_match"], ".3f", "n/a"),
               fmt(r["humaneval_pass@1"], ".3f", "n/a")] for r in result["rows"]]
     if result.get("base_model_humaneval"):
         table.append(["base model (no adapter)", "", "", "", "", "",

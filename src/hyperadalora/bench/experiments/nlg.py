@@ -128,7 +128,8 @@ SCALED = ("--steps", "100", "--batch-size", "4")
             commands=[Command("nlg", ("--workers", "1")),
                       Command("nlg_alpaca_scaled", ("--tasks", "alpaca", *SCALED, "--eval-rows", "64", "--workers", "1",
                                                     "--name", "nlg_alpaca_scaled")),
-                      Command("nlg_gsm8k_scaled_lr3e-3", ("--tasks", "gsm8k", *SCALED, "--eval-rows", "32", "--lr", "3e-3",
+                      Command("nlg_gsm8k_scaled_lr3e-3", ("--tasks", "gsm8k", *SCALED, "--eval-rows", "32",
+                                                          "--lr", "3e-3",
                                                           "--name", "nlg_gsm8k_scaled_lr3e-3"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs AdaLoRA and HyperAdaLoRA on each task and writes ``results/<name>.*``."""

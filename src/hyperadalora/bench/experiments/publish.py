@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@experiment("publish", section="# Benchmarks: the HyperAdaLoRA paper's experiments at CPU scale, side by side with peft",
+@experiment("publish",
+            section="# Benchmarks: the HyperAdaLoRA paper's experiments at CPU scale, side by side with peft",
             title="copies every results/<name>.md into BENCHMARKS.md between its table markers",
             parse_args=parse_args, data=False)
 def main(argv: list[str] | None = None) -> int:

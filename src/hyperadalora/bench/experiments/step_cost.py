@@ -191,7 +191,8 @@ def cmd(result: str, variants: str, *args: str, hyper_base: str = PAPER_WIDTH) -
 GOAL = ("adalora,hyper_adalora,hyper_adalora+lam_hidden=64,hyper_adalora+checkpointing=True,hyper_adalora+hidden=128,"
         "hyper_adalora_mlp_rank")
 DEFAULT = "adalora,hyper_adalora,hyper_adalora+hidden=312"
-HYPER_B16 = ("floor,lora,adalora,dora,dylora,hyper_adalora_attention_rank,hyper_adalora_mlp_rank,hyper_adalora_cnn_rank,"
+HYPER_B16 = ("floor,lora,adalora,dora,dylora,hyper_adalora_attention_rank,hyper_adalora_mlp_rank,"
+             "hyper_adalora_cnn_rank,"
              "hyper_adalora_attention_patch,hyper_adalora_mlp_patch,hyper_adalora_cnn_patch,hyper_lora,hyper_dora,"
              "hyper_dylora")
 SLOW = ("adalora,hyper_adalora_attention_rows,hyper_adalora_mlp_rows,hyper_adalora_cnn_rows,hyper_adalora_mlp_elements,"
@@ -204,8 +205,8 @@ COMMANDS = [
     cmd("step_cost_hyper_b64", "adalora,hyper_adalora_attention_rank,hyper_adalora_attention_patch,lora,hyper_lora",
         "--steps", "5", "--warmup", "1", "--accumulate", "4", "--threads", "1"),
     cmd("step_cost_hyper_slow_layouts", SLOW, "--steps", "1", "--warmup", "1", "--threads", "1"),
-    cmd("step_cost_hyper_elements_attention", "adalora,hyper_adalora_attention_elements", "--steps", "1", "--warmup", "0",
-        "--threads", "1"),
+    cmd("step_cost_hyper_elements_attention", "adalora,hyper_adalora_attention_elements", "--steps", "1",
+        "--warmup", "0", "--threads", "1"),
     cmd("step_cost_goal_b16", GOAL, "--steps", "15"),
     cmd("step_cost_goal_b64", GOAL, "--steps", "6", *B64),
     cmd("step_cost_default_b16", DEFAULT, "--steps", "15", hyper_base=""),

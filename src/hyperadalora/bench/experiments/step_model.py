@@ -34,7 +34,7 @@ TOTAL_STEP = 100_000  # far beyond the run: AdaLoRA stays in its budget phase
 
 
 def hyper_overrides(pairs: Sequence[str]) -> dict:
-    """``["lam_hidden=64", "context=False"]`` -> ``{"lam_hidden": 64, "context": False}``, typed as ``HyperConfig``'s fields.
+    """``["lam_hidden=64", "context=False"]`` -> ``{"lam_hidden": 64, "context": False}`` (``HyperConfig``'s types).
 
     Raises:
         ValueError: A pair that is not ``key=value`` or names no ``HyperConfig`` field.
@@ -45,7 +45,8 @@ def hyper_overrides(pairs: Sequence[str]) -> dict:
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
-    """``"hyper_adalora+lam_hidden=64+context=False"`` -> ``("hyper_adalora", {"lam_hidden": 64, "context": False})``."""
+    """``"hyper_adalora+lam_hidden=64+context=False"`` -> ``("hyper_adalora", {"lam_hidden": 64, "context": False})``.
+    """
     name, *pairs = variant.split("+")
     return name, hyper_overrides(pairs)
 
