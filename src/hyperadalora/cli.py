@@ -9,6 +9,7 @@ Examples::
     hyperadalora export runs/<run> --out runs/<run>/peft   # a plain peft LoRA adapter
     hyperadalora presets
     hyperadalora bench convergence --data-dir ../shared/data   # a paper experiment (bench: the list)
+    hyperadalora bench commands                        # every registered command (what `make bench` runs)
 
 A config is a preset name (``configs/<name>.yaml``), a YAML file, or nothing (defaults);
 ``key=value`` items override it (dotted for the adapter: ``adapter.r=16``,
@@ -99,14 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the shipped presets")
 
-    from .bench.commands import list_text
+    from .bench.registry import list_text
 
-    p = sub.add_parser("bench", help="run one of the paper-reproduction benchmarks (benchmarks/)",
-                       formatter_class=raw, description="Runs benchmarks/<script> of NAME; the options after NAME "
-                       "go to the script (`hyperadalora bench NAME --help` lists them). Results go to "
-                       "benchmarks/results/<name>.json / .md / .png.", epilog="benchmarks:\n" + list_text())
-    p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark (none: list them)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark script")
+    p = sub.add_parser("bench", help="run the paper-reproduction benchmarks (BENCHMARKS.md)",
+                       formatter_class=raw, description="Runs the registered experiment NAME; the options after "
+                       "NAME are its own (`hyperadalora bench NAME --help` lists them). Results go to "
+                       "benchmarks/results/<name>.json / .md / .png. `all [--group quick] [--data-dir D]` runs every "
+                       "registered command (`make bench`, `make bench-quick`), `commands` prints them, "
+                       "`render [NAME ...] [--check]` rebuilds the result tables from their JSON.",
+                       epilog="benchmarks:\n" + list_text())
+    p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark, or all / commands / render "
+                   "(none: list them)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark")
     return parser
 
 
@@ -187,12 +192,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.commands import list_text, run_benchmark
+    from .bench.registry import bench_main
 
-    if args.name is None:
-        print("benchmarks (hyperadalora bench NAME [options]):\n" + list_text())
-        return 0
-    return run_benchmark(args.name, list(args.bench_args) + list(getattr(args, "items", []) or []))
+    rest = list(args.bench_args) + list(getattr(args, "items", []) or [])
+    return bench_main(([args.name] if args.name is not None else []) + rest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,19 +11,19 @@ of batch ``--batch-size``; stated in the result. Writes ``results/nlg.*``.
 
 Usage::
 
-    python benchmarks/nlg.py --data-dir ../shared/data [--steps 30] [--tasks alpaca,gsm8k]
+    hyperadalora bench nlg --data-dir ../shared/data [--steps 30] [--tasks alpaca,gsm8k]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
-from common import PAPER_HIDDEN, RESULTS  # benchmarks/ is on sys.path when a script runs
-from hyperadalora.bench.curves import first_reach
-from hyperadalora.bench.report import fmt, markdown_table, plot_curve_groups, write_result
-from hyperadalora.bench.runner import RunSpec, run_specs
+from ..curves import first_reach
+from ..registry import Command, experiment
+from ..report import fmt, markdown_table, plot_curve_groups
+from ..runner import RunSpec, run_specs
+from .common import PAPER_HIDDEN, result_path, write_results
 
 PRESETS = {"alpaca": "alpaca_smollm2_adalora", "gsm8k": "gsm8k_smollm2_adalora"}
 EVAL = {"alpaca": {"eval_rows": 32, "max_new_tokens": 64}, "gsm8k": {"eval_rows": 16, "max_new_tokens": 192}}
@@ -95,38 +95,61 @@ def summarize(results: dict, specs: list[RunSpec], baseline: str = "adalora") ->
     return rows, targets
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of :func:`main`."""
+    p = argparse.ArgumentParser(prog="hyperadalora bench nlg", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     scale_args(p, steps=30)
     p.add_argument("--tasks", default="alpaca,gsm8k")
     p.add_argument("--name", default="nlg")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def render(result: dict) -> list[str]:
+    """The table of an NLG result: loss, steps / seconds to AdaLoRA's final loss, quality per task and method."""
+    c = result["config"]
+    table = [[r["task"], r["method"], fmt(r["final_smoothed_loss"]), fmt(r["steps_to_target"], ".0f"),
+              fmt(r["seconds_to_target"], ".0f"), f"{r['seconds_per_step']:.2f}",
+              fmt(r["metrics"].get("bleu4"), ".2f", "-"), fmt(r["metrics"].get("rouge1"), ".4f", "-"),
+              fmt(r["metrics"].get("exact_match"), ".3f", "-"), r["metrics"].get("num_examples", "")]
+             for r in result["rows"]]
+    return [f"SmolLM2-135M-Instruct, {c['steps']} steps of batch {c['batch_size']} x <= {c['max_length']} tokens, "
+            f"lr {c['lr']:g}, seed {c['seed']}; target = AdaLoRA's final smoothed training loss per task.", "",
+            *markdown_table(["task", "method", "final loss", "steps to target", "s to target", "s/step", "BLEU-4",
+                             "ROUGE-1", "exact match", "eval rows"], table)]
+
+
+SCALED = ("--steps", "100", "--batch-size", "4")
+
+
+@experiment("nlg", section="## 2. NLG quality and time (Tables 1, 6, 9): SmolLM2 on Alpaca and GSM8K",
+            title="2. SmolLM2 instruction tuning (Alpaca, GSM8K): time to target, BLEU-4 / ROUGE-1",
+            parse_args=parse_args, render=render,
+            commands=[Command("nlg", ("--workers", "1")),
+                      Command("nlg_alpaca_scaled", ("--tasks", "alpaca", *SCALED, "--eval-rows", "64", "--workers", "1",
+                                                    "--name", "nlg_alpaca_scaled")),
+                      Command("nlg_gsm8k_scaled_lr3e-3", ("--tasks", "gsm8k", *SCALED, "--eval-rows", "32",
+                                                          "--lr", "3e-3",
+                                                          "--name", "nlg_gsm8k_scaled_lr3e-3"))])
+def main(argv: list[str] | None = None) -> int:
+    """Runs AdaLoRA and HyperAdaLoRA on each task and writes ``results/<name>.*``."""
+    args = parse_args(argv)
     tasks = args.tasks.split(",")
-    # GSM8K adapters are kept: generality.py shares these two runs and evaluates them on HumanEval.
+    # GSM8K adapters are kept: the generality experiment shares these two runs and evaluates them on HumanEval.
     specs = [smollm2_spec(t, "adalora", hyper, args, keep_run_dir=(t == "gsm8k")) for t in tasks
              for hyper in (False, True)]
     results = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads, only_cached=args.report_only)
     rows, targets = summarize(results, specs)
-    table = [[r["task"], r["method"], fmt(r["final_smoothed_loss"]), fmt(r["steps_to_target"], ".0f"),
-              fmt(r["seconds_to_target"], ".0f"), f"{r['seconds_per_step']:.2f}",
-              fmt(r["metrics"].get("bleu4"), ".2f", "-"), fmt(r["metrics"].get("rouge1"), ".4f", "-"),
-              fmt(r["metrics"].get("exact_match"), ".3f", "-"), r["metrics"].get("num_examples", "")] for r in rows]
-    lines = [f"SmolLM2-135M-Instruct, {args.steps} steps of batch {args.batch_size} x <= {args.max_length} tokens, "
-             f"lr {args.lr:g}, seed {args.seed}; target = AdaLoRA's final smoothed training loss per task.", "",
-             *markdown_table(["task", "method", "final loss", "steps to target", "s to target", "s/step", "BLEU-4",
-                              "ROUGE-1", "exact match", "eval rows"], table)]
     config = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
               "seed": args.seed, "eval": EVAL, "eval_rows": args.eval_rows, "presets": PRESETS, "targets": targets,
               "threads_per_run": args.threads, "workers": args.workers}
     curves = {f"{s.tags['task']}/{s.tags['method']}": results[s.key]["losses"] for s in specs if s.key in results}
-    write_result(RESULTS, args.name, {"config": config, "rows": rows, "curves": curves}, lines)
+    result = {"config": config, "rows": rows, "curves": curves}
+    lines = render(result)
+    write_results(args.name, result, lines)
     panels = {t: {m: [results[s.key]["losses"]] for s in specs if s.key in results and s.tags["task"] == t
                   for m in [s.tags["method"]]} for t in tasks}
-    plot_curve_groups({}, RESULTS / f"{args.name}.png", "SmolLM2: AdaLoRA vs HyperAdaLoRA (smoothed training loss)",
+    plot_curve_groups({}, result_path(args.name), "SmolLM2: AdaLoRA vs HyperAdaLoRA (smoothed training loss)",
                       target=targets, panels=panels)
     print("\n".join(lines))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,14 +17,18 @@ the AdaLoRA baseline are convergence runs themselves). Writes ``results/beyond.*
 
 Usage::
 
-    python benchmarks/beyond.py --data-dir ../shared/data [--no-rows] [--seeds 1]
+    hyperadalora bench beyond --data-dir ../shared/data [--no-rows] [--seeds 1]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
-from variant_study import Variant, run_study, study_args
+from ..registry import Command, experiment
+from . import study
+from .study import Variant
+
+TITLE = "beyond the paper: layouts, modes, allocation, step size, symmetry"
 
 VARIANTS = [
     Variant("rank layout, anchored, 312 wide (the paper's size)"),
@@ -42,22 +46,44 @@ VARIANTS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    def add_arguments(p):
-        p.add_argument("--no-rows", action="store_true", help="skip the rows layout (about 4x the time of a direct step)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The study's options, with ``--no-rows`` and ``--only``."""
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-rows", action="store_true",
+                       help="skip the rows layout (about 4x the time of a direct step)")
         p.add_argument("--only", default="", help="run only these variants (their tags without the dash, e.g. "
                        "h128,lamh64) beside the default and the AdaLoRA baseline")
 
-    args = study_args(__doc__, argv, "beyond", add_arguments)
+    return study.study_args("beyond", __doc__, argv, add_arguments)
+
+
+def render(result: dict) -> list[str]:
+    """The table of a ``beyond`` result."""
+    return study.render(result, TITLE)
+
+
+def seeds3(result: str, only: str, *more: str) -> Command:
+    """A command of three seeds of some variants."""
+    return Command(result, ("--only", only, "--seeds", "3", *more, "--name", result))
+
+
+@experiment("beyond", section="## 8. Beyond the paper: layouts, modes, allocation",
+            title="8-9. token layouts, state modes, allocation policies, step size, symmetry",
+            parse_args=parse_args, render=render,
+            commands=[Command("beyond"), seeds3("beyond_seeds", "reparam,sigmagrad,nocontext"),
+                      seeds3("beyond_layouts_seeds", "patch,scale1", "--workers", "1"), seeds3("beyond_h128", "h128"),
+                      Command("beyond_h128_lr3e-3", ("--only", "h128", "--lr", "3e-3", "--name", "beyond_h128_lr3e-3")),
+                      Command("beyond_h128_mpnet", ("--model", "mpnet", "--only", "h128", "--seeds", "2",
+                                                    "--name", "beyond_h128_mpnet"))])
+def main(argv: list[str] | None = None) -> int:
+    """Runs the chosen variants and writes ``results/<name>.*``."""
+    args = parse_args(argv)
     only = {f"-{t}" for t in args.only.split(",") if t}
     unknown = only - {v.tag for v in VARIANTS}
     if unknown:
-        raise SystemExit(f"beyond.py --only: unknown variant tags {sorted(t[1:] for t in unknown)}; "
+        raise SystemExit(f"beyond --only: unknown variant tags {sorted(t[1:] for t in unknown)}; "
                          f"known: {', '.join(v.tag[1:] for v in VARIANTS if v.tag)}")
-    variants = [v for v in VARIANTS if not (args.no_rows and v.tag == "-rows") and (not only or not v.tag or v.tag in only)]
-    run_study(args, variants, "beyond the paper: layouts, modes, allocation, step size, symmetry")
+    variants = [v for v in VARIANTS
+                if not (args.no_rows and v.tag == "-rows") and (not only or not v.tag or v.tag in only)]
+    study.run_study(args, variants, TITLE, render)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ Writes ``results/similarity.json`` (per module and averaged), ``.md``, ``.png``.
 
 Usage::
 
-    python benchmarks/similarity.py [--lr 1e-3] [--work-dir runs/bench/convergence]
+    hyperadalora bench similarity [--lr 1e-3] [--work-dir runs/bench/convergence]
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import argparse
 import dataclasses
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-from common import RESULTS  # benchmarks/ is on sys.path when a script runs
-from hyperadalora.bench.report import markdown_table, write_result
-from hyperadalora.train.plots import pyplot, short_module_name
+from ...train.plots import pyplot, short_module_name
+from ..registry import Command, experiment
+from ..report import markdown_table
+from .common import result_path, write_results
 
+KINDS = ("P", "lam", "Q", "dW")
+PAIRS = ("hyper vs adalora", "adalora vs its init", "hyper vs its init", "init: hyper vs adalora")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,7 +43,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {P, lam, Q, dW}}`` of a run's saved adapter (generated factors for hyper runs)."""
-    from hyperadalora.train import load_run, load_trained
+    from ...train import load_run, load_trained
 
     config = load_run(run_dir)
     model, _ = load_trained(config, run_dir / "adapter")
@@ -52,7 +54,7 @@ def trained_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def initial_factors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The factors a run started from (built as the training loop builds them)."""
-    from hyperadalora.train import build_model, load_run
+    from ...train import build_model, load_run
 
     config = load_run(run_dir)
     # The hyper source's state starts as the direct factors: build the direct model (same RNG draws).
@@ -73,8 +75,10 @@ def with_update(f: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, tor
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of :func:`main` (the parser is kept as ``args.parser``)."""
+    p = argparse.ArgumentParser(prog="hyperadalora bench similarity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lr", type=float, default=1e-3, help="the lr of both runs")
     p.add_argument("--adalora-lr", type=float, default=None, help="AdaLoRA's lr when it differs (e.g. each "
                    "method's best lr, so that both reached a similar loss)")
@@ -82,51 +86,76 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="runs/bench/convergence")
     p.add_argument("--name", default="similarity")
     args = p.parse_args(argv)
+    args.parser = p
+    return args
+
+
+def method_lrs(config: dict) -> dict[str, float]:
+    """The lr of each method's run (``adalora_lr``, absent or ``None``: the same as HyperAdaLoRA's)."""
+    return {"adalora": config.get("adalora_lr") or config["lr"], "hyperadalora": config["lr"]}
+
+
+def render(result: dict) -> list[str]:
+    """The table of a similarity result: mean cosine per pair and factor."""
+    c, mean = result["config"], result["mean"]
+    lrs = method_lrs(c)
+    table = [[pair] + [f"{mean[f'{pair}|{k}']:.3f}" if math.isfinite(mean[f"{pair}|{k}"]) else "n/a" for k in KINDS]
+             for pair in PAIRS]
+    return [f"Cosine similarity of the learned factors, {c['task']} / MiniLM, seed 0, {at_lrs(lrs)}, "
+            f"mean over the {len(result['per_module'])} adapted modules (n/a: a zero vector, e.g. lam and dW at init, "
+            "has no direction).", "",
+            *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
+
+
+def at_lrs(lrs: dict[str, float]) -> str:
+    """``both at lr 0.001`` or ``AdaLoRA at lr 0.003, HyperAdaLoRA at 0.001``."""
+    return (f"both at lr {lrs['hyperadalora']:g}" if lrs["adalora"] == lrs["hyperadalora"]
+            else f"AdaLoRA at lr {lrs['adalora']:g}, HyperAdaLoRA at {lrs['hyperadalora']:g}")
+
+
+@experiment("similarity", section="## 7. Similarity of the learned P, lam, Q (Table 8)",
+            title="7. cosine similarity of P, lam, Q: HyperAdaLoRA vs AdaLoRA", parse_args=parse_args, render=render,
+            data=False, commands=[Command("similarity", ("--lr", "1e-3")),
+                                  Command("similarity_best_lr", ("--lr", "1e-3", "--adalora-lr", "3e-3",
+                                                                 "--name", "similarity_best_lr"))])
+def main(argv: list[str] | None = None) -> int:
+    """Compares the kept adapters of the two convergence runs and writes ``results/<name>.*``."""
+    args = parse_args(argv)
     torch.set_num_threads(1)
     runs = Path(args.work_dir) / "runs"
-    lrs = {"adalora": args.adalora_lr or args.lr, "hyperadalora": args.lr}
+    lrs = method_lrs(vars(args))
     dirs = {m: runs / f"{args.task}-minilm-{m}-lr{lrs[m]:g}-s0" for m in ("adalora", "hyperadalora")}
     for m, d in dirs.items():
         if not (d / "adapter" / "adapter_config.json").is_file():
-            p.error(f"{d} holds no adapter: run benchmarks/convergence.py first (it keeps the SST-2 / MiniLM / "
-                    f"seed-0 adapters in {runs}), or pick an --lr it ran")
+            args.parser.error(f"{d} holds no adapter: run `hyperadalora bench convergence` first (it keeps the "
+                              f"SST-2 / MiniLM / seed-0 adapters in {runs}), or pick an --lr it ran")
     ada, hyp = trained_factors(dirs["adalora"]), trained_factors(dirs["hyperadalora"])
     init_a, init_h = initial_factors(dirs["adalora"]), initial_factors(dirs["hyperadalora"])
-    kinds = ("P", "lam", "Q", "dW")
-    pairs = {"hyper vs adalora": (hyp, ada), "adalora vs its init": (ada, init_a),
-             "hyper vs its init": (hyp, init_h), "init: hyper vs adalora": (init_h, init_a)}
-    per_module = []
-    for name in ada:
-        row = {"module": name}
-        for pair, (x, y) in pairs.items():
-            for k in kinds:
-                row[f"{pair}|{k}"] = cosine(x[name][k], y[name][k])
-        per_module.append(row)
+    pairs = dict(zip(PAIRS, ((hyp, ada), (ada, init_a), (hyp, init_h), (init_h, init_a))))
+    per_module = [{"module": name, **{f"{pair}|{k}": cosine(x[name][k], y[name][k])
+                                      for pair, (x, y) in pairs.items() for k in KINDS}} for name in ada]
     mean = {key: nanmean([r[key] for r in per_module]) for key in per_module[0] if key != "module"}
-    table = [[pair] + [f"{mean[f'{pair}|{k}']:.3f}" if math.isfinite(mean[f"{pair}|{k}"]) else "n/a" for k in kinds]
-             for pair in pairs]
-    at = (f"both at lr {args.lr:g}" if lrs["adalora"] == lrs["hyperadalora"]
-          else f"AdaLoRA at lr {lrs['adalora']:g}, HyperAdaLoRA at {lrs['hyperadalora']:g}")
-    lines = [f"Cosine similarity of the learned factors, {args.task} / MiniLM, seed 0, {at}, "
-             f"mean over the {len(per_module)} adapted modules (n/a: a zero vector, e.g. lam and dW at init, has no direction).", "",
-             *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
-    write_result(RESULTS, args.name, {"config": vars(args), "mean": mean, "per_module": per_module}, lines)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4), dpi=110)
-    xs = range(len(per_module))
-    for k in kinds:
-        ax.plot(xs, [r[f"hyper vs adalora|{k}"] for r in per_module], marker=".", label=f"{k}: hyper vs adalora")
-    ax.set_xticks(list(xs), [short_module_name(r["module"]) for r in per_module], rotation=90, fontsize=6)
-    ax.set_ylabel("cosine similarity")
-    ax.set_title(f"HyperAdaLoRA vs AdaLoRA factors per module ({args.task}, MiniLM, {at})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png")
-    plt.close(fig)
+    config = {k: v for k, v in vars(args).items() if k != "parser"}
+    result = {"config": config, "mean": mean, "per_module": per_module}
+    lines = render(result)
+    write_results(args.name, result, lines)
+    plot(per_module, args.name, f"HyperAdaLoRA vs AdaLoRA factors per module ({args.task}, MiniLM, {at_lrs(lrs)})")
     print("\n".join(lines))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def plot(per_module: list[dict], name: str, title: str) -> None:
+    """``<name>.png``: the hyper-vs-AdaLoRA cosine of each factor per module."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=110)
+    xs = range(len(per_module))
+    for k in KINDS:
+        ax.plot(xs, [r[f"hyper vs adalora|{k}"] for r in per_module], marker=".", label=f"{k}: hyper vs adalora")
+    ax.set_xticks(list(xs), [short_module_name(r["module"]) for r in per_module], rotation=90, fontsize=6)
+    ax.set_ylabel("cosine similarity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(result_path(name))
+    plt.close(fig)
