@@ -47,8 +47,8 @@ from hyperadalora.export import export_peft_lora  # noqa: E402
 from hyperadalora.integrations.distributed import assert_in_sync, wrap_ddp  # noqa: E402
 from hyperadalora.methods import METHOD_REGISTRY  # noqa: E402
 from hyperadalora.train import load_run, train  # noqa: E402
-from tiny_models import (BERT_TARGETS, GPT2_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch,  # noqa: E402
-                         tiny_bert, tiny_gpt2, tiny_llama, train_steps)
+from tiny_models import (BERT_TARGETS, GPT2_TARGETS, LLAMA_TARGETS, bert_batch, contract_step,  # noqa: E402
+                         llama_batch, tiny_bert, tiny_gpt2, tiny_llama, train_steps)
 
 HERE = Path(__file__).resolve().parent
 METHODS = list(METHOD_REGISTRY)
@@ -63,6 +63,7 @@ MATRIX_STEPS, MATRIX_LR = 6, 1e-2
 SMALL_HYPER = ha.HyperConfig(hidden=24, layers=1)
 
 each_method = pytest.mark.parametrize("method", METHODS)
+each_row = pytest.mark.parametrize("arch,source,method", [(a, s, m) for a in ARCHS for s in SOURCES for m in METHODS])
 each_source = pytest.mark.parametrize("source", SOURCES)
 each_arch = pytest.mark.parametrize("arch", list(ARCHS))
 
@@ -126,9 +127,7 @@ def test_step0_hyper_equals_its_direct_twin(arch, method, tmp_path):
 
 
 # ------------------------------------------------------------------------ merge / save / export
-@each_arch
-@each_source
-@each_method
+@each_row
 def test_merge_equals_unmerged_and_unmerge_restores_the_weights(arch, method, source):
     base, trained_model = trained(arch, method, source)
     model = copy.deepcopy(trained_model)
@@ -147,9 +146,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_weights(arch, method, so
         torch.testing.assert_close(after[key], value, rtol=0, atol=1e-6, msg=key)
 
 
-@each_arch
-@each_source
-@each_method
+@each_row
 def test_save_load_onto_a_fresh_base_gives_the_same_outputs(arch, method, source, tmp_path):
     base, model = trained(arch, method, source)
     ours = assert_adapted(arch, base, model)
@@ -161,9 +158,7 @@ def test_save_load_onto_a_fresh_base_gives_the_same_outputs(arch, method, source
         assert sum(loaded.ranks.values()) == 2 * len(loaded.ranks)
 
 
-@each_arch
-@each_source
-@each_method
+@each_row
 def test_peft_export_loads_in_peft_with_the_same_outputs(arch, method, source, tmp_path):
     base, model = trained(arch, method, source)
     ours = assert_adapted(arch, base, model)
@@ -220,18 +215,12 @@ def ddp_train(method: str, source: str, world: int = 1, rank: int = 0) -> tuple[
         batch = bert_batch(100 + step, batch=2 * DDP_PER_RANK)
         if world > 1:
             batch = {k: v[rank * DDP_PER_RANK:(rank + 1) * DDP_PER_RANK] for k, v in batch.items()}
-        loss = forward(**batch).loss
-        loss.backward()
-        model.backward_hypernetworks()
-        opt.step()
-        model.after_step(step)
-        opt.zero_grad(set_to_none=True)
-        value = loss.detach().clone()
+        value = contract_step(model, batch, opt, step, forward)
         if world > 1:
             dist.all_reduce(value)
         losses.append(float(value) / world)
+    error = None
     try:
-        error = None
         assert_in_sync(model)  # masks, hypernetwork states, allocator, DyLoRA rank, parameters
     except RuntimeError as exc:
         error = str(exc)
@@ -338,14 +327,7 @@ def library_hyper_run(method: str) -> tuple[list[float], dict[str, torch.Tensor]
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.optimizer_param_groups(FROZEN_LR), lr=FROZEN_LR)  # weight decay 0
     model.train()
-    losses = []
-    for step in range(FROZEN_STEPS):
-        loss = model(**bert_batch(step)).loss
-        loss.backward()
-        opt.step()
-        model.after_step(step)
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = [contract_step(model, bert_batch(step), opt, step).item() for step in range(FROZEN_STEPS)]
     with torch.no_grad():
         losses.append(model.eval()(**bert_batch(9)).loss.item())
     return losses, init
@@ -358,8 +340,8 @@ def test_hyper_path_losses_equal_the_frozen_reference(method):
     with torch.no_grad():
         untrained = tiny_bert().eval()(**bert_batch(9)).loss.item()
     assert abs(got[-1] - untrained) > 1e-4, "the generated adapters must have moved the eval loss"
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(FROZEN[method], dtype=torch.float64),
-                               rtol=2e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                               torch.tensor(FROZEN[method], dtype=torch.float64), rtol=2e-6, atol=0)
 
 
 def _ref_layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -373,7 +355,8 @@ def _ref_attention_layer(x: torch.Tensor, p: dict[str, torch.Tensor], heads: int
     n, t, h = x.shape
     hd = h // heads
     qkv = x @ p["qkv.weight"].T + p["qkv.bias"]  # (n, t, 3h): q | k | v, heads inside each
-    q, k, v = (qkv[..., i * h:(i + 1) * h].reshape(n, t, heads, hd).transpose(1, 2) for i in range(3))  # (n, heads, t, hd)
+    # (n, heads, t, hd) each
+    q, k, v = (qkv[..., i * h:(i + 1) * h].reshape(n, t, heads, hd).transpose(1, 2) for i in range(3))
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v  # (n, heads, t, hd)
     x = _ref_layer_norm(x + att.transpose(1, 2).reshape(n, t, h) @ p["attn_out.weight"].T + p["attn_out.bias"],
                         p["ln1.weight"], p["ln1.bias"])

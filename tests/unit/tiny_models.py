@@ -66,3 +66,19 @@ def train_steps(model, steps: int, batch_fn=bert_batch, lr: float = 3e-3, start:
         opt.zero_grad()
         losses.append(out.loss.item())
     return losses
+
+
+def contract_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
+                  forward=None) -> torch.Tensor:
+    """One optimizer step with the full training contract; returns the (detached) loss.
+
+    ``forward`` is what runs the batch (a ``DistributedDataParallel`` around ``model``), default
+    ``model`` itself; ``backward_hypernetworks`` is a no-op unless ``generate="per_step"``.
+    """
+    loss = (forward or model)(**batch).loss
+    loss.backward()
+    model.backward_hypernetworks()
+    opt.step()
+    model.after_step(step)
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
