@@ -9,10 +9,10 @@ import torch
 
 import hyperadalora as ha
 from hyperadalora.hyper.tokens import TokenLayout, from_rank_width, to_rank_width
-from hyperadalora.methods import AdaLoRA, LoRA
+from hyperadalora.methods import METHOD_REGISTRY, AdaLoRA, LoRA
 from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama, train_steps
 
-METHODS = ["lora", "adalora", "dora", "dylora"]
+METHODS = list(METHOD_REGISTRY)
 SMALL_HYPER = dict(hidden=24, layers=1)
 
 

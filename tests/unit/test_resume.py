@@ -37,6 +37,7 @@ METHODS = {
     "adalora-hyper-accum": ["adapter.lora_dropout=0.1", "adapter.source=hyper", "adapter.hyper.hidden=16",
                             "batch_size=2", "grad_accum=2"],
     "lora": ["adapter.method=lora", "adapter.allocator=null", "adapter.r=4", "adapter.lora_dropout=0.1"],
+    "dora": ["adapter.method=dora", "adapter.allocator=null", "adapter.r=4", "adapter.lora_dropout=0.1"],
     "dylora": ["adapter.method=dylora", "adapter.allocator=null", "adapter.r=4"],
 }
 

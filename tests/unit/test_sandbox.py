@@ -26,9 +26,6 @@ from hyperadalora.eval.sandbox import (
     run_program,
 )
 
-DATA_DIR = Path(os.environ.get("HYPERADALORA_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-HUMANEVAL = DATA_DIR / "humaneval" / "HumanEval.jsonl.gz"
-
 
 def test_correct_program_passes():
     result = run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')\n")
@@ -248,13 +245,10 @@ def test_read_humaneval_roundtrip_and_errors(tmp_path):
         read_humaneval(empty)
 
 
-@pytest.mark.integration
-def test_real_humaneval_canonical_solutions_pass():
-    if not HUMANEVAL.exists():
-        pytest.skip(f"HumanEval data not found at {HUMANEVAL} (set HYPERADALORA_DATA_DIR)")
-    problems = read_humaneval(HUMANEVAL)
-    assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"
-    first = problems[:5]
+def test_real_humaneval_canonical_solutions_pass(humaneval_file):
+    problems = read_humaneval(humaneval_file)
+    assert len(problems) == 3 and problems[0]["task_id"] == "HumanEval/0"
+    first = problems
     score, results = humaneval_pass_at_1(first, [p["canonical_solution"] for p in first])
     assert score == 1.0, [r.detail for r in results if not r.passed]
     # and a wrong body fails the real tests
@@ -289,13 +283,10 @@ def test_humaneval_prompt_asks_a_chat_model_for_a_fenced_function():
         "<user> Complete the following Python function.\n\n```python\n" + code + "``` <bot>```python\n")
 
 
-@pytest.mark.integration
-def test_a_chat_models_fenced_function_runs_against_the_real_tests():
+def test_a_chat_models_fenced_function_runs_against_the_real_tests(humaneval_file):
     from hyperadalora.tasks import humaneval_completion
 
-    if not HUMANEVAL.exists():
-        pytest.skip(f"HumanEval data not found at {HUMANEVAL} (set HYPERADALORA_DATA_DIR)")
-    first = read_humaneval(HUMANEVAL)[:3]
+    first = read_humaneval(humaneval_file)[:3]
     # What a chat model writes inside the fence: the whole function (imports and all), the fence, prose.
     right = [p["prompt"] + p["canonical_solution"] + "\n```\nThis function checks the input.\n" for p in first]
     score, results = humaneval_pass_at_1(first, [humaneval_completion(g, chat=True) for g in right])
