@@ -52,6 +52,9 @@ from tiny_models import (BERT_TARGETS, GPT2_TARGETS, LLAMA_TARGETS, bert_batch, 
 
 HERE = Path(__file__).resolve().parent
 METHODS = list(METHOD_REGISTRY)
+# Rows that differ from a method's default by an init (``method+init``); PiSSA joined with this one line.
+INIT_VARIANTS = ["lora+pissa", "dora+pissa"]
+VARIANTS = METHODS + INIT_VARIANTS
 SOURCES = ["direct", "hyper"]
 # arch: (builder, batch function, target modules, modules_to_save)
 ARCHS = {
@@ -63,18 +66,21 @@ MATRIX_STEPS, MATRIX_LR = 6, 1e-2
 SMALL_HYPER = ha.HyperConfig(hidden=24, layers=1)
 
 each_method = pytest.mark.parametrize("method", METHODS)
-each_row = pytest.mark.parametrize("arch,source,method", [(a, s, m) for a in ARCHS for s in SOURCES for m in METHODS])
+each_row = pytest.mark.parametrize("arch,source,method", [(a, s, m) for a in ARCHS for s in SOURCES for m in VARIANTS])
+each_variant = pytest.mark.parametrize("method", VARIANTS)
 each_source = pytest.mark.parametrize("source", SOURCES)
 each_arch = pytest.mark.parametrize("arch", list(ARCHS))
 
 
 def matrix_config(arch: str, method: str, source: str) -> ha.AdapterConfig:
-    """The adapter of one matrix row; AdaLoRA prunes from step 2 to an average rank of 2."""
+    """The adapter of one matrix row (``method`` or ``method+init``); an allocating method prunes from
+    step 2 to an average rank of 2."""
     _, _, targets, heads = ARCHS[arch]
+    method, _, init = method.partition("+")
     alloc = ({"allocator": ha.AllocatorConfig(total_step=MATRIX_STEPS, target_r=2, tinit=1, tfinal=2)}
-             if method == "adalora" else {})
+             if METHOD_REGISTRY[method].uses_allocator else {})
     return ha.AdapterConfig(method=method, source=source, r=4, lora_alpha=8.0, seed=7, target_modules=targets,
-                            modules_to_save=heads, hyper=SMALL_HYPER, **alloc)
+                            modules_to_save=heads, hyper=SMALL_HYPER, init=init or "default", **alloc)
 
 
 @functools.cache
@@ -105,7 +111,7 @@ def assert_adapted(arch: str, base: nn.Module, model: nn.Module) -> torch.Tensor
 
 # ----------------------------------------------------------------------------------- step 0
 @each_arch
-@each_method
+@each_variant
 def test_step0_hyper_equals_its_direct_twin(arch, method, tmp_path):
     build, batch_fn, _, _ = ARCHS[arch]
     base = build()
@@ -154,7 +160,7 @@ def test_save_load_onto_a_fresh_base_gives_the_same_outputs(arch, method, source
     loaded = ha.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
     assert torch.equal(logits(loaded, inputs(arch)), ours)
     assert loaded.rank_pattern == model.rank_pattern and loaded.budget == model.budget
-    if method == "adalora":  # the masks are the pruned ones, not all-kept
+    if METHOD_REGISTRY[method.partition("+")[0]].uses_allocator:  # the masks are the pruned ones, not all-kept
         assert sum(loaded.ranks.values()) == 2 * len(loaded.ranks)
 
 
