@@ -298,8 +298,9 @@ def test_ddp_ranks_stay_in_sync_and_equal_one_process(ddp_results, method, sourc
 # method's adapted weight re-implemented with explicit matmuls from the wrapped model's initial
 # tensors, the base BERT run on the merged weights through torch.func.functional_call, and
 # torch's AdamW. At commit ba7dcaa (and again at main 3055c8e, after the source refactor) the
-# library agreed with it to 6.1e-7 relative (DyLoRA; 0 for the others); the reference moves by 3e-5 to 4e-2 when a context embedding, the mode or a LayerNorm
-# is changed (1e-6 to 4e-6 for the body's head count), hence ``rtol=2e-6``.
+# library agreed with it to 6.1e-7 relative (DyLoRA; 0 for the others); the reference moves by
+# 3e-5 to 4e-2 when a context embedding, the mode or a LayerNorm is changed (1e-6 to 4e-6 for the
+# body's head count), hence ``rtol=2e-6``.
 # Recompute (after a deliberate change): ``PYTHONPATH=src python tests/unit/test_matrix.py frozen``.
 FROZEN_STEPS, FROZEN_LR, FROZEN_SEED, FROZEN_R, FROZEN_ALPHA, FROZEN_GAMMA = 6, 1e-2, 7, 4, 8.0, 0.1
 FROZEN: dict[str, list[float]] = {  # method: [train loss at steps 0..5 (AdaLoRA: + regulariser), eval loss]
