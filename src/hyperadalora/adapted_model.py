@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .adapter_io import load_adapter_weights, save_adapter
-from .allocation import RankPolicy, build_allocator
+from .allocation import RankPolicy, build_allocator, policy_decides_before_wrap, prepare_adapter_config
 from .config import AdapterConfig
 from .inject import inject_adapters, remove_adapters
 from .layers import AdaptedLinear
@@ -43,6 +43,10 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+        if policy_decides_before_wrap(config):
+            raise ValueError(f"allocator.policy={config.allocator.policy!r} decides the ranks before the adapters are "
+                             "created: wrap with calibration batches (wrap(model, config, calibration=batches)) or set "
+                             "AdapterConfig.rank_pattern")
         self.model = model
         self.adapter_config = config
         self.method: AdapterMethod = build_method(config)
@@ -271,17 +275,22 @@ class AdaptedModel(nn.Module):
             )
 
 
-def wrap(model: nn.Module, config: AdapterConfig) -> AdaptedModel:
+def wrap(model: nn.Module, config: AdapterConfig, calibration: Any = None) -> AdaptedModel:
     """Injects adapters into a Hugging Face (or any torch) model.
 
     The base model is frozen; target modules (``config.target_modules``) are replaced by
-    adapter layers; ``config.modules_to_save`` stay trainable.
+    adapter layers; ``config.modules_to_save`` stay trainable. A policy that decides ranks
+    before the adapters exist (``allocator.policy="sensitivity"``) runs first on the base model
+    with the ``calibration`` batches, and the adapters are created at the ranks it chose
+    (``model.adapter_config.rank_pattern``).
 
     Args:
         model: The model to adapt (modified in place).
         config: What to adapt and how.
+        calibration: Model inputs (an iterable of batch dicts) for such a policy; unused otherwise.
 
     Returns:
         The :class:`AdaptedModel` wrapping ``model``.
     """
+    config, _ = prepare_adapter_config(model, config, calibration)
     return AdaptedModel(model, config)

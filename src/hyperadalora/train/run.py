@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from ..tasks import HUB, make_task, resolve_data, task_spec
-from .build import batch_order, build_model, make_optimizer
+from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
 from .evaluate import evaluate_rows
 from .resume import (check_resume_config, data_fingerprint, load_training_checkpoint, prepare_resume,
                      save_training_checkpoint, set_aside_after, truncate_log)
 from .rng import rng_snapshot
+from .plots import plot_rank_allocation
 from .rundir import info, make_run_dir, save_adapter_dir, write_json, write_jsonl, write_plots, write_run_config
 from .state import RunState
 from .step import StepStats, optimizer_step
@@ -112,9 +113,12 @@ class Run:
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._load_data()  # data first (fast, and the most common mistake), then the model
-        self.model, tokenizer, self.config = build_model(self.config, self._base_model, self._tokenizer)
+        built = build(self.config, self._base_model, self._tokenizer, calibration=self._calibration)
+        self.model, tokenizer, self.config = built.model, built.tokenizer, built.config
         self.task.bind(tokenizer)
         self._open_run_dir(saved)
+        if built.allocation is not None:
+            self._record_allocation(built.allocation)
         self.fingerprint = data_fingerprint(self.train_rows)
         self.optimizer, self.scheduler, self.hyper_lr = make_optimizer(self.model, self.config)
         with contextlib.redirect_stdout(io.StringIO()) as buf:
@@ -138,6 +142,24 @@ class Run:
         self.task = make_task(self.config, data)
         self.train_rows = self.task.train_rows()
         self.eval_rows = self.task.eval_rows()
+
+    def _calibration(self, config: RunConfig, tokenizer: Any):
+        """Calibration batches for a policy that decides ranks before the wrap (the task's batches)."""
+        return calibration_batches(config, tokenizer, self.train_rows, self.task.data)
+
+    def _record_allocation(self, record: Any) -> None:
+        """``allocation.json`` (calibration rows, tokens, seconds; the rank of every module) and
+        ``allocation.png`` (ranks by layer and module type)."""
+        alloc = self.config.adapter.allocator
+        data = {"policy": alloc.policy, "calibration": alloc.calibration, **record.to_dict(),
+                "settings": alloc.to_dict()}
+        write_json(self.run_dir / "allocation.json", data)
+        ranks = data["ranks"]
+        plot_rank_allocation(ranks, self.run_dir / "allocation.png",
+                             f"{alloc.policy}: {self.config.task} | {self.config.model} | {self.config.adapter.method}")
+        info(f"hyperadalora: {alloc.policy} ranks from {data['rows']} calibration rows ({data['tokens']} tokens) in "
+             f"{data['seconds']:.2f} s: total {sum(ranks.values())} over {len(ranks)} modules, "
+             f"{min(ranks.values())}..{max(ranks.values())} ({self.run_dir / 'allocation.json'})")
 
     def _open_run_dir(self, saved: RunConfig | None) -> None:
         if self.resume_dir is None:
