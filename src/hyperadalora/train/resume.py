@@ -226,14 +226,20 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _run_changes(config: RunConfig, reference: RunConfig, where: str) -> str:
+    """``"field (old in <where>, new now), ..."`` for every field outside :data:`RESUME_SAFE_FIELDS`
+    that differs ("" when none does)."""
+    mine, theirs = _flat(config.to_dict()), _flat(reference.to_dict())
+    changed = [k for k in sorted(set(mine) | set(theirs))
+               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
+    return ", ".join(f"{k} ({theirs.get(k)!r} in {where}, {mine.get(k)!r} now)" for k in changed)
+
+
 def check_resume_config(config: RunConfig, saved: RunConfig, run_dir: str | Path) -> None:
     """Refuses a resume whose config differs from the run's ``config.yaml`` in anything but
     :data:`RESUME_SAFE_FIELDS` (the message names each differing field and both values)."""
-    mine, theirs = _flat(config.to_dict()), _flat(saved.to_dict())
-    changed = [k for k in sorted(set(mine) | set(theirs))
-               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
-    if changed:
-        shown = ", ".join(f"{k} ({theirs.get(k)!r} in the run, {mine.get(k)!r} now)" for k in changed)
+    shown = _run_changes(config, saved, "the run")
+    if shown:
         raise ValueError(f"--resume continues {run_dir} with its own config.yaml; these changes would alter the run: "
                          f"{shown}. Only {', '.join(sorted(RESUME_SAFE_FIELDS))} may be overridden; start a new run "
                          "for other settings")
@@ -246,11 +252,8 @@ def check_checkpoint_config(config: RunConfig, folder: Path) -> None:
     stored = json.loads((folder / TRAINER_STATE_NAME).read_text()).get("config")
     if stored is None:  # checkpoints of older versions carry no config
         return
-    mine, theirs = _flat(config.to_dict()), _flat(RunConfig.from_dict(stored).to_dict())
-    changed = [k for k in sorted(set(mine) | set(theirs))
-               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
-    if changed:
-        shown = ", ".join(f"{k} ({theirs.get(k)!r} in the checkpoint, {mine.get(k)!r} now)" for k in changed)
+    shown = _run_changes(config, RunConfig.from_dict(stored), "the checkpoint")
+    if shown:
         raise ValueError(f"the config differs from the one checkpoint {folder} was trained with: {shown}. Was "
                          f"{folder.parents[1] / 'config.yaml'} edited by hand? Put those values back, or start a "
                          "new run for other settings")
