@@ -75,6 +75,13 @@ class RankPolicy:
     def calibrate(self, model: torch.nn.Module, batches: Any) -> None:
         """Decides ranks before training from calibration batches (a no-op for in-training policies)."""
 
+    def check_step_order(self, global_step: int) -> None:
+        """Refuses a step not larger than the last one: a repeated step would count its importance
+        twice, an earlier one would run the budget schedule backwards."""
+        if self.last_step is not None and global_step <= self.last_step:
+            raise ValueError(f"after_step({global_step}) after after_step({self.last_step}): steps must increase, "
+                             "one call per optimizer step (a resumed or loaded model continues after its last step)")
+
     def update_and_allocate(self, global_step: int) -> int:
         """One allocation step after ``optimizer.step()``; returns the budget in force."""
         raise NotImplementedError
