@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .adapter_io import load_adapter_weights, save_adapter
-from .allocation import RankPolicy, build_allocator, policy_decides_before_wrap, prepare_adapter_config
+from .allocation import RankPolicy, build_allocator, policy_decides_before_wrap
 from .config import AdapterConfig
-from .inject import inject_adapters, remove_adapters
+from .inject import inject_adapters, prepare_adapter_config, remove_adapters
 from .layers import AdaptedLinear
 from .methods import AdapterMethod, build_method
 from .sources import FactorSource, HyperSource, build_source

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
 
+from .allocation import POLICY_REGISTRY, policy_decides_before_wrap
 from .config import AdapterConfig
 from .layers import AdaptedLinear
 from .methods import AdapterMethod
@@ -151,3 +153,29 @@ def remove_adapters(model: nn.Module, layers: dict[str, AdaptedLinear], merge: b
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
     return model
+
+
+def prepare_adapter_config(model: nn.Module, config: AdapterConfig, batches: Any = None
+                           ) -> tuple[AdapterConfig, Any]:
+    """Lets the policy decide per-module ranks on the base ``model`` before the wrap, when it does so.
+
+    Args:
+        model: The base model (left unchanged).
+        config: The adapter config.
+        batches: Calibration batches (model inputs); needed only by a policy that decides before the wrap.
+
+    Returns:
+        ``(config, record)``: the config with ``rank_pattern`` set, and the policy's record of the
+        decision (``None`` when there was nothing to decide).
+
+    Raises:
+        ValueError: If the policy needs calibration batches and none were given.
+    """
+    if not policy_decides_before_wrap(config):
+        return config, None
+    if batches is None:
+        raise ValueError(f"allocator.policy={config.allocator.policy!r} decides the ranks from calibration batches "
+                         "before the adapters are created: pass them (wrap(model, config, calibration=batches)), or "
+                         "set AdapterConfig.rank_pattern yourself")
+    policy = POLICY_REGISTRY[config.allocator.policy]
+    return policy.prepare_config(config, model, find_target_modules(model, config), batches)

@@ -356,7 +356,7 @@ class HyperSource(nn.Module):
         """Generated values and their gradients for the allocator, stacked in ``idx`` order."""
         if self.generated is None:
             raise RuntimeError("after_step() found no generated factors: run a training forward and backward first")
-        vals, grads = [], []
+        vals = []
         all_grads = self.gradients()
         for key, members in self.groups.items():
             if key[0] != kind:

@@ -7,7 +7,6 @@ corrected behaviour. Runs use the tiny BERT folder and the RTE rows of ``test_tr
 from __future__ import annotations
 
 import errno
-import json
 import re
 import shutil
 from pathlib import Path

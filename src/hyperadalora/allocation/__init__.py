@@ -24,8 +24,6 @@ from .sensitivity import SensitivityPolicy, SensitivityReport, calibrate_sensiti
 from .sigma_grad import SigmaGradPolicy
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ..config import AdapterConfig, AllocatorConfig
     from ..layers import AdaptedLinear
     from ..methods import AdapterMethod
@@ -55,31 +53,6 @@ def policy_decides_before_wrap(config: AdapterConfig) -> bool:
     return alloc is not None and POLICY_REGISTRY[alloc.policy].decides_before_wrap and config.rank_pattern is None
 
 
-def prepare_adapter_config(model: nn.Module, config: AdapterConfig, batches: Any = None
-                           ) -> tuple[AdapterConfig, Any]:
-    """Lets the policy decide per-module ranks on the base ``model`` before the wrap, when it does so.
-
-    Args:
-        model: The base model (left unchanged).
-        config: The adapter config.
-        batches: Calibration batches (model inputs); needed only by a policy that decides before the wrap.
-
-    Returns:
-        ``(config, record)``: the config with ``rank_pattern`` set, and the policy's record of the
-        decision (``None`` when there was nothing to decide).
-
-    Raises:
-        ValueError: If the policy needs calibration batches and none were given.
-    """
-    if not policy_decides_before_wrap(config):
-        return config, None
-    if batches is None:
-        raise ValueError(f"allocator.policy={config.allocator.policy!r} decides the ranks from calibration batches "
-                         "before the adapters are created: pass them (wrap(model, config, calibration=batches)), or "
-                         "set AdapterConfig.rank_pattern yourself")
-    return POLICY_REGISTRY[config.allocator.policy].prepare_config(config, model, batches)
-
-
 __all__ = ["AdaLoRAPolicy", "FixedRanks", "MaskedAllocator", "POLICY_REGISTRY", "RankAllocator", "RankPolicy",
            "SensitivityPolicy", "SensitivityReport", "SigmaGradPolicy", "build_allocator", "calibrate_sensitivity",
-           "policy_decides_before_wrap", "prepare_adapter_config", "register_policy", "sensitivity_rank_pattern"]
+           "policy_decides_before_wrap", "register_policy", "sensitivity_rank_pattern"]

@@ -53,10 +53,10 @@ class RankPolicy:
         return cls
 
     @classmethod
-    def prepare_config(cls, config: AdapterConfig, model: torch.nn.Module, batches: Any
+    def prepare_config(cls, config: AdapterConfig, model: torch.nn.Module, target_names: list[str], batches: Any
                        ) -> tuple[AdapterConfig, Any]:
-        """The adapter config with per-module ranks decided on the base ``model`` (before the wrap),
-        and a record of the decision with a ``to_dict()`` (``None``: nothing decided, ``config`` unchanged)."""
+        """The adapter config with per-module ranks decided on the base ``model``'s ``target_names``
+        (before the wrap), and a record of the decision with a ``to_dict()`` (``None``: nothing decided, ``config`` unchanged)."""
         return config, None
 
     def __init__(self, layers: dict[str, AdaptedLinear], config: AllocatorConfig | None, method: AdapterMethod,

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..layers import linear_weight
 from .base import POLICY_REGISTRY, RankPolicy, register_policy
 from .fixed import FixedRanks
 from .sensitivity_math import InputSquareSums, MatrixSensitivity, allocate_ranks, combined_scores, matrix_sensitivity
@@ -73,8 +74,6 @@ class SensitivityReport:
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
-    from ..layers import linear_weight  # imported when used: this package loads before the layers
-
     return tuple(linear_weight(module).shape)  # (d_out, d_in)
 
 
@@ -173,14 +172,12 @@ class SensitivityPolicy(FixedRanks):
         return cls if config.then == "none" else POLICY_REGISTRY[config.then]
 
     @classmethod
-    def prepare_config(cls, config: AdapterConfig, model: nn.Module, batches: Iterable[Mapping[str, Any]]
-                       ) -> tuple[AdapterConfig, SensitivityReport]:
-        """``config`` with ``rank_pattern`` decided on the base ``model`` from ``batches``."""
-        from ..inject import find_target_modules  # imported when used: inject imports the config
-
+    def prepare_config(cls, config: AdapterConfig, model: nn.Module, target_names: list[str],
+                       batches: Iterable[Mapping[str, Any]]) -> tuple[AdapterConfig, SensitivityReport]:
+        """``config`` with ``rank_pattern`` decided on the base ``model``'s ``target_names`` from ``batches``."""
         settings = config.allocator
         average = settings.avg_rank if settings.avg_rank is not None else config.r
-        report = calibrate_sensitivity(model, find_target_modules(model, config), batches, settings, average)
+        report = calibrate_sensitivity(model, target_names, batches, settings, average)
         return dataclasses.replace(config, rank_pattern=dict(report.ranks)), report
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..adapted_model import AdaptedModel, wrap
-from ..allocation import prepare_adapter_config
+from ..inject import prepare_adapter_config
 from ..tasks import make_task, task_spec
 from .config import RunConfig
 from .schedule import make_scheduler

@@ -26,6 +26,7 @@ import yaml
 from ..config import METHODS, AdapterConfig, AllocatorConfig, JsonConfig, check_choice, check_float, check_int
 from ..allocation import POLICY_REGISTRY
 from ..methods import METHOD_REGISTRY
+from .overrides import coerce
 
 TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
 
@@ -179,10 +180,14 @@ class RunConfig(JsonConfig):
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> RunConfig:
-        """Parses YAML text, or reads it from a file path."""
-        from .presets import load_run_config  # presets builds RunConfigs: imported when used
-
-        return load_run_config(text_or_path)
+        """Parses YAML text, or reads it from a file path (values coerced by the fields' types)."""
+        text = str(text_or_path)
+        if "\n" not in text and Path(text).is_file():
+            text = Path(text).read_text()
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"RunConfig YAML must hold a mapping of RunConfig fields, got {type(data).__name__}")
+        return cls.from_dict(coerce(cls, data, ""))
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated again)."""

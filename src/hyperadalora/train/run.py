@@ -132,7 +132,7 @@ class Run:
             raise
         except (OSError, SafetensorError) as exc:
             adapter = self.state.checkpoint
-            kept = (f"log.jsonl up to the last step written, "
+            kept = ("log.jsonl up to the last step written, "
                     + (f"the adapter of step {adapter['step']} in adapter/, " if adapter else "no adapter, ")
                     + (f"training checkpoint step-{self.last_saved} (free space, then `hyperadalora train --resume "
                        f"{self.run_dir}`)" if self.last_saved else "no training checkpoint"))

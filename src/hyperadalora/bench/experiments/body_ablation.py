@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from . import convergence as conv
 from . import study
 from .common import PAPER_HIDDEN

@@ -34,7 +34,7 @@ import statistics
 from collections.abc import Callable
 
 from ..curves import best_lr, first_reach, mean_or_none
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..runner import RunSpec, run_specs
 from .common import MINILM_ENCODER_LINEARS, PAPER_HIDDEN, result_path, write_results

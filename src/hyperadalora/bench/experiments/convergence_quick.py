@@ -37,7 +37,7 @@ from ...train.presets import load_run_config
 from ...train.plots import smooth
 from ...train.step import optimizer_step
 from ..curves import first_reach
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import fmt, markdown_table
 from .common import MINILM_ENCODER_LINEARS, PAPER_HIDDEN, result_path, write_results
 

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ...train.plots import pyplot
 from ..report import fmt, markdown_table
 from .common import PAPER_HIDDEN, result_path, write_results

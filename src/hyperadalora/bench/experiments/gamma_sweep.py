@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from . import study
 from .study import Variant
 

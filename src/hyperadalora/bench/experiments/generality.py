@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..curves import first_reach
 from ..humaneval import humaneval_many
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..runner import run_specs
 from .common import result_path, write_results

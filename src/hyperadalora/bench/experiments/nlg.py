@@ -20,7 +20,7 @@ import argparse
 import statistics
 
 from ..curves import first_reach
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..runner import RunSpec, run_specs
 from .common import PAPER_HIDDEN, result_path, write_results

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..paths import benchmarks_md, results_dir
-from ..registry import experiment
+from ..experiment import experiment
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end:(?P=name) -->)", re.S)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ...train.plots import pyplot, short_module_name
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import markdown_table
 from .common import result_path, write_results
 

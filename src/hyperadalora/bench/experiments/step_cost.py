@@ -37,7 +37,7 @@ import statistics
 
 import torch
 
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import fmt, machine, markdown_table, versions
 from .common import write_results
 from .step_model import (build, direct_twin, hyper_overrides, load_base, make_batch, measure_memory, memory_batch,
