@@ -194,21 +194,23 @@ def memory_batch(args) -> tuple[int, int]:
     return (size, 1) if size else (args.batch_size, args.accumulate)
 
 
-def measure_memory(variant: str, args) -> float:
+def measure_memory(variant: str, args, module: str = "step_cost") -> float:
     """Peak RSS growth (MiB) over a few steps of one variant, in a fresh subprocess.
 
     The kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) after the model is built, so
-    loading and copying the checkpoint do not hide the training peak.
+    loading and copying the checkpoint do not hide the training peak. ``module`` (a script in
+    this folder) supplies ``load_base``, ``build`` and ``make_batch`` (plan_calibrate.py reuses
+    this measurement for other models).
     """
     code = (
-        "import sys, torch; sys.path.insert(0, %r); import step_cost as s;"
+        "import sys, torch; sys.path.insert(0, %r); import %s as s;"
         "torch.set_num_threads(%d); base = s.load_base(); step, _, _ = s.build(%r, base);"
         "batch_size, accumulate = %d, %d; batch = s.make_batch(batch_size, %d); del base; import gc; gc.collect();"
         "rss = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
         "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5');"
         "[step(batch, accumulate) for _ in range(%d)];"
         "print('PEAK', (rss('VmHWM:') - before) / 1024)"
-    ) % (str(Path(__file__).resolve().parent), args.threads, variant, *memory_batch(args), args.seq_len,
+    ) % (str(Path(__file__).resolve().parent), module, args.threads, variant, *memory_batch(args), args.seq_len,
          args.memory_steps)
     # A fixed mmap threshold: glibc then maps every tensor above 64 KiB on its own and unmaps it when
     # freed, so the resident peak tracks the live tensors (glibc's default adaptive threshold lets
