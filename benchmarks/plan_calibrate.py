@@ -15,24 +15,26 @@ Usage::
 
     python benchmarks/plan_calibrate.py                  # the default variants (about 10 minutes, 1 thread)
     python benchmarks/plan_calibrate.py --variants minilm:lora:direct,smollm2:lora:direct:ckpt
+    python benchmarks/plan_calibrate.py --repredict      # the planner changed: new predictions, same measurements
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 from step_cost import make_batch, measure_memory  # noqa: E402,F401  (make_batch: used by the subprocess)
 
 BATCH = {"minilm": (16, 128), "mpnet": (8, 128), "smollm2": (4, 256)}
 TOTAL_STEP = 100_000
 VARIANTS = ("minilm:lora:direct", "minilm:adalora:direct", "minilm:adalora:hyper", "minilm:lora:direct:ckpt",
-            "mpnet:lora:direct", "mpnet:adalora:hyper", "mpnet:lora:direct:ckpt",
+            "mpnet:lora:direct", "mpnet:adalora:hyper",  # MPNet has no activation checkpointing in transformers
             "smollm2:lora:direct", "smollm2:adalora:hyper", "smollm2:lora:direct:ckpt")
 WARMUP_BATCH = (1, 32)
 
@@ -109,31 +111,42 @@ def predict(variant: str) -> float:
     return make_plan(resolve_shape(model_name), adapter_config(model_name, method, source), setup).step_memory / 2**20
 
 
+def measure_rows(variants: list[str], threads: int, memory_steps: int) -> list[dict]:
+    """Measured (one fresh process per variant, one at a time) and predicted step memory."""
+    rows = []
+    for variant in variants:
+        batch, seq = BATCH[parse(variant)[0]]
+        margs = argparse.Namespace(threads=threads, batch_size=batch, accumulate=1, memory_batch_size=None,
+                                   seq_len=seq, memory_steps=memory_steps)
+        rows.append({"variant": variant, "batch": batch, "seq_len": seq,
+                     "measured_mib": measure_memory(variant, margs, module="plan_calibrate")})
+        print(f"{variant}: measured {rows[-1]['measured_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--name", default="plan_calibration")
+    p.add_argument("--repredict", action="store_true",
+                   help="keep the measurements of results/<name>.json and recompute only the predictions")
     args = p.parse_args(argv)
-    rows = []
-    for variant in [v for v in args.variants.split(",") if v]:
-        batch, seq = BATCH[parse(variant)[0]]
-        margs = argparse.Namespace(threads=args.threads, batch_size=batch, accumulate=1, memory_batch_size=None,
-                                   seq_len=seq, memory_steps=args.memory_steps)
-        measured = measure_memory(variant, margs, module="plan_calibrate")
-        predicted = predict(variant)
-        rows.append({"variant": variant, "batch": batch, "seq_len": seq, "measured_mib": measured,
-                     "predicted_mib": predicted, "error": predicted / measured - 1})
-        print(f"{variant}: measured {measured:.0f} MiB, predicted {predicted:.0f} MiB "
-              f"({100 * rows[-1]['error']:+.1f}%)", file=sys.stderr, flush=True)
+    if args.repredict:
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        rows, args.threads, args.memory_steps = old["rows"], old["config"]["threads"], old["config"]["memory_steps"]
+    else:
+        rows = measure_rows([v for v in args.variants.split(",") if v], args.threads, args.memory_steps)
+    for r in rows:
+        r["predicted_mib"] = predict(r["variant"])
+        r["error"] = r["predicted_mib"] / r["measured_mib"] - 1
     table = ["Planner (`hyperadalora plan`, step memory) vs measured peak RSS growth over "
              f"{args.memory_steps} fp32 training steps (benchmarks/plan_calibrate.py, {args.threads} thread).", "",
              "| variant | batch x seq | measured MiB | predicted MiB | error |", "|---|---|---|---|---|"]
     table += [f"| {r['variant']} | {r['batch']} x {r['seq_len']} | {r['measured_mib']:.0f} | "
               f"{r['predicted_mib']:.0f} | {100 * r['error']:+.1f}% |" for r in rows]
-    worst = max(abs(r["error"]) for r in rows)
-    table += ["", f"Largest error: {100 * worst:.1f}%."]
+    table += ["", f"Largest error: {100 * max(abs(r['error']) for r in rows):.1f}%."]
     print(write_results(args.name, {"config": {"memory_steps": args.memory_steps, "threads": args.threads,
                                                "precision": "fp32", "optimizer": "AdamW"}, "rows": rows}, table))
     print("\n".join(table))

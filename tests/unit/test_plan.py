@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import hyperadalora as ha
 from hyperadalora.cli import main
 from hyperadalora.functional import lowrank_linear
+from hyperadalora.models import resolve_model_path
 from hyperadalora.plan import (PRESETS, PlanInputError, TrainSetup, count_adapters, hypernetwork_params, make_plan,
                                resolve_shape, shape_from_hf_config)
 from hyperadalora.plan.activations import block_bytes_per_token
@@ -60,16 +61,34 @@ def test_tied_and_qwen_shapes_match_models():
         assert shape.param_counts()["total"] == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+# The packaged MPNet's and SmolLM2's config.json (their folders are built on first use: unzip / GGUF
+# conversion, too slow for a unit test); MiniLM's is read from its package.
+PACKAGED = {
+    "mpnet": {"model_type": "mpnet", "vocab_size": 30527, "hidden_size": 768, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 514,
+              "relative_attention_num_buckets": 32, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
+    "smollm2": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
+                "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False},
+}
+
+
+@pytest.mark.parametrize("name", ["minilm", "mpnet", "smollm2"])
 def test_param_counts_match_packaged_models(name):
     from transformers import AutoConfig
 
-    from hyperadalora.models import resolve_model_path
-
-    shape = resolve_shape(name)
+    if name == "minilm":
+        try:
+            path = resolve_model_path("minilm")
+        except FileNotFoundError:
+            pytest.skip("the packaged MiniLM is not installed")
+        shape, hf_cfg = resolve_shape("minilm"), AutoConfig.from_pretrained(str(path))
+    else:
+        shape = shape_from_hf_config(PACKAGED[name], name=name)
+        hf_cfg = AutoConfig.for_model(**PACKAGED[name])
     cls = AutoModelForCausalLM if shape.task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = cls.from_config(AutoConfig.from_pretrained(resolve_model_path(name)))
+        model = cls.from_config(hf_cfg)
     assert shape.param_counts()["total"] == sum(p.numel() for p in model.parameters())
 
 
@@ -114,7 +133,14 @@ def _saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("build, batch_fn", [(tiny_llama, llama_batch), (tiny_bert, bert_batch)])
+def _tiny_bert_dropout():
+    model = tiny_bert()
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.1
+    return type(model)(model.config)
+
+
+@pytest.mark.parametrize("build, batch_fn", [(tiny_llama, llama_batch), (tiny_bert, bert_batch),
+                                             (_tiny_bert_dropout, bert_batch)])
 def test_block_saved_bytes_match_autograd(build, batch_fn):
     """One more block adds exactly the planned saved bytes per token (fp32, LoRA on every linear)."""
     batch = batch_fn(0, batch=2, seq=16)

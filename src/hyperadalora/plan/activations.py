@@ -13,10 +13,12 @@ dtype; statistics (norm ``rstd``, attention ``logsumexp``) are fp32.
   ``e (4h + 2 q_dim + 2 kv_dim + 4 ffn + sum r) + 4 (heads + 2)``: the two norm inputs and
   outputs, q, k, v after RoPE and the attention output (kept by the flash kernel, which also
   serves as o_proj's input), gate, up, silu(gate) and the SwiGLU product, one ``t`` per linear.
-* BERT block (post-LayerNorm, GELU): ``e (8h + 2 ffn + sum r) + 4 * 4`` plus, with hidden dropout,
-  two masks (``2h``, kept at ``e`` bytes on the CPU), and for attention with dropout (the
-  non-fused path) the context copy (``h``) and three ``heads x seq`` maps per token (softmax,
-  mask, dropped probabilities); without it, the flash kernel's output and ``logsumexp``.
+* BERT block (post-LayerNorm, GELU): ``e (8h + 2 ffn + sum r) + 4 * 4``: the block input, q, k, v,
+  the attention output (the flash kernel's, or the unfused path's context), the two LayerNorm
+  inputs and the first one's output, the GELU input and output; plus, with hidden dropout, two
+  masks (``2h``, kept at ``e`` bytes on the CPU), and for attention with dropout (the unfused
+  path) three ``heads x seq`` maps per token (softmax, mask, dropped probabilities); without it,
+  the flash kernel's ``logsumexp``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def block_bytes_per_token(shape: ModelShape, rank_sum: float, seq: int, e: int) 
     if shape.hidden_dropout > 0:
         saved += e * 2 * h
     if shape.attention_dropout > 0:
-        saved += e * (h + 3 * shape.heads * seq)  # context copy; softmax, mask, dropped (heads x seq each)
+        saved += e * 3 * shape.heads * seq  # softmax, mask, dropped probabilities (heads x seq each)
     else:
         saved += FP32 * shape.heads  # flash logsumexp
     return saved

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--target-modules", default="all-linear", help="all-linear or comma-separated module names")
     p.add_argument("--source", default="direct", help="direct or hyper")
     p.add_argument("--hyper-arch", default=HyperConfig.arch)
-    p.add_argument("--tokens", default=HyperConfig.tokens, help="hypernetwork token layout: rank, rows, elements, patch")
+    p.add_argument("--tokens", default=HyperConfig.tokens,
+                   help="hypernetwork token layout: rank, rows, elements, patch")
     p.add_argument("--hyper-hidden", type=int, default=HyperConfig.hidden)
     p.add_argument("--hyper-layers", type=int, default=HyperConfig.layers)
     p.add_argument("--generate", default=HyperConfig.generate, help="per_forward or per_step")

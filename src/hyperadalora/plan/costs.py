@@ -27,7 +27,8 @@ from .setup import TrainSetup
 from .shapes import ModelShape
 
 FP32 = 4
-TRAINED_BYTES = {"trainable_weights": FP32, "gradients": FP32, "optimizer": 2 * FP32}  # fp32 master, grad, AdamW m and v
+# fp32 master weights, fp32 gradients, AdamW's two fp32 moments.
+TRAINED_BYTES = {"trainable_weights": FP32, "gradients": FP32, "optimizer": 2 * FP32}
 
 
 def _direct_terms(counts: AdapterCounts, config: AdapterConfig, setup: TrainSetup) -> dict[str, float]:

@@ -21,7 +21,8 @@ def plan_table(plan: Plan) -> list[str]:
     lines = [f"{plan.shape.name}: {a.method} r={a.r} {a.source}"
              + (f" ({a.hyper.arch}, {a.hyper.tokens}, h={a.hyper.hidden})" if plan.hyper_params else "")
              + f", {plan.counts.modules} adapted linears; batch {s.batch} x {s.seq_len} on {s.gpus} device(s)"
-             f" (micro-batch {s.micro} x {s.accumulation}), {s.precision}, checkpointing {'on' if s.checkpointing else 'off'}",
+             f" (micro-batch {s.micro} x {s.accumulation}), {s.precision}, "
+             f"checkpointing {'on' if s.checkpointing else 'off'}",
              "", "| parameters | count |", "|---|---|",
              f"| base model | {pc['total']:,} |", f"| adapter factors | {plan.counts.factor_params:,} |",
              f"| adapter, other trained | {plan.counts.extra_params + plan.counts.head_params:,} |",
@@ -35,7 +36,7 @@ def plan_table(plan: Plan) -> list[str]:
     return lines
 
 
-GRID_HEADER = ["| model | precision | source | GPUs | micro-batch x accum | GiB / GPU | fits 80 GB | "
+GRID_HEADER = ["| model | precision | source | GPUs | micro-batch x accum | GiB / GPU | fits 80 GiB | "
                "TFLOP / step | TFLOP / GPU | hypernetwork share |", "|---|---|---|---|---|---|---|---|---|---|"]
 
 
@@ -45,4 +46,4 @@ def grid_row(plan: Plan) -> str:
     src = plan.adapter.source + (f" ({plan.adapter.hyper.tokens})" if plan.hyper_params else "")
     return (f"| {plan.shape.name} | {s.precision} | {src} | {s.gpus} | {s.micro} x {s.accumulation} | "
             f"{plan.memory_total / GIB:.1f} | {'yes' if plan.fits else 'no'} | {_tflop(plan.flops_total)} | "
-            f"{_tflop(plan.flops_per_device)} | {100 * plan.hyper_share:.2f}% |")
+            f"{_tflop(plan.flops_per_device)} | {100 * plan.hyper_share:.2g}% |")

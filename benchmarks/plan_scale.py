@@ -1,0 +1,61 @@
+"""The planner's table for Llama-3.1-8B and -70B on 1, 2, 4 and 8 GPUs (BENCHMARKS.md, "Planning").
+
+AdaLoRA r = 16 on all 7 linears of every block, the default hypernetwork (attention body,
+``rank`` layout, h = 128) and the ``rows`` layout at the paper's h = 312 for contrast, both
+generating once per optimizer step (``generate="per_step"``); a global
+batch of 16 sequences of 2,048 tokens, micro-batch 1 per GPU (accumulating the rest), activation
+checkpointing on; bf16 and 4-bit (NF4, double quantisation) bases; 80 GB devices. No GPU is
+needed: every figure is computed (``hyperadalora plan`` for one setup, docs/plan.md).
+
+Usage::
+
+    python benchmarks/plan_scale.py        # writes results/plan_scale.json / .md
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+import hyperadalora as ha  # noqa: E402
+from hyperadalora.plan import PRESETS, TrainSetup, make_plan  # noqa: E402
+from hyperadalora.plan.report import GRID_HEADER, grid_row  # noqa: E402
+
+MODELS = ("llama-8b", "llama-70b")
+GPUS = (1, 2, 4, 8)
+PRECISIONS = ("bf16", "4bit")
+# generate="per_step": one generation per optimizer step on each GPU, however many micro-batches
+# it accumulates (per_forward would run it for every micro-batch).
+SOURCES = {"direct": ha.HyperConfig(), "hyper": ha.HyperConfig(generate="per_step"),
+           "hyper-rows": ha.HyperConfig(tokens="rows", hidden=312, generate="per_step")}
+
+
+def adapter(source: str) -> ha.AdapterConfig:
+    return ha.AdapterConfig(method="adalora", r=16, source="direct" if source == "direct" else "hyper",
+                            allocator=ha.AllocatorConfig(total_step=1000, target_r=8), hyper=SOURCES[source])
+
+
+def main() -> None:
+    rows, table = [], ["Planned per-GPU memory and FLOPs per optimizer step (`python benchmarks/plan_scale.py`): "
+                       "AdaLoRA r=16 on all linears, batch 16 x 2048 tokens, micro-batch 1 per GPU, activation "
+                       "checkpointing, AdamW; hyper = the default hypernetwork (attention, rank layout, h=128), "
+                       "hyper (rows) = the rows layout at h=312, both generating once per step on every GPU "
+                       "(generate=per_step).", "", *GRID_HEADER]
+    for model in MODELS:
+        for precision in PRECISIONS:
+            for source in SOURCES:
+                for gpus in GPUS:
+                    setup = TrainSetup(batch=16, seq_len=2048, gpus=gpus, micro_batch=1, precision=precision,
+                                       checkpointing=True)
+                    plan = make_plan(PRESETS[model], adapter(source), setup)
+                    rows.append(plan.to_dict())
+                    table.append(grid_row(plan))
+    print(write_results("plan_scale", {"rows": rows}, table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
