@@ -38,22 +38,36 @@ def adapter(source: str) -> ha.AdapterConfig:
                             allocator=ha.AllocatorConfig(total_step=1000, target_r=8), hyper=SOURCES[source])
 
 
+def compact(plans: dict[tuple[str, str, str, int], object]) -> list[str]:
+    """One row per model x precision x source: GiB per GPU (fits?) on 1-8 GPUs, TFLOP, hypernetwork share."""
+    lines = ["| model | precision | source | " + " | ".join(f"GiB/GPU, {g} GPU{'s' if g > 1 else ''}" for g in GPUS)
+             + " | TFLOP/step, 1 GPU | hypernetwork share, 1 / 8 GPUs |", "|---" * (4 + len(GPUS)) + "|---|"]
+    for model in MODELS:
+        for precision in PRECISIONS:
+            for source in SOURCES:
+                row = [plans[(model, precision, source, g)] for g in GPUS]
+                mem = " | ".join(f"{p.memory_total / 2**30:.1f}{'' if p.fits else ' (no)'}" for p in row)
+                lines.append(f"| {model} | {precision} | {source} | {mem} | {row[0].flops_total / 1e12:,.0f} | "
+                             f"{100 * row[0].hyper_share:.2g}% / {100 * row[-1].hyper_share:.2g}% |")
+    return lines
+
+
 def main() -> None:
-    rows, table = [], ["Planned per-GPU memory and FLOPs per optimizer step (`python benchmarks/plan_scale.py`): "
-                       "AdaLoRA r=16 on all linears, batch 16 x 2048 tokens, micro-batch 1 per GPU, activation "
-                       "checkpointing, AdamW; hyper = the default hypernetwork (attention, rank layout, h=128), "
-                       "hyper (rows) = the rows layout at h=312, both generating once per step on every GPU "
-                       "(generate=per_step).", "", *GRID_HEADER]
+    plans = {}
     for model in MODELS:
         for precision in PRECISIONS:
             for source in SOURCES:
                 for gpus in GPUS:
                     setup = TrainSetup(batch=16, seq_len=2048, gpus=gpus, micro_batch=1, precision=precision,
                                        checkpointing=True)
-                    plan = make_plan(PRESETS[model], adapter(source), setup)
-                    rows.append(plan.to_dict())
-                    table.append(grid_row(plan))
-    print(write_results("plan_scale", {"rows": rows}, table))
+                    plans[(model, precision, source, gpus)] = make_plan(PRESETS[model], adapter(source), setup)
+    table = ["Planned per-GPU memory and FLOPs per optimizer step (`python benchmarks/plan_scale.py`): "
+             "AdaLoRA r=16 on all linears, batch 16 x 2048 tokens, micro-batch 1 per GPU, activation "
+             "checkpointing, AdamW, FSDP full shard; hyper = the default hypernetwork (attention, rank layout, "
+             "h=128), hyper-rows = the rows layout at h=312, both generating once per step on every GPU "
+             "(generate=per_step). (no): over 80 GiB.", "", *compact(plans), "", *GRID_HEADER]
+    table += [grid_row(p) for p in plans.values()]
+    print(write_results("plan_scale", {"rows": [p.to_dict() for p in plans.values()]}, table))
     print("\n".join(table))
 
 
