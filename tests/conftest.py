@@ -19,3 +19,19 @@ def _one_thread_for_tiny_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def humaneval_file(tmp_path):
+    """A ``HumanEval.jsonl.gz`` with the first 3 real problems (the unit tests need no data folder)."""
+    from real_rows import write_humaneval_gz
+
+    return write_humaneval_gz(tmp_path / "HumanEval.jsonl.gz")
+
+
+@pytest.fixture
+def gsm8k_file(tmp_path):
+    """A GSM8K ``test.jsonl`` with 3 real rows (plain, thousands separators, a negative answer)."""
+    from real_rows import write_gsm8k_jsonl
+
+    return write_gsm8k_jsonl(tmp_path / "test.jsonl")

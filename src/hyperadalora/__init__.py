@@ -15,8 +15,7 @@ from .checkpoint import load_adapter
 from .config import AdapterConfig, AllocatorConfig, HyperConfig
 from .export import export_peft_lora
 from .layers import AdaptedLinear
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AdaptedLinear",

@@ -2,51 +2,53 @@
 
 from __future__ import annotations
 
-import contextlib
+import operator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .allocation import RankAllocator
+from .adapter_io import load_adapter_weights, save_adapter
+from .allocation import RankPolicy, build_allocator, policy_decides_before_wrap, prepare_adapter_config
 from .config import AdapterConfig
-from .hyper.source import HyperFactorSource
 from .inject import inject_adapters, remove_adapters
 from .layers import AdaptedLinear
-from .methods import orthogonality_penalty
+from .methods import AdapterMethod, build_method
+from .sources import FactorSource, HyperSource, build_source
 
 
-# Offsets the hypernetworks' seed from the adapters' (both come from AdapterConfig.seed), so that
-# they do not draw the same random numbers.
-_HYPER_SEED_OFFSET = 0x9E3779B9
-
-
-@contextlib.contextmanager
-def _hypernetwork_rng(seed: int | None):
-    """Seeds torch's CPU generator with ``seed + _HYPER_SEED_OFFSET`` for the block and restores it
-    after (``None``: leaves the generator alone, like peft's unseeded init)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed + _HYPER_SEED_OFFSET) % 2**63)
-        yield
+def _step_index(global_step: Any) -> int:
+    """``global_step`` as an ``int``: Python / NumPy integers and 0-d integer tensors (not bools, not floats)."""
+    refused = isinstance(global_step, bool) or type(global_step).__name__ == "bool_" or (
+        isinstance(global_step, torch.Tensor) and (global_step.dtype == torch.bool or global_step.dim() != 0))
+    try:
+        step = None if refused else operator.index(global_step)
+    except TypeError:
+        step = None
+    if step is None or step < 0:
+        raise ValueError(f"after_step(global_step) needs a non-negative int, got {global_step!r}")
+    return step
 
 
 class AdaptedModel(nn.Module):
     """A Hugging Face model with adapters injected; behaves like the wrapped model.
 
-    In training mode ``model(**batch).loss`` already includes the orthogonality regulariser
-    (AdaLoRA family, weight ``config.gamma``). After every optimizer step call
-    :meth:`after_step` (before ``optimizer.zero_grad()``): it runs rank allocation (AdaLoRA)
-    and samples the next DyLoRA rank. Attribute access falls through to the wrapped model, so
-    ``model.config`` or ``model.generate(...)`` work as before.
+    In training mode ``model(**batch).loss`` already includes the method's regulariser (AdaLoRA's
+    orthogonality term, weight ``config.gamma``). After every optimizer step call
+    :meth:`after_step` (before ``optimizer.zero_grad()``): it runs rank allocation, the factor
+    source's state update and the method's own step (DyLoRA's rank sampling). Attribute access
+    falls through to the wrapped model, so ``model.config`` or ``model.generate(...)`` work as
+    before.
 
     Attributes:
         model: The wrapped (now adapted) model.
         adapter_config: The configuration used.
         adapted_layers: ``{module name: AdaptedLinear}`` in model order.
-        allocator: The :class:`RankAllocator` (AdaLoRA only, else ``None``).
+        method: The adapter method object shared by every layer.
+        source: The factor source (:class:`~hyperadalora.sources.DirectSource` or
+            :class:`~hyperadalora.sources.HyperSource`); never ``None``.
+        allocator: The rank-allocation policy (``allocator.adaptive`` is ``False`` for methods
+            whose ranks are fixed).
         last_task_loss: Task loss of the last training forward (without the regulariser).
         last_regularizer: Unweighted regulariser of the last training forward.
     """
@@ -55,24 +57,32 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+        if policy_decides_before_wrap(config):
+            raise ValueError(f"allocator.policy={config.allocator.policy!r} decides the ranks before the adapters are "
+                             "created: wrap with calibration batches (wrap(model, config, calibration=batches)) or set "
+                             "AdapterConfig.rank_pattern")
         self.model = model
         self.adapter_config = config
-        self.adapted_layers: dict[str, AdaptedLinear] = inject_adapters(model, config)
-        # The factor source: direct (each layer's own parameters) or one hypernetwork per kind.
-        self.hyper: HyperFactorSource | None = None
-        if config.source == "hyper":
-            method = next(iter(self.adapted_layers.values())).method
-            with _hypernetwork_rng(config.seed):
-                self.hyper = HyperFactorSource(self.adapted_layers, method.factor_kinds, config.hyper)
-        self.allocator = (RankAllocator(self.adapted_layers, config.allocator, source=self.hyper)
-                          if config.is_adalora else None)
-        self._dylora_gen = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+        self.method: AdapterMethod = build_method(config)
+        self.adapted_layers: dict[str, AdaptedLinear] = inject_adapters(model, config, self.method)
+        self.source: FactorSource = build_source(self.adapted_layers, self.method, config)
+        self.allocator: RankPolicy = build_allocator(self.adapted_layers, config.allocator, self.method, self.source)
         self.last_task_loss: float | None = None
         self.last_regularizer: float | None = None
         self._train_forwards = 0
-        self._after_step_calls = 0
-        if config.method == "dylora":
-            self._sample_dylora_rank()
+        self._steps_taken = 0
+        self.method.bind_layers(self.layer_list)
+
+    @property
+    def layer_list(self) -> list[AdaptedLinear]:
+        """The adapted layers in model order."""
+        return list(self.adapted_layers.values())
+
+    @property
+    def hyper(self) -> HyperSource | None:
+        """The :class:`~hyperadalora.sources.HyperSource` when ``source == "hyper"``, else ``None``
+        (read-only, for inspection; the library itself only talks to :attr:`source`)."""
+        return self.source if isinstance(self.source, HyperSource) else None
 
     # -- attribute fall-through --------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -83,44 +93,47 @@ class AdaptedModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> AdaptedModel:
-        if self.hyper is not None and not (mode and self.training):
+        if not (mode and self.training):
             # Not when staying in training mode: Trainer calls model.train() before every micro-batch,
             # and generate="per_step" must keep the step's factors (and their gradients) across them.
-            self.hyper.invalidate()
+            self.source.invalidate()
         return super().train(mode)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.hyper is not None and self.training and torch.is_grad_enabled():
-            # per_forward: a fresh graph per training forward; per_step: once per optimizer step.
-            if not (self.hyper.per_step and self.hyper.has_generated()):
-                self.hyper.regenerate()
+        if self.training and torch.is_grad_enabled():
+            self.source.prepare_training_forward()
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None) if not isinstance(outputs, tuple) else None
         if self.training and torch.is_grad_enabled():
             self._train_forwards += 1
         if self.training and isinstance(loss, torch.Tensor):
             self.last_task_loss = float(loss.detach())
-            if self.adapter_config.is_adalora and self.adapter_config.gamma > 0:
-                reg = self.orthogonality_regularizer()
+            if self.uses_regularizer:
+                reg = self.regularizer()
                 self.last_regularizer = float(reg.detach())
                 outputs.loss = loss + self.adapter_config.gamma * reg
         return outputs
 
-    def orthogonality_regularizer(self) -> torch.Tensor:
-        """Unweighted ``R = sum/mean of ||P^T P - I|| and ||Q Q^T - I||`` over AdaLoRA layers.
+    @property
+    def uses_regularizer(self) -> bool:
+        """Whether the training loss includes the method's regulariser (it has one and ``gamma > 0``)."""
+        return self.method.has_regularizer and self.adapter_config.gamma > 0
 
-        ``orth_reg="peft"`` (default): mean over all 2n factor matrices of the Frobenius norm,
-        exactly as peft computes it. ``orth_reg="paper"``: sum over modules of squared norms
-        (HyperAdaLoRA Eq. 7).
+    def regularizer(self) -> torch.Tensor:
+        """The method's unweighted regulariser (AdaLoRA: ``||P^T P - I||`` and ``||Q Q^T - I||``,
+        peft-normalised or as paper Eq. 7, ``AdapterConfig.orth_reg``).
+
+        Raises:
+            ValueError: If the method has no regulariser.
         """
-        layers = list(self.adapted_layers.values())
-        squared = self.adapter_config.orth_reg == "paper"
-        factors = [layer.get_factors() for layer in layers]
-        p_pen = orthogonality_penalty([f["P"] for f in factors], transpose_first=True, squared=squared)
-        q_pen = orthogonality_penalty([f["Q"] for f in factors], transpose_first=False, squared=squared)
-        if squared:
-            return p_pen.sum() + q_pen.sum()
-        return (p_pen.sum() + q_pen.sum()) / (2 * len(layers))
+        reg = self.method.regularizer(self.layer_list)
+        if reg is None:
+            raise ValueError(f"method {self.adapter_config.method!r} has no regulariser")
+        return reg
+
+    def orthogonality_regularizer(self) -> torch.Tensor:
+        """Alias of :meth:`regularizer` (AdaLoRA's orthogonality term)."""
+        return self.regularizer()
 
     # -- optimizer contract -------------------------------------------------------------------
     def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -150,8 +163,7 @@ class AdaptedModel(nn.Module):
         ``backward()`` and before gradient clipping and ``optimizer.step()``. A no-op otherwise
         and when already done for this step.
         """
-        if self.hyper is not None:
-            self.hyper.backward_hypernetworks()
+        self.source.backward_hypernetworks()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Makes ``optimizer.step()`` call :meth:`backward_hypernetworks` first (if not yet called).
@@ -165,45 +177,56 @@ class AdaptedModel(nn.Module):
     def after_step(self, global_step: int) -> None:
         """Runs everything that follows an optimizer step.
 
-        AdaLoRA: importance update and rank allocation (peft's ``update_and_allocate``, same
-        step semantics); DyLoRA: samples the next training rank. Call it after ``optimizer.step()`` and before
-        ``optimizer.zero_grad()``, with the 0-based index of the step just taken... or the
-        1-based count, as long as it matches ``AllocatorConfig.total_step`` (peft's examples pass
-        the 0-based loop index).
+        Rank allocation (AdaLoRA: importance update and masking, peft's ``update_and_allocate``,
+        same step semantics), the factor source's state update (hyper, recurrent), then the
+        method's own step (DyLoRA: samples the next training rank). Call it after
+        ``optimizer.step()`` and before ``optimizer.zero_grad()``.
 
         Args:
             global_step: The step counter the budget schedule is evaluated at, counted as
-                ``AllocatorConfig.total_step`` counts (peft's examples pass the loop index).
-        """
-        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
-            raise ValueError(f"after_step(global_step) needs a non-negative int, got {global_step!r}")
-        self._after_step_calls += 1
-        if self.allocator is not None:
-            self.allocator.update_and_allocate(global_step)
-        if self.hyper is not None:
-            self.hyper.after_step()  # recurrent state update (with the masks just decided)
-        if self.adapter_config.method == "dylora":
-            self._sample_dylora_rank()
+                ``AllocatorConfig.total_step`` counts (peft's examples pass the 0-based loop index).
+                A Python or NumPy integer or a 0-d integer tensor; each call's step must be larger
+                than the previous call's (a resumed or loaded model continues after its last step).
 
-    def _sample_dylora_rank(self) -> None:
-        b = int(torch.randint(1, self.adapter_config.r + 1, (1,), generator=self._dylora_gen))
-        for layer in self.adapted_layers.values():
-            layer.dylora_b = b
+        Raises:
+            ValueError: ``global_step`` is not a non-negative integer, or not larger than the last one.
+        """
+        global_step = _step_index(global_step)
+        self.allocator.check_step_order(global_step)
+        self._steps_taken += 1
+        self.allocator.update_and_allocate(global_step)
+        self.source.after_step()  # recurrent state update (with the masks just decided)
+        self.method.after_step(self.layer_list, global_step)
+
+    @property
+    def steps_taken(self) -> int:
+        """Number of :meth:`after_step` calls so far (restored with a checkpoint)."""
+        return self._steps_taken
+
+    def restore_steps_taken(self, n: int) -> None:
+        """Sets :attr:`steps_taken` when resuming a run (``n`` after_step calls already happened)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"restore_steps_taken(n) needs a non-negative int, got {n!r}")
+        self._steps_taken = n
+
+    def rng_state(self) -> torch.Tensor | None:
+        """State of the method's own generator (DyLoRA's rank sampler; ``None`` when it draws nothing)."""
+        return self.method.rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restores what :meth:`rng_state` returned (a resumed run then draws the same ranks)."""
+        self.method.set_rng_state(state)
 
     @property
     def dylora_rank(self) -> int | None:
-        """The DyLoRA rank ``b`` used by the next training forward (``None`` for other methods)."""
-        if self.adapter_config.method != "dylora":
-            return None
-        return next(iter(self.adapted_layers.values())).dylora_b
+        """The sampled rank ``b`` the next training forward uses (DyLoRA; ``None`` for other methods)."""
+        return self.method.sampled_rank(self.layer_list)
 
     # -- ranks ---------------------------------------------------------------------------------
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
-        """``{module: [kept?] * r}`` for AdaLoRA (all ``True`` before the first allocation)."""
-        if self.allocator is None:
-            return {n: [True] * layer.r for n, layer in self.adapted_layers.items()}
-        return {n: (layer.rank_mask > 0).tolist() for n, layer in self.adapted_layers.items()}
+        """``{module: [kept?] * r}`` (all ``True`` for fixed ranks and before the first allocation)."""
+        return self.allocator.keep_pattern()
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -212,9 +235,7 @@ class AdaptedModel(nn.Module):
 
     @property
     def budget(self) -> int:
-        """The current total rank budget (sum of ranks for non-AdaLoRA methods)."""
-        if self.allocator is None:
-            return sum(layer.r for layer in self.adapted_layers.values())
+        """The current total rank budget (the sum of ranks for fixed-rank methods)."""
         return self.allocator.budget
 
     # -- merge / unwrap ------------------------------------------------------------------------
@@ -235,7 +256,7 @@ class AdaptedModel(nn.Module):
     # -- summaries -----------------------------------------------------------------------------
     def hypernetwork_parameters(self) -> list[nn.Parameter]:
         """The hypernetworks' parameters (empty for the direct source)."""
-        return [] if self.hyper is None else list(self.hyper.parameters())
+        return self.source.hypernetwork_parameters()
 
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
@@ -248,29 +269,24 @@ class AdaptedModel(nn.Module):
         trainable, total = self.trainable_parameters()
         line = (f"trainable params: {trainable:,} || all params: {total:,} || "
                 f"trainable%: {100 * trainable / max(total, 1):.4f}")
-        if self.hyper is not None:
-            counts = self.hyper.parameter_counts()
-            line += "\nhypernetworks (" + self.adapter_config.hyper.arch + "): " + ", ".join(
-                f"{k}: {counts[k]:,} (body {counts[k + '.body']:,})" for k in self.hyper.nets)
+        extra = self.source.summary(self.adapter_config.hyper.arch)
+        if extra is not None:
+            line += "\n" + extra
         print(line)
         return line
 
     # -- persistence (see checkpoint.py) ------------------------------------------------------
     def save_adapter(self, directory: str) -> None:
         """Writes the adapter (safetensors + JSON config + allocator state) to ``directory``."""
-        from .checkpoint import save_adapter
-
         save_adapter(self, directory)
 
     def load_adapter_weights(self, directory: str) -> None:
         """Loads adapter weights and allocator state saved by :meth:`save_adapter` into this model."""
-        from .checkpoint import load_adapter_weights
-
         load_adapter_weights(self, directory)
 
     def check_allocation_ran(self) -> None:
-        """Raises if AdaLoRA trained without its allocator ever running (it would be plain LoRA)."""
-        if self.allocator is not None and self._train_forwards > 0 and self._after_step_calls == 0:
+        """Raises if an adaptive allocator never ran while training (AdaLoRA would be plain LoRA)."""
+        if self.allocator.adaptive and self._train_forwards > 0 and self._steps_taken == 0:
             raise RuntimeError(
                 f"this AdaLoRA model ran {self._train_forwards} training forward pass(es) but after_step() was never "
                 "called, so no rank was ever allocated and the adapter is effectively LoRA. Call "
@@ -278,17 +294,36 @@ class AdaptedModel(nn.Module):
             )
 
 
-def wrap(model: nn.Module, config: AdapterConfig) -> AdaptedModel:
+def _refuse_wrapped(model: nn.Module) -> None:
+    if isinstance(model, AdaptedModel):
+        raise ValueError("wrap() got an AdaptedModel: it is already wrapped; use it as is, or wrap "
+                         "model.unwrap() (or a fresh base model) to change the adapter")
+    inside = next((name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)), None)
+    if inside is not None:
+        raise ValueError(f"wrap() got a model that already holds adapter layers ({inside!r} is an AdaptedLinear): "
+                         "wrap the original base model, or call unwrap() on its AdaptedModel first")
+
+
+def wrap(model: nn.Module, config: AdapterConfig, calibration: Any = None) -> AdaptedModel:
     """Injects adapters into a Hugging Face (or any torch) model.
 
     The base model is frozen; target modules (``config.target_modules``) are replaced by
-    adapter layers; ``config.modules_to_save`` stay trainable.
+    adapter layers; ``config.modules_to_save`` stay trainable. A policy that decides ranks
+    before the adapters exist (``allocator.policy="sensitivity"``) runs first on the base model
+    with the ``calibration`` batches, and the adapters are created at the ranks it chose
+    (``model.adapter_config.rank_pattern``).
 
     Args:
         model: The model to adapt (modified in place).
         config: What to adapt and how.
+        calibration: Model inputs (an iterable of batch dicts) for such a policy; unused otherwise.
 
     Returns:
         The :class:`AdaptedModel` wrapping ``model``.
+
+    Raises:
+        ValueError: ``model`` is already wrapped (an :class:`AdaptedModel`, or holds adapter layers).
     """
+    _refuse_wrapped(model)
+    config, _ = prepare_adapter_config(model, config, calibration)
     return AdaptedModel(model, config)

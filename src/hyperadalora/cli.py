@@ -9,12 +9,14 @@ Examples::
     hyperadalora export runs/<run> --out runs/<run>/peft   # a plain peft LoRA adapter
     hyperadalora presets
     hyperadalora bench convergence --data-dir ../shared/data   # a paper experiment (bench: the list)
+    hyperadalora bench commands                        # every registered command (what `make bench` runs)
     hyperadalora plan llama-8b --gpus 4 --precision 4bit --source hyper   # memory and FLOPs (docs/plan.md)
 
 A config is a preset name (``configs/<name>.yaml``), a YAML file, or nothing (defaults);
 ``key=value`` items override it (dotted for the adapter: ``adapter.r=16``,
 ``adapter.allocator.target_r=4``, ``adapter.hyper.arch=mlp``). ``hyperadalora train --help``
-lists every field. Exit status: 0 on success, 2 for a bad config / model / data, 1 when the
+lists every field. Exit status: 0 on success, 2 for a bad config / model / data (or an output
+directory that cannot be written, or a run directory in use by another process), 1 when the
 loss became NaN or infinite (the run directory keeps the last good adapter), 130 on Ctrl-C
 (the run directory keeps the log, plots and the adapter of the last completed step).
 """
@@ -26,7 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from .train.config import configs_dir, fields_help, list_presets, load_run_config
+from .train.help import fields_help
+from .train.presets import configs_dir, list_presets, load_run_config
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 1
@@ -95,18 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(PeftModel.from_pretrained(base, OUT) loads it).")
     p.add_argument("items", nargs="*", metavar="RUN_DIR [key=value ...]", help="run directory, then overrides")
     p.add_argument("--adapter", help="adapter directory (default: RUN_DIR/adapter)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/peft_lora)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/peft_lora); must not lie inside the run's "
+                   "adapter/ or checkpoints/, and must be empty unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing its files)")
 
     sub.add_parser("presets", help="list the shipped presets")
 
-    from .bench.commands import list_text
+    from .bench.registry import list_text
 
-    p = sub.add_parser("bench", help="run one of the paper-reproduction benchmarks (benchmarks/)",
-                       formatter_class=raw, description="Runs benchmarks/<script> of NAME; the options after NAME "
-                       "go to the script (`hyperadalora bench NAME --help` lists them). Results go to "
-                       "benchmarks/results/<name>.json / .md / .png.", epilog="benchmarks:\n" + list_text())
-    p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark (none: list them)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark script")
+    p = sub.add_parser("bench", help="run the paper-reproduction benchmarks (BENCHMARKS.md)",
+                       formatter_class=raw, description="Runs the registered experiment NAME; the options after "
+                       "NAME are its own (`hyperadalora bench NAME --help` lists them). Results go to "
+                       "benchmarks/results/<name>.json / .md / .png. `all [--group quick] [--data-dir D]` runs every "
+                       "registered command (`make bench`, `make bench-quick`), `commands` prints them, "
+                       "`render [NAME ...] [--check]` rebuilds the result tables from their JSON.",
+                       epilog="benchmarks:\n" + list_text())
+    p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark, or all / commands / render "
+                   "(none: list them)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark")
 
     from .plan.cli import add_parser as add_plan_parser
 
@@ -119,7 +128,7 @@ def _is_run_dir(item: str | None) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.loop import NonFiniteLossError, train
+    from .train import NonFiniteLossError, train
 
     source, overrides = _split_items(args.items, "train")
     if args.resume is not None:
@@ -130,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not _is_run_dir(args.resume):
             raise FileNotFoundError(f"--resume {args.resume}: not a run directory (a folder with config.yaml, as "
                                     "`hyperadalora train` writes)")
-        from .train.loop import load_run
+        from .train import load_run
 
         config = load_run(args.resume, _with_flags(overrides, args))
     else:
@@ -156,10 +165,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.loop import evaluate_run, load_run
+    from .train import evaluate_run, load_run
 
     target, overrides = _split_items(args.items, "eval")
     overrides = _with_flags(overrides, args)
+    if target is not None and Path(target).is_dir() and not _is_run_dir(target):
+        raise FileNotFoundError(f"eval: {target} is a folder but not a run directory (it has no config.yaml, as "
+                                "`hyperadalora train` writes); give a run directory, a preset or a YAML file")
     if _is_run_dir(target):
         config = load_run(target, overrides)
         adapter = args.adapter or str(Path(target) / "adapter")
@@ -173,16 +185,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_peft_lora
-    from .train.loop import load_run, load_trained
+    from .export import check_export_dir, export_peft_lora
+    from .train import load_run, load_trained
 
     target, overrides = _split_items(args.items, "export")
     if not _is_run_dir(target):
         raise FileNotFoundError(f"export: {target!r} is not a run directory (a folder with config.yaml, as "
                                 "`hyperadalora train` writes)")
     config = load_run(target, overrides)
-    model, _ = load_trained(config, args.adapter or Path(target) / "adapter")
+    adapter = Path(args.adapter or Path(target) / "adapter")
     out = Path(args.out or Path(target) / "peft_lora")
+    check_export_dir(out, protected=[adapter, Path(target) / "adapter", Path(target) / "checkpoints"],
+                     force=args.force)  # before the model loads
+    model, _ = load_trained(config, adapter)
     from .models import resolve_model_path
 
     export_peft_lora(model, out, base_model_name_or_path=str(resolve_model_path(config.model)))
@@ -191,12 +206,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.commands import list_text, run_benchmark
+    from .bench.registry import bench_main
 
-    if args.name is None:
-        print("benchmarks (hyperadalora bench NAME [options]):\n" + list_text())
-        return 0
-    return run_benchmark(args.name, list(args.bench_args) + list(getattr(args, "items", []) or []))
+    rest = list(args.bench_args) + list(getattr(args, "items", []) or [])
+    return bench_main(([args.name] if args.name is not None else []) + rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
                "plan": cmd_plan}[args.command]
+    from .train.rundir import OutputWriteError, RunDirBusyError
+
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+            OutputWriteError, RunDirBusyError) as exc:
         print(f"hyperadalora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -15,26 +15,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-METHODS = ("lora", "adalora", "dora", "dylora")
+from .allocation import POLICY_REGISTRY
+from .allocation.sensitivity_math import DIAGONAL_FORMS
+from .methods import METHOD_REGISTRY, AdapterMethod
+
+METHODS = tuple(METHOD_REGISTRY)
 SOURCES = ("direct", "hyper")
-POLICIES = ("adalora", "sigma-grad")
+POLICIES = tuple(POLICY_REGISTRY)
+INITS = tuple(dict.fromkeys(i for m in METHOD_REGISTRY.values() for i in m.inits))
 ORTH_REG_FORMS = ("peft", "paper")
 
 
-def _check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raises ValueError naming ``owner.name`` and the allowed values unless ``value`` is one of them."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{owner}.{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
 
 
-def _check_int(owner: str, name: str, value: Any, minimum: int | None = None) -> None:
+def check_int(owner: str, name: str, value: Any, minimum: int | None = None) -> None:
+    """Raises TypeError unless ``value`` is an int (not a bool), ValueError if below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{owner}.{name}={value} must be >= {minimum}")
 
 
-def _check_float(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def check_float(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raises unless ``value`` is a finite number within ``[low, high]`` (``*_open``: bound excluded)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}.{name} must be a number, got {type(value).__name__} ({value!r})")
     if isinstance(value, float) and not math.isfinite(value):
@@ -47,7 +55,7 @@ def _check_float(owner: str, name: str, value: Any, low: float | None = None, hi
         raise ValueError(f"{owner}.{name}={value} must be {bound}")
 
 
-class _JsonConfig:
+class JsonConfig:
     """Mixin: dict / JSON round trip with unknown-key checking."""
 
     _nested: ClassVar[dict[str, type]] = {}
@@ -57,7 +65,7 @@ class _JsonConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if isinstance(value, _JsonConfig):
+            if isinstance(value, JsonConfig):
                 value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
@@ -95,12 +103,19 @@ class _JsonConfig:
 
 
 @dataclass(frozen=True)
-class AllocatorConfig(_JsonConfig):
-    """AdaLoRA rank allocation schedule and scoring.
+class AllocatorConfig(JsonConfig):
+    """Rank allocation: AdaLoRA's schedule and scoring, or Sensitivity-LoRA's one-shot ranks.
+
+    ``policy="sensitivity"`` (any method) decides every module's rank once, before the adapters
+    are created, from a calibration pass on the base model (:mod:`hyperadalora.allocation.sensitivity`);
+    the adapters are then built at those ranks (``AdapterConfig.rank_pattern``). With AdaLoRA,
+    ``then`` says whether an in-training policy keeps pruning from those initial ranks
+    (``then="adalora"`` / ``"sigma-grad"``, with the schedule fields below) or the ranks stay as
+    decided (``then="none"``, the paper's method; the schedule fields are then unused).
 
     Attributes:
-        total_step: Total number of optimizer steps of the run (required: the budget schedule
-            is defined relative to it).
+        total_step: Total number of optimizer steps of the run (required when ranks change in
+            training: the budget schedule is defined relative to it).
         target_r: Average rank per adapted module at the end of the budget phase.
         tinit: Steps of initial warm-up before any pruning.
         tfinal: Steps at the end with the final budget fixed.
@@ -110,8 +125,32 @@ class AllocatorConfig(_JsonConfig):
         policy: ``adalora`` (peft / AdaLoRA's smoothed sensitivity x uncertainty of each
             (P column, lam_i, Q row) triplet; masked values may recover at a later allocation,
             as in peft) or ``sigma-grad`` (HyperAdaLoRA Appendix D: ``|lam * dL/dlam|``;
-            a pruned value stays exactly zero for the rest of training).
+            a pruned value stays exactly zero for the rest of training), or ``sensitivity``
+            (Sensitivity-LoRA: ranks from the base model's Hessian diagonals, decided before the wrap).
+        then: ``sensitivity`` only: the in-training policy after the one-shot allocation,
+            ``none`` (ranks fixed) or an adaptive policy name (AdaLoRA only; needs equal ranks
+            until the masked allocators support mixed ones).
+        calibration: ``sensitivity``: where the calibration rows come from: ``train`` (the
+            run's training rows) or a data directory in ``data_dir``'s layout (a ``.jsonl`` /
+            ``.json`` file for ``task=instruct``), whose training rows are used.
+        calibration_rows: ``sensitivity``: number of calibration rows (a seeded sample; the
+            paper found 10% of its set as good as all of it, Kendall tau 0.986).
+        calibration_max_length: ``sensitivity``: tokens per calibration row (``None``: the run's
+            ``max_length``).
+        calibration_batch_size: ``sensitivity``: rows per calibration forward pass.
+        avg_rank: ``sensitivity``: average rank (total = ``avg_rank`` x number of matrices;
+            ``None``: ``AdapterConfig.r``, so the budget equals a uniform adapter's).
+        min_rank: ``sensitivity``: smallest rank; 0 lets a module drop out (left unadapted).
+        max_rank: ``sensitivity``: largest rank (``None``: ``min(d_in, d_out)`` of each matrix,
+            which always caps).
+        topk_fraction: ``sensitivity``: fraction of the Hessian diagonal averaged by ``S_T``.
+        alpha: ``sensitivity``: energy fraction defining the effective rank ``S_E``.
+        diagonal: ``sensitivity``: ``channel`` (the ``d_in`` input-channel values) or ``weight``
+            (each value repeated ``d_out`` times, as the per-weight Hessian diagonal is; differs
+            for mixed shapes such as LLaMA's MLP and GQA's k / v).
     """
+
+    THEN_NONE: ClassVar[str] = "none"
 
     total_step: int | None = None
     target_r: int = 8
@@ -121,31 +160,77 @@ class AllocatorConfig(_JsonConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     policy: str = "adalora"
+    then: str = "none"
+    calibration: str = "train"
+    calibration_rows: int = 256
+    calibration_max_length: int | None = None
+    calibration_batch_size: int = 16
+    avg_rank: int | None = None
+    min_rank: int = 1
+    max_rank: int | None = None
+    topk_fraction: float = 0.5
+    alpha: float = 0.85
+    diagonal: str = "channel"
 
     def __post_init__(self) -> None:
         owner = "AllocatorConfig"
+        check_choice(owner, "policy", self.policy, POLICIES)
+        self._check_sensitivity(owner)
+        if not self.ranks_change:
+            return  # a one-shot allocation has no budget schedule
         if self.total_step is None:
             raise ValueError(
                 f"{owner}.total_step is required for AdaLoRA: set it to the number of optimizer steps of the run "
                 "(the rank budget schedule is defined relative to it)"
             )
-        _check_int(owner, "total_step", self.total_step, 1)
-        _check_int(owner, "target_r", self.target_r, 1)
-        _check_int(owner, "tinit", self.tinit, 0)
-        _check_int(owner, "tfinal", self.tfinal, 0)
-        _check_int(owner, "deltaT", self.deltaT, 1)
-        _check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
-        _check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
-        _check_choice(owner, "policy", self.policy, POLICIES)
+        check_int(owner, "total_step", self.total_step, 1)
+        check_int(owner, "target_r", self.target_r, 1)
+        check_int(owner, "tinit", self.tinit, 0)
+        check_int(owner, "tfinal", self.tfinal, 0)
+        check_int(owner, "deltaT", self.deltaT, 1)
+        check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
+        check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(
                 f"{owner}: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be < total_step ({self.total_step}) "
                 "so that a budget phase exists; decrease tinit/tfinal or increase total_step"
             )
 
+    def _check_sensitivity(self, owner: str) -> None:
+        policy = POLICY_REGISTRY[self.policy]
+        adaptive = tuple(n for n, p in POLICY_REGISTRY.items() if p.adaptive)
+        if policy.decides_before_wrap:
+            check_choice(owner, "then", self.then, (self.THEN_NONE, *adaptive))
+        elif self.then != self.THEN_NONE:
+            before = ", ".join(n for n, p in POLICY_REGISTRY.items() if p.decides_before_wrap)
+            raise ValueError(f"{owner}.then={self.then!r} is only used with policy={before}, not {self.policy!r}")
+        if not isinstance(self.calibration, str) or not self.calibration:
+            raise ValueError(f"{owner}.calibration must be 'train' or a data path, got {self.calibration!r}")
+        for name in ("calibration_rows", "calibration_batch_size"):
+            check_int(owner, name, getattr(self, name), 1)
+        for name in ("calibration_max_length", "avg_rank", "max_rank"):
+            if getattr(self, name) is not None:
+                check_int(owner, name, getattr(self, name), 1)
+        check_int(owner, "min_rank", self.min_rank, 0)
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise ValueError(f"{owner}: max_rank ({self.max_rank}) must be >= min_rank ({self.min_rank})")
+        check_float(owner, "topk_fraction", self.topk_fraction, 0.0, 1.0, low_open=True)
+        check_float(owner, "alpha", self.alpha, 0.0, 1.0, low_open=True)
+        check_choice(owner, "diagonal", self.diagonal, DIAGONAL_FORMS)
+
+    @property
+    def decides_before_wrap(self) -> bool:
+        """Whether the policy decides per-module ranks on the base model before the wrap."""
+        return POLICY_REGISTRY[self.policy].decides_before_wrap
+
+    @property
+    def ranks_change(self) -> bool:
+        """Whether ranks change during training (an adaptive policy runs; the schedule is used)."""
+        return POLICY_REGISTRY[self.policy].training_policy(self).adaptive
+
 
 @dataclass(frozen=True)
-class HyperConfig(_JsonConfig):
+class HyperConfig(JsonConfig):
     """Hypernetwork factor source settings (used when ``AdapterConfig.source == "hyper"``).
 
     Attributes:
@@ -239,39 +324,40 @@ class HyperConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         owner = "HyperConfig"
-        _check_choice(owner, "arch", self.arch, self.ARCHS)
-        _check_choice(owner, "tokens", self.tokens, self.TOKENS)
-        _check_choice(owner, "mode", self.mode, self.MODES)
-        _check_choice(owner, "generate", self.generate, self.GENERATE)
+        check_choice(owner, "arch", self.arch, self.ARCHS)
+        check_choice(owner, "tokens", self.tokens, self.TOKENS)
+        check_choice(owner, "mode", self.mode, self.MODES)
+        check_choice(owner, "generate", self.generate, self.GENERATE)
         if self.max_tokens_per_call is not None:
-            _check_int(owner, "max_tokens_per_call", self.max_tokens_per_call, 1)
-        _check_int(owner, "hidden", self.hidden, 1)
+            check_int(owner, "max_tokens_per_call", self.max_tokens_per_call, 1)
+        check_int(owner, "hidden", self.hidden, 1)
         if self.lam_hidden is not None:
-            _check_int(owner, "lam_hidden", self.lam_hidden, 1)
-        _check_int(owner, "layers", self.layers, 1)
-        _check_int(owner, "patch_width", self.patch_width, 1)
+            check_int(owner, "lam_hidden", self.lam_hidden, 1)
+        check_int(owner, "layers", self.layers, 1)
+        check_int(owner, "patch_width", self.patch_width, 1)
         for name in ("rank_span", "width_span"):
             if getattr(self, name) is not None:
-                _check_int(owner, name, getattr(self, name), 1)
+                check_int(owner, name, getattr(self, name), 1)
         if self.output_scale is not None:
-            _check_float(owner, "output_scale", self.output_scale, 0.0, low_open=True)
+            check_float(owner, "output_scale", self.output_scale, 0.0, low_open=True)
         if self.lr is not None:
-            _check_float(owner, "lr", self.lr, 0.0, low_open=True)
+            check_float(owner, "lr", self.lr, 0.0, low_open=True)
         for name in ("context", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
 
-    def hidden_for(self, kind: str) -> int:
-        """The body width of one factor kind's hypernetwork."""
-        return self.lam_hidden if kind == "lam" and self.lam_hidden is not None else self.hidden
+    def hidden_for(self, singular_values: bool) -> int:
+        """The body width of a kind's hypernetwork (``lam_hidden`` for the singular values, the
+        kind a method declares as ``AdapterMethod.singular_value_kind``)."""
+        return self.lam_hidden if singular_values and self.lam_hidden is not None else self.hidden
 
-    def scale_for(self, kind: str) -> float:
-        """The effective output scale of one factor kind's hypernetwork (``1/sqrt`` of its width)."""
-        return self.output_scale if self.output_scale is not None else self.hidden_for(kind) ** -0.5
+    def scale_for(self, singular_values: bool) -> float:
+        """The effective output scale of a kind's hypernetwork (``1/sqrt`` of its width)."""
+        return self.output_scale if self.output_scale is not None else self.hidden_for(singular_values) ** -0.5
 
 
 @dataclass(frozen=True)
-class AdapterConfig(_JsonConfig):
+class AdapterConfig(JsonConfig):
     """What to adapt and how.
 
     Attributes:
@@ -296,6 +382,15 @@ class AdapterConfig(_JsonConfig):
         hyper: Hypernetwork settings (used when ``source == "hyper"``).
         seed: Seed for the adapter initialisation and the hypernetworks' (``None``: use torch's global
             RNG, like peft).
+        init: Factor initialisation: ``default`` (as peft initialises each method) or ``pissa``
+            (LoRA and DoRA: factors from the top-r singular vectors of ``W0`` and the base replaced
+            by the residual, as peft's ``init_lora_weights="pissa"``; see
+            :mod:`hyperadalora.methods.lora` for merge, save and export).
+        rank_pattern: Per-module ranks overriding ``r`` (peft's name): ``{module: rank}``, a
+            module matching a key when its name equals it or ends with ``"." + key`` (an exact
+            name wins). Rank 0 leaves the module unadapted. Set by ``allocator.policy="sensitivity"``
+            before the wrap, and saved with the adapter so that loading and export rebuild the
+            same shapes. ``None``: every module has rank ``r``.
     """
 
     _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}
@@ -312,22 +407,31 @@ class AdapterConfig(_JsonConfig):
     allocator: AllocatorConfig | None = None
     hyper: HyperConfig = field(default_factory=HyperConfig)
     seed: int | None = None
+    init: str = "default"
+    rank_pattern: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
-        _check_choice(owner, "method", self.method, METHODS)
-        _check_choice(owner, "source", self.source, SOURCES)
-        _check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
-        _check_int(owner, "r", self.r)
+        self._check_rank_pattern(owner)
+        check_choice(owner, "method", self.method, METHODS)
+        check_choice(owner, "init", self.init, INITS)
+        if self.init not in self.method_class.inits:
+            supporting = ", ".join(n for n, m in METHOD_REGISTRY.items() if self.init in m.inits)
+            raise ValueError(f"{owner}.init={self.init!r} is not supported by method={self.method!r} "
+                             f"(methods supporting it: {supporting}; {self.method!r} supports "
+                             f"{', '.join(self.method_class.inits)})")
+        check_choice(owner, "source", self.source, SOURCES)
+        check_choice(owner, "orth_reg", self.orth_reg, ORTH_REG_FORMS)
+        check_int(owner, "r", self.r)
         if self.r <= 0:
             raise ValueError(f"{owner}.r={self.r} must be a positive integer (the adapter rank)")
-        _check_float(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
-        _check_float(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
-        _check_float(owner, "gamma", self.gamma)
+        check_float(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
+        check_float(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        check_float(owner, "gamma", self.gamma)
         if self.gamma < 0:
             raise ValueError(f"{owner}.gamma={self.gamma} must be >= 0 (orthogonality regulariser weight)")
         if self.seed is not None:
-            _check_int(owner, "seed", self.seed)
+            check_int(owner, "seed", self.seed)
         # Normalise list-like fields to tuples so the frozen config stays hashable / immutable.
         tm = self.target_modules
         if isinstance(tm, (list, tuple, set, frozenset)):
@@ -355,21 +459,47 @@ class AdapterConfig(_JsonConfig):
         if not isinstance(self.hyper, HyperConfig):
             raise TypeError(f"{owner}.hyper must be a HyperConfig (or a dict of its fields), "
                             f"got {type(self.hyper).__name__} ({self.hyper!r})")
-        if self.method == "adalora":
-            if self.allocator is None:
+        self._check_allocator(owner)
+
+    def _check_rank_pattern(self, owner: str) -> None:
+        if self.rank_pattern is None:
+            return
+        if not isinstance(self.rank_pattern, dict) or not self.rank_pattern:
+            raise TypeError(f"{owner}.rank_pattern must be a non-empty mapping of module name -> rank, "
+                            f"got {self.rank_pattern!r}")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"{owner}.rank_pattern keys must be module names, got {key!r}")
+            check_int(owner, f"rank_pattern[{key!r}]", rank, 0)
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))  # a copy: the config owns it
+
+    def rank_for(self, module: str) -> int:
+        """The rank of ``module``: its ``rank_pattern`` entry (exact name first, then suffix), else ``r``."""
+        pattern = self.rank_pattern or {}
+        if module in pattern:
+            return pattern[module]
+        return next((rank for key, rank in pattern.items() if module.endswith("." + key)), self.r)
+
+    def _check_allocator(self, owner: str) -> None:
+        alloc = self.allocator
+        if self.method_class.uses_allocator:
+            if alloc is None:
                 raise ValueError(
-                    f"{owner}: method='adalora' needs allocator=AllocatorConfig(total_step=..., target_r=...) "
+                    f"{owner}: method={self.method!r} needs allocator=AllocatorConfig(total_step=..., target_r=...) "
                     "(AdaLoRA's budget schedule needs the run's total number of optimizer steps)"
                 )
-            if self.allocator.target_r > self.r:
+            if alloc.ranks_change and alloc.target_r > (alloc.avg_rank or self.r):
                 raise ValueError(
-                    f"{owner}: allocator.target_r ({self.allocator.target_r}) must be <= r ({self.r}), "
-                    "the initial rank that AdaLoRA prunes down from"
+                    f"{owner}: allocator.target_r ({alloc.target_r}) must be <= r ({alloc.avg_rank or self.r}), "
+                    "the initial (average) rank that AdaLoRA prunes down from"
                 )
-        elif self.allocator is not None:
-            raise ValueError(f"{owner}: allocator is only used with method='adalora', not {self.method!r}")
+        elif alloc is not None and (alloc.ranks_change or not alloc.decides_before_wrap):
+            allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
+            before = ", ".join(repr(n) for n, p in POLICY_REGISTRY.items() if p.decides_before_wrap)
+            raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}, "
+                             f"except allocator.policy={before} with then='none' (ranks decided before training)")
 
     @property
-    def is_adalora(self) -> bool:
-        """Whether this config uses AdaLoRA's SVD form and allocator."""
-        return self.method == "adalora"
+    def method_class(self) -> type[AdapterMethod]:
+        """The registered class of :attr:`method` (what it supports: allocator, regulariser, inits)."""
+        return METHOD_REGISTRY[self.method]

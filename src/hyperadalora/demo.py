@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train.config import load_run_config
-from .train.loop import NonFiniteLossError, RunResult, train
+from .train import NonFiniteLossError, RunResult, load_run_config, train
 from .train.plots import plot_loss_overlay, smooth
 
 PRESET = "sst2_minilm_adalora"

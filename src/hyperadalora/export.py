@@ -5,7 +5,7 @@ The exported directory is what ``peft.PeftModel.from_pretrained(base_model, dire
 hypernetwork and the allocator are a training-time cost only: the served adapter is LoRA.
 
 Conversion, always with evaluation semantics (dropout off, DyLoRA at full rank, generated
-factors as the evaluation forward uses them):
+factors as the evaluation forward uses them); each method's ``to_lora`` does its part:
 
 * LoRA: ``A``, ``B`` as they are, ``lora_alpha`` and ``r`` from the config.
 * DyLoRA: LoRA with the full rank ``r`` and scale ``alpha / r`` (what evaluation uses).
@@ -39,8 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .adapted_model import AdaptedModel
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from .fileio import write_json, write_tensors
+from .methods import LoraExport
 
 PEFT_PREFIX = "base_model.model."
 
@@ -75,7 +77,7 @@ def _peft_pattern_key(pattern_keys: list[str], key: str) -> str:
     return key
 
 
-def _base_module_names(model) -> list[str]:
+def _base_module_names(model: AdaptedModel) -> list[str]:
     """Module names of the wrapped model as peft will see them on a fresh base model."""
     adapted = list(model.adapted_layers)
     names = []
@@ -85,7 +87,7 @@ def _base_module_names(model) -> list[str]:
     return names
 
 
-def _saved_modules(model) -> list[str]:
+def _saved_modules(model: AdaptedModel) -> list[str]:
     """Full names of the ``modules_to_save`` modules (outermost matches only)."""
     found = []
     for n, _ in model.model.named_modules():
@@ -95,24 +97,152 @@ def _saved_modules(model) -> list[str]:
     return found
 
 
-@torch.no_grad()
-def _layer_lora(layer) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-    """``(A, B, scale, dropped_effective_lam)`` of one layer in eval mode.
+def _check_exportable(model, saved: list[str]) -> None:
+    if not isinstance(model, AdaptedModel):
+        raise TypeError(f"export_peft_lora needs an AdaptedModel (from hyperadalora.wrap), got {type(model).__name__}")
+    merged = [n for n, layer in model.adapted_layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"cannot export a merged model ({len(merged)} merged layer(s), first {merged[0]!r}): "
+                         "the adapter is folded into the base weights; call model.unmerge() first")
+    model.check_allocation_ran()
+    inside = [n for n in model.adapted_layers for s in saved if n.startswith(s + ".")]
+    if inside:
+        raise ValueError(f"adapted module {inside[0]!r} lies inside a modules_to_save module; peft never adapts "
+                         "modules inside modules_to_save, so this adapter cannot be exported as peft LoRA")
 
-    ``dropped_effective_lam`` is the AdaLoRA lam of the components left out (``None`` otherwise).
+
+def _collect(model: AdaptedModel, saved: list[str]) -> tuple[dict[str, LoraExport], dict[str, torch.Tensor]]:
+    """Every layer as LoRA (in eval mode) and the saved modules' tensors; restores training modes."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # also drops the hyper source's cached (training) generation
+        with torch.no_grad():
+            lora = {name: model.method.to_lora(layer, layer.get_factors())
+                    for name, layer in model.adapted_layers.items()}
+            mts_tensors = {}
+            for s in saved:
+                for k, t in model.model.get_submodule(s).state_dict().items():
+                    mts_tensors[f"{PEFT_PREFIX}{s}.{k}"] = t.detach().clone()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        model.source.invalidate()
+    return lora, mts_tensors
+
+
+def _warn_dropped(lora: dict[str, LoraExport]) -> None:
+    dropped = [n for n, e in lora.items() if e.dropped is not None and e.dropped.numel() and bool((e.dropped != 0).any())]
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} AdaLoRA module(s) (first {dropped[0]!r}) have pruned singular values that are "
+            "still non-zero (the peft-style allocator zeroes them only at allocation steps); the export follows the "
+            "allocator's rank pattern, as peft's AdaLoRA save does, so its outputs differ slightly from this model's",
+            stacklevel=3,
+        )
+
+
+def _exported_modules(model: AdaptedModel, lora: dict[str, LoraExport]) -> list[str]:
+    """Modules with at least one rank component; if none has any, every module as an exact no-op at
+    rank 1 (``B = 0``) so the adapter still loads and carries its ``modules_to_save``."""
+    exported = [n for n, e in lora.items() if e.rank > 0]
+    if exported:
+        return exported
+    for name, e in lora.items():
+        layer = model.adapted_layers[name]
+        e.a = torch.zeros(1, layer.in_features, dtype=e.a.dtype, device=e.a.device)
+        e.b = torch.zeros(layer.out_features, 1, dtype=e.b.dtype, device=e.b.device)
+        e.alpha = e.scale
+    return list(lora)
+
+
+def _peft_tensors(lora: dict[str, LoraExport], exported: list[str]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name in exported:
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora[name].a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora[name].b
+        for suffix, t in lora[name].extra.items():
+            tensors[f"{PEFT_PREFIX}{name}.{suffix}"] = t
+    return tensors
+
+
+def _target_modules(model: AdaptedModel, exported: list[str]) -> list[str] | str:
+    """The exact names, unless peft's suffix matching would catch another module (then a regex)."""
+    exported_set = set(exported)
+    others = [n for n in _base_module_names(model) if n not in exported_set]
+    if any(_peft_targets_match(exported, n) for n in others):
+        return "^(?:" + "|".join(re.escape(n) for n in exported) + ")$"
+    return list(exported)
+
+
+def _ranks_and_alphas(model: AdaptedModel, lora: dict[str, LoraExport], exported: list[str]
+                      ) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)``: patterns list every module when ranks vary
+    by design (AdaLoRA) or differ; ``r`` / ``lora_alpha`` then hold the largest rank and its alpha."""
+    ranks = {n: lora[n].rank for n in exported}
+    alphas = {n: lora[n].alpha for n in exported}
+    first = exported[0]
+    if not model.method.varies_rank and len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1:
+        return ranks[first], alphas[first], {}, {}
+    r = max(ranks.values())
+    keys = dict(zip(exported, exported))
+    if any(_peft_pattern_key(exported, n) != n for n in exported):
+        keys = {n: "^" + re.escape(n) for n in exported}  # anchored: matches exactly one module
+    return r, lora[first].scale * r, {keys[n]: ranks[n] for n in exported}, {keys[n]: alphas[n] for n in exported}
+
+
+def _peft_config(model: AdaptedModel, lora: dict[str, LoraExport], exported: list[str], saved: list[str],
+                 base_model_name_or_path: str | None) -> dict:
+    r, lora_alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(model, lora, exported)
+    fan_in_fan_out = any(type(model.adapted_layers[n].base_layer).__name__ == "Conv1D" for n in exported)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model.model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": int(r),
+        "lora_alpha": lora_alpha,
+        "target_modules": _target_modules(model, exported),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_bias": False,
+        "use_rslora": False,
+        "use_dora": model.method.peft_use_dora,
+        "modules_to_save": saved or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "auto_mapping": None,
+    }
+
+
+def check_export_dir(directory: str | os.PathLike, *, protected: list[str | os.PathLike] = (),
+                     force: bool = False) -> None:
+    """Refuses an export target that is a file, lies inside a ``protected`` folder (a run's own
+    ``adapter/`` or ``checkpoints/``: the export would overwrite what it was made from), or is a
+    non-empty folder (unless ``force``).
+
+    Raises:
+        NotADirectoryError: ``directory`` is an existing file.
+        FileExistsError: Inside a protected folder, or non-empty without ``force``.
     """
-    factors = layer.get_factors()
-    method = layer.method.name
-    if method != "adalora":
-        a, b, scale = layer.method.effective_factors(layer, factors)
-        return a.detach().clone(), b.detach().clone(), float(scale), None
-    lam = factors["lam"]
-    if layer.mask_in_forward:
-        lam = lam * layer.rank_mask
-    kept = layer.rank_mask > 0
-    a = factors["Q"][kept].detach().clone()
-    b = (factors["P"][:, kept] * lam[kept]).detach().clone()
-    return a, b, float(layer.method.scaling(layer)), lam[~kept].detach()
+    path = Path(directory).expanduser().absolute().resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"export target {directory} is a file, not a folder: give a folder path")
+    for guarded in protected:
+        guarded = Path(guarded).expanduser().absolute().resolve()
+        if path == guarded or guarded in path.parents:
+            raise FileExistsError(f"export target {directory} lies inside {guarded}, which the run (or the export "
+                                  "itself) reads from: choose another --out")
+    if not force and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(f"export target {directory} is not empty: choose an empty or new folder, or pass "
+                              "--force to replace its files")
 
 
 def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -138,118 +268,15 @@ def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_
             lies inside a ``modules_to_save`` module (peft cannot express that).
         RuntimeError: If an AdaLoRA model was trained without ``after_step`` ever running.
     """
-    from .adapted_model import AdaptedModel
-
-    if not isinstance(model, AdaptedModel):
-        raise TypeError(f"export_peft_lora needs an AdaptedModel (from hyperadalora.wrap), got {type(model).__name__}")
-    merged = [n for n, layer in model.adapted_layers.items() if layer.merged]
-    if merged:
-        raise ValueError(f"cannot export a merged model ({len(merged)} merged layer(s), first {merged[0]!r}): "
-                         "the adapter is folded into the base weights; call model.unmerge() first")
-    model.check_allocation_ran()
-    saved = _saved_modules(model)
-    inside = [n for n in model.adapted_layers for s in saved if n.startswith(s + ".")]
-    if inside:
-        raise ValueError(f"adapted module {inside[0]!r} lies inside a modules_to_save module; peft never adapts "
-                         "modules inside modules_to_save, so this adapter cannot be exported as peft LoRA")
-
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()  # also drops the hyper source's cached (training) generation
-        with torch.no_grad():
-            lora = {name: _layer_lora(layer) for name, layer in model.adapted_layers.items()}
-            mts_tensors = {}
-            for s in saved:
-                for k, t in model.model.get_submodule(s).state_dict().items():
-                    mts_tensors[f"{PEFT_PREFIX}{s}.{k}"] = t.detach().clone()
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        if model.hyper is not None:
-            model.hyper.invalidate()
-
-    cfg = model.adapter_config
-    is_adalora = cfg.method == "adalora"
-    dropped = {n: d for n, (_, _, _, d) in lora.items() if d is not None and d.numel() and bool((d != 0).any())}
-    if dropped:
-        warnings.warn(
-            f"{len(dropped)} AdaLoRA module(s) (first {next(iter(dropped))!r}) have pruned singular values that are "
-            "still non-zero (the peft-style allocator zeroes them only at allocation steps); the export follows the "
-            "allocator's rank pattern, as peft's AdaLoRA save does, so its outputs differ slightly from this model's",
-            stacklevel=2,
-        )
-
-    exported = [n for n, (a, _, _, _) in lora.items() if a.shape[0] > 0]
-    if not exported:  # nothing kept anywhere: an exact no-op adapter at rank 1 so it still loads
-        for name, (a, b, scale, d) in list(lora.items()):
-            layer = model.adapted_layers[name]
-            a1 = torch.zeros(1, layer.in_features, dtype=a.dtype, device=a.device)
-            b1 = torch.zeros(layer.out_features, 1, dtype=b.dtype, device=b.device)
-            lora[name] = (a1, b1, scale, d)
-        exported = list(lora)
-
-    tensors: dict[str, torch.Tensor] = {}
-    for name in exported:
-        a, b, _, _ = lora[name]
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
-        if cfg.method == "dora":
-            magnitude = model.adapted_layers[name].magnitude
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().clone()
-    tensors.update(mts_tensors)
-
-    # target_modules: the exact names, unless peft's suffix matching would catch another module.
-    exported_set = set(exported)
-    others = [n for n in _base_module_names(model) if n not in exported_set]
-    if any(_peft_targets_match(exported, n) for n in others):
-        target_modules: list[str] | str = "^(?:" + "|".join(re.escape(n) for n in exported) + ")$"
-    else:
-        target_modules = list(exported)
-
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    if is_adalora:
-        ranks = {n: int(lora[n][0].shape[0]) for n in exported}
-        r = max(ranks.values())
-        scale = lora[exported[0]][2]
-        lora_alpha = scale * r
-        keys = dict(zip(exported, exported))
-        if any(_peft_pattern_key(exported, n) != n for n in exported):
-            keys = {n: "^" + re.escape(n) for n in exported}  # anchored: matches exactly one module
-        rank_pattern = {keys[n]: ranks[n] for n in exported}
-        alpha_pattern = {keys[n]: lora[n][2] * ranks[n] for n in exported}
-    else:
-        r, lora_alpha = cfg.r, float(cfg.lora_alpha)
-
-    fan_in_fan_out = any(type(model.adapted_layers[n].base_layer).__name__ == "Conv1D" for n in exported)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
-
-    config = {
-        "peft_type": "LORA",
-        "task_type": _task_type(model.model),
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": lora_alpha,
-        "target_modules": target_modules,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "lora_bias": False,
-        "use_rslora": False,
-        "use_dora": cfg.method == "dora",
-        "modules_to_save": saved or None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-        "auto_mapping": None,
-    }
+    saved = _saved_modules(model) if isinstance(model, AdaptedModel) else []
+    _check_exportable(model, saved)
+    lora, mts_tensors = _collect(model, saved)
+    _warn_dropped(lora)
+    exported = _exported_modules(model, lora)
+    tensors = {**_peft_tensors(lora, exported), **mts_tensors}
+    config = _peft_config(model, lora, exported, saved, base_model_name_or_path)
     path = Path(directory)
+    check_export_dir(path, force=True)
     path.mkdir(parents=True, exist_ok=True)
     write_tensors(path / WEIGHTS_NAME, tensors)
     write_json(path / CONFIG_NAME, config)  # last: a directory with a config is a complete adapter

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from .methods import AdapterMethod
+if TYPE_CHECKING:
+    from .methods import AdapterMethod
 
 FactorProvider = Callable[[], dict[str, torch.Tensor]]
 
@@ -24,9 +25,10 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus a low-rank adapter whose factors come from a factor source.
 
-    With the ``direct`` source the factors are ``nn.Parameter`` entries of ``self.factors``; a
-    ``hyper`` source installs a provider (``set_factor_provider``) that returns generated
-    tensors of the same shapes instead.
+    The method creates the factors (``nn.Parameter`` entries of ``self.factors``) and any state
+    of its own (:meth:`AdapterMethod.init_layer`). A non-direct factor source takes them over
+    and installs a provider (``set_factor_provider``) that returns generated tensors of the same
+    shapes instead.
 
     Args:
         base_layer: The frozen layer being adapted.
@@ -50,22 +52,14 @@ class AdaptedLinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if self.has_dropout else nn.Identity()
         w = self.base_weight
         self.out_features, self.in_features = w.shape
-        init = method.init_factors(self.out_features, self.in_features, r, generator, w.dtype, w.device)
-        self.factors = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
-        if method.name == "dora":
-            with torch.no_grad():
-                self.magnitude = nn.Parameter(torch.linalg.norm(w, dim=1).clone())
-        if method.name == "adalora":
-            # 1 = kept, 0 = pruned. Multiplies lam in the forward pass only when mask_in_forward
-            # (sigma-grad policy, hyper source); the peft-style policy zeroes lam in place instead.
-            self.register_buffer("rank_mask", torch.ones(r, dtype=w.dtype, device=w.device))
+        self._row_sqnorm: torch.Tensor | None = None
+        self.merged_row_norm: torch.Tensor | None = None
+        method.init_layer(self, w, generator)  # factors and method state (magnitude, keep-mask, ...)
+        # Whether pruned rank components are masked in the forward (set by the source / allocator).
         self.mask_in_forward = False
-        self.dylora_b = r
         self.merged = False
         self.disabled = False
         self._factor_provider: FactorProvider | None = None
-        self._row_sqnorm: torch.Tensor | None = None
-        self.merged_row_norm: torch.Tensor | None = None
 
     # -- base layer access -------------------------------------------------------------------
     @property
@@ -114,7 +108,7 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             return
         new_w = self.method.merged_weight(self, self.get_factors())
-        self._set_base_weight(new_w)
+        self.set_base_weight(new_w)
         self.merged = True
 
     @torch.no_grad()
@@ -123,10 +117,11 @@ class AdaptedLinear(nn.Module):
         if not self.merged:
             return
         old_w = self.method.unmerged_weight(self, self.base_weight, self.get_factors())
-        self._set_base_weight(old_w)
+        self.set_base_weight(old_w)
         self.merged = False
 
-    def _set_base_weight(self, w: torch.Tensor) -> None:
+    def set_base_weight(self, w: torch.Tensor) -> None:
+        """Overwrites the frozen weight with ``w`` given as ``(d_out, d_in)``."""
         target = self.base_layer.weight
         target.data.copy_(w.t() if type(self.base_layer).__name__ == "Conv1D" else w)
         self._row_sqnorm = None

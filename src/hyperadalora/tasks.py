@@ -283,10 +283,10 @@ class InstructionTask(Task):
             if source == "alpaca" and split == "test":
                 raise ValueError(f"{no_data_message(self.spec.name)} (the hub's Alpaca has no test split: the "
                                  "held-out rows are alpaca/test.jsonl in the data directory)")
-            from .data.instruct import _to_example
+            from .data.instruct import example_from_row
 
             rows = _hub_load(hub[0], hub[1], split, self.spec.name)
-            return [_to_example(r, f"{hub[0]} (hub, split {split}) row {i}") for i, r in enumerate(rows, start=1)]
+            return [example_from_row(r, f"{hub[0]} (hub, split {split}) row {i}") for i, r in enumerate(rows, start=1)]
         return read_instruction_data(source, split, self._data_dir())
 
     def _local_file(self) -> bool:

@@ -83,9 +83,9 @@ def run_config(name: str, world: int = 1, rank: int = 0) -> dict:
             except RuntimeError as exc:
                 first_divergence, error = step, str(exc)
     in_sync = error is None
-    tensors = {f"mask/{n}": layer.rank_mask.clone() for n, layer in model.adapted_layers.items()}
+    tensors = {f"state/{n}": layer.rank_mask.clone() for n, layer in model.adapted_layers.items()}
     if model.hyper is not None:
-        tensors.update({f"hyper/{n}": b.clone() for n, b in model.hyper.named_buffers()})
+        tensors.update({f"source/{n}": b.clone() for n, b in model.hyper.named_buffers()})
     tensors.update({f"param/{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     return {"losses": losses, "rank_pattern": model.rank_pattern, "budget": model.allocator.budget,
             "checksums": state_checksums(model), "in_sync": in_sync, "error": error,

@@ -61,7 +61,7 @@ def test_negative_gamma():
 def test_unknown_method_policy_source_and_hyper_settings():
     with pytest.raises(ValueError, match="method='lokr' is not supported; allowed values: lora, adalora, dora, dylora"):
         ha.AdapterConfig(method="lokr")
-    with pytest.raises(ValueError, match="policy='greedy' is not supported; allowed values: adalora, sigma-grad"):
+    with pytest.raises(ValueError, match="policy='greedy' is not supported; allowed values: adalora, sensitivity, sigma-grad"):
         ha.AllocatorConfig(total_step=10, policy="greedy")
     with pytest.raises(ValueError, match="source='learned' is not supported; allowed values: direct, hyper"):
         ha.AdapterConfig(source="learned")
@@ -108,13 +108,24 @@ def test_saving_adalora_trained_without_after_step_raises(tmp_path):
 
 
 def test_saving_untrained_or_lora_models_is_fine(tmp_path):
+    """Only an AdaLoRA model that trained without ``after_step`` is refused: an untrained AdaLoRA
+    model and a LoRA model that trained (no allocator) save, and load back to the same outputs."""
     m = ha.wrap(tiny_bert(), ha.AdapterConfig(method="adalora", r=4, target_modules=BERT_TARGETS,
                                               allocator=ha.AllocatorConfig(total_step=10, target_r=2)))
     m.save_adapter(tmp_path / "untrained")
     lora = ha.wrap(tiny_bert(), ha.AdapterConfig(method="lora"))
     lora.train()
     lora(**bert_batch(0)).loss.backward()
+    torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1.0).step()  # no after_step
     lora.save_adapter(tmp_path / "lora")
+    batch = bert_batch(1)
+    for model, folder in ((m, "untrained"), (lora, "lora")):
+        loaded = ha.load_adapter(tiny_bert(), tmp_path / folder)
+        assert loaded.adapter_config == model.adapter_config
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(**batch).logits, model.eval()(**batch).logits), folder
+    with torch.no_grad():
+        assert not torch.equal(lora(**batch).logits, tiny_bert().eval()(**batch).logits)
 
 
 def test_wrong_after_step_argument():

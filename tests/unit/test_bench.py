@@ -122,8 +122,8 @@ def test_in_processes_runs_every_call_in_spawned_workers_and_keeps_the_indices()
 
 def test_humaneval_many_scores_a_kept_run_like_evaluate_run_and_caches_it(tmp_path):
     from hyperadalora.bench.humaneval import HUMANEVAL_OVERRIDES, humaneval_many
-    from hyperadalora.train.config import load_run_config
-    from hyperadalora.train.loop import evaluate_run, load_run, train
+    from hyperadalora.train import load_run_config
+    from hyperadalora.train import evaluate_run, load_run, train
 
     data = write_instruct(tmp_path / "data")
     cfg = load_run_config("gsm8k_smollm2_adalora", [
@@ -170,54 +170,40 @@ def test_a_cached_run_with_another_config_runs_again(tiny, tmp_path, capsys):
     assert run_specs([changed], tmp_path, str(tiny["data"]), only_cached=True)["s"]["losses"] == again["losses"]
 
 
-def test_bench_command_lists_runs_and_refuses(tmp_path, monkeypatch, capsys):
+def test_bench_command_lists_runs_and_refuses(monkeypatch, capsys):
+    from hyperadalora.bench import registry
+
     assert cli_main(["bench"]) == 0
-    assert "convergence" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in registry.registered())
     assert cli_main(["bench", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
-    # A benchmarks folder of one's own: the script gets the options after the name, its exit status returns.
-    folder = tmp_path / "benchmarks"
-    folder.mkdir()
-    (folder / "convergence.py").write_text(
-        "import sys, json, pathlib\n"
-        "pathlib.Path(sys.argv[0]).with_name('args.json').write_text(json.dumps(sys.argv[1:]))\n"
-        "sys.exit(3)\n")
-    monkeypatch.setenv("HYPERADALORA_BENCHMARKS", str(folder))
-    assert cli_main(["bench", "convergence", "--quick", "--workers", "1"]) == 3
-    assert json.loads((folder / "args.json").read_text()) == ["--quick", "--workers", "1"]
-
-
-def _benchmark_script(name):
-    """A script of ``benchmarks/`` imported as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(folder))  # as when the script runs: it imports its neighbours (common)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    # A registered experiment gets the options after its name; its exit status comes back.
+    seen = []
+    fake = dataclasses.replace(registry.get("gamma_sweep"), name="fake", main=lambda argv: seen.append(argv) or 3)
+    monkeypatch.setitem(registry.EXPERIMENTS, "fake", fake)
+    assert cli_main(["bench", "fake", "--quick", "--workers", "1"]) == 3
+    assert seen == [["--quick", "--workers", "1"]]
 
 
 def test_step_cost_variant_overrides_parse_to_hyper_config_values():
-    step_cost = _benchmark_script("step_cost")
-    assert step_cost.parse_variant("adalora") == ("adalora", {})
-    name, over = step_cost.parse_variant("hyper_adalora_mlp_rank+lam_hidden=64+checkpointing=True+output_scale=1e-2"
-                                         "+lr=None")
+    from hyperadalora.bench.experiments.step_model import direct_twin, parse_variant
+
+    assert parse_variant("adalora") == ("adalora", {})
+    name, over = parse_variant("hyper_adalora_mlp_rank+lam_hidden=64+checkpointing=True+output_scale=1e-2+lr=None")
     assert name == "hyper_adalora_mlp_rank"
     assert over == {"lam_hidden": 64, "checkpointing": True, "output_scale": 0.01, "lr": None}
     assert type(over["lam_hidden"]) is int
     with pytest.raises(ValueError, match="key=value"):
-        step_cost.parse_variant("hyper_adalora+lam_hidden")
+        parse_variant("hyper_adalora+lam_hidden")
+    with pytest.raises(ValueError, match="unknown config field 'adapter.hyper.hiden'"):
+        parse_variant("hyper_adalora+hiden=3")
+    assert direct_twin("hyper_dora_mlp_rank+hidden=128") == "dora" and direct_twin("peft_lora") is None
 
 
 def test_publish_inlines_result_tables_between_markers(tmp_path):
-    publish = _benchmark_script("publish")
+    from hyperadalora.bench.experiments import publish
+
     (tmp_path / "a.md").write_text("| x |\n|---|\n| 1 |\n")
     text = "intro\n<!-- table:a -->\nold\n<!-- end:a -->\nmid\n<!-- table:b -->\nkeep\n<!-- end:b -->\n"
     new, missing = publish.publish(text, tmp_path)
@@ -229,7 +215,8 @@ def test_publish_inlines_result_tables_between_markers(tmp_path):
 def test_convergence_mpnet_options_parse_and_refuse_tasks_not_run_on_mpnet():
     import argparse
 
-    conv = _benchmark_script("convergence")
+    from hyperadalora.bench.experiments import convergence as conv
+
     parser = argparse.ArgumentParser()
     assert conv.parse_mpnet_seeds("2", ["sst2", "rte"], parser) == {"sst2": 2, "rte": 2}
     assert conv.parse_mpnet_seeds("rte:3", ["sst2", "rte"], parser) == {"sst2": 1, "rte": 3}
@@ -244,7 +231,8 @@ def test_convergence_mpnet_options_parse_and_refuse_tasks_not_run_on_mpnet():
 
 
 def test_convergence_mpnet_paper_specs_run_each_method_at_1e5_unless_that_is_its_best_lr():
-    conv = _benchmark_script("convergence")
+    from hyperadalora.bench.experiments import convergence as conv
+
     best = {("sst2", "mpnet", "adalora"): 1e-3, ("sst2", "mpnet", "hyperadalora"): 1e-5,
             ("wnli", "mpnet", "adalora"): 3e-3, ("wnli", "mpnet", "hyperadalora"): 3e-3}
     specs = conv.mpnet_paper_specs({"sst2": 2, "wnli": 1}, best, conv.TASKS)
@@ -257,7 +245,8 @@ def test_convergence_mpnet_paper_specs_run_each_method_at_1e5_unless_that_is_its
 
 
 def test_convergence_sweep_table_marks_the_best_lr_per_model():
-    conv = _benchmark_script("convergence")
+    from hyperadalora.bench.experiments import convergence as conv
+
     sweep = [{"task": "rte", "model": "mpnet", "method": "adalora", "lr": 3e-3, "final_smoothed_loss": 0.5, "best": True},
              {"task": "rte", "model": "mpnet", "method": "adalora", "lr": 1e-3, "final_smoothed_loss": 0.6, "best": False},
              {"task": "rte", "model": "mpnet", "method": "hyperadalora", "lr": 1e-3, "final_smoothed_loss": 0.55,

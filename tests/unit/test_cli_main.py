@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hyperadalora.cli import main
-from hyperadalora.train.config import describe_fields
+from hyperadalora.train.help import describe_fields
 from test_train_loop import tiny_bert_dir, tiny_llama_dir, write_instruct, write_rte
 
 ROOT = Path(__file__).resolve().parents[2]

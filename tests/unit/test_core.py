@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, MPNetConfig, MPNetForSequenceClassification
+from transformers import MPNetConfig, MPNetForSequenceClassification
 
 import hyperadalora as ha
-from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama, train_steps
+from hyperadalora.methods import METHOD_REGISTRY
+from tiny_models import (BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_gpt2, tiny_llama,
+                         train_steps)
 
-METHODS = ["lora", "adalora", "dora", "dylora"]
+METHODS = list(METHOD_REGISTRY)
 
 
 def tiny_mpnet(seed=0):
@@ -22,13 +24,6 @@ def tiny_mpnet(seed=0):
                       intermediate_size=48, max_position_embeddings=70, num_labels=2,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return MPNetForSequenceClassification(cfg)
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
 
 
 ARCHS = {

@@ -92,12 +92,12 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(ddp_run, reference, na
     assert t0.keys() == t1.keys() == ref["tensors"].keys()
     for key in t0:
         assert torch.equal(t0[key], t1[key]), f"{key} differs between ranks"
-        if key.startswith("mask/"):
+        if key.startswith("state/"):
             assert torch.equal(t0[key], ref["tensors"][key]), key
         else:  # hypernetwork states and trainable parameters: as the 1-process run, up to rounding
             torch.testing.assert_close(t0[key], ref["tensors"][key], rtol=0, atol=1e-5, msg=key)
     if name.startswith("hyper"):
-        assert any(k.startswith("hyper/state_") for k in t0)
+        assert any(k.startswith("source/state_") for k in t0)
 
 
 @pytest.mark.parametrize("name", THROUGH_TRAINER)
@@ -129,9 +129,10 @@ def test_single_process_helpers_are_no_ops():
     model = ha.wrap(tiny_bert(), worker.config("hyper_per_step"))
     prepare_ddp(model)
     ignored = set(model._ddp_params_and_buffers_to_ignore)
-    assert {f"hyper.{n}" for n, _ in model.hyper.named_parameters()} <= ignored  # per_step: outside DDP
-    assert {f"hyper.{n}" for n, _ in model.hyper.named_buffers()} <= ignored
+    assert {f"source.{n}" for n, _ in model.hyper.named_parameters()} <= ignored  # per_step: outside DDP
+    assert {f"source.{n}" for n, _ in model.hyper.named_buffers()} <= ignored
     assert not any(n.startswith("model.") and not n.endswith("rank_mask") for n in ignored)
     assert not sync_generated_gradients(model)
     sums = assert_in_sync(model)
-    assert any(k.startswith("mask/") for k in sums) and any(k.startswith("hyper/state_") for k in sums)
+    assert any(k.startswith("state/") and k.endswith(".rank_mask") for k in sums)
+    assert any(k.startswith("source/hyper.state_") for k in sums)

@@ -19,28 +19,21 @@ peft = pytest.importorskip("peft")
 
 import hyperadalora as ha  # noqa: E402
 from hyperadalora.export import export_peft_lora  # noqa: E402
-from tiny_models import (BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert,  # noqa: E402
-                         tiny_llama, train_steps)
+from hyperadalora.methods import METHOD_REGISTRY  # noqa: E402
+from tiny_models import (BERT_TARGETS, GPT2_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch,  # noqa: E402
+                         tiny_bert, tiny_gpt2, tiny_llama, train_steps)
 
 STEPS = 12
-METHODS = ["lora", "adalora", "dora", "dylora"]
+METHODS = list(METHOD_REGISTRY)
 SOURCES = ["direct", "hyper"]
 ALLOC = dict(total_step=STEPS, target_r=2, tinit=2, tfinal=4, deltaT=2)
 HYPER = ha.HyperConfig(hidden=24, layers=1)
 
 
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
 ARCHS = {
     "bert": (tiny_bert, BERT_TARGETS, ("classifier",), bert_batch),
     "llama": (tiny_llama, LLAMA_TARGETS, (), llama_batch),
-    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], (), llama_batch),
+    "gpt2": (tiny_gpt2, GPT2_TARGETS, (), llama_batch),
 }
 
 

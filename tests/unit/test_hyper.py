@@ -9,9 +9,10 @@ import torch
 
 import hyperadalora as ha
 from hyperadalora.hyper.tokens import TokenLayout, from_rank_width, to_rank_width
+from hyperadalora.methods import METHOD_REGISTRY, AdaLoRA, LoRA
 from tiny_models import BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert, tiny_llama, train_steps
 
-METHODS = ["lora", "adalora", "dora", "dylora"]
+METHODS = list(METHOD_REGISTRY)
 SMALL_HYPER = dict(hidden=24, layers=1)
 
 
@@ -100,7 +101,7 @@ def test_gradients_reach_every_hyper_parameter_and_no_state(method):
     for name, buf in m.hyper.named_buffers():
         assert not buf.requires_grad and buf.grad is None, name
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert all(n.startswith("hyper.") or ".classifier." in n or n.endswith(".magnitude") for n in trainable)
+    assert all(n.startswith("source.") or ".classifier." in n or n.endswith(".magnitude") for n in trainable)
 
 
 @pytest.mark.parametrize("mode", ["recurrent", "reparam"])
@@ -176,11 +177,12 @@ def test_save_load_continue_gives_same_next_losses(tmp_path):
 def test_cut_uncut_is_identity(preset, kind, shape):
     layout = TokenLayout.preset(preset, patch_width=16)
     x = torch.randn(3, *shape)
-    view = to_rank_width(kind, x)
+    axis = {**LoRA.rank_axes, **AdaLoRA.rank_axes}[kind]
+    view = to_rank_width(x, axis)
     tokens = layout.cut(view)
     assert tokens.shape[1] == layout.num_tokens(*view.shape[1:])
     assert tokens.shape[2] == layout.token_dim(*view.shape[1:])
-    assert torch.equal(from_rank_width(kind, layout.uncut(tokens, *view.shape[1:])), x)
+    assert torch.equal(from_rank_width(layout.uncut(tokens, *view.shape[1:]), axis, len(shape)), x)
 
 
 def test_custom_spans_with_ragged_blocks():

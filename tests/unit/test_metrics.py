@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +20,6 @@ from hyperadalora.eval.metrics import (
     matthews_corrcoef,
     rouge1,
 )
-
-DATA_DIR = Path(os.environ.get("HYPERADALORA_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 # ------------------------------------------------------------------------------------ GLUE
@@ -191,12 +187,9 @@ def test_gsm8k_reference_without_number_is_a_data_error():
         gsm8k_exact_match(["1", "2"], ["#### 1", "oops"])
 
 
-@pytest.mark.integration
-def test_gsm8k_real_references_extract_to_their_answer():
-    path = DATA_DIR / "gsm8k" / "test.jsonl"
-    if not path.exists():
-        pytest.skip(f"GSM8K data not found at {path} (set HYPERADALORA_DATA_DIR)")
-    answers = [json.loads(line)["answer"] for line in path.read_text(encoding="utf-8").splitlines()]
+def test_gsm8k_real_references_extract_to_their_answer(gsm8k_file):
+    answers = [json.loads(line)["answer"] for line in gsm8k_file.read_text(encoding="utf-8").splitlines()]
+    assert [extract_final_number(a) for a in answers] == ["18", "276000", "-10"]
     for answer in answers:
         expected = answer.split("####")[-1].strip().replace(",", "")
         assert extract_final_number(answer) == expected

@@ -26,8 +26,8 @@ from hyperadalora.checkpoint import CorruptCheckpointError, verify_checkpoint, w
 from hyperadalora.cli import main
 from hyperadalora.models import load_model
 from hyperadalora.train import load_run, train
-from hyperadalora.train.resume import (capture_rng, checkpoint_dirs, flatten_optimizer_state, restore_rng,
-                                       unflatten_optimizer_state)
+from hyperadalora.train.resume import checkpoint_dirs, flatten_optimizer_state, unflatten_optimizer_state
+from hyperadalora.train.rng import capture_rng, restore_rng
 from test_train_loop import read_jsonl, rte_config, tiny_bert_dir, write_rte
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +37,7 @@ METHODS = {
     "adalora-hyper-accum": ["adapter.lora_dropout=0.1", "adapter.source=hyper", "adapter.hyper.hidden=16",
                             "batch_size=2", "grad_accum=2"],
     "lora": ["adapter.method=lora", "adapter.allocator=null", "adapter.r=4", "adapter.lora_dropout=0.1"],
+    "dora": ["adapter.method=dora", "adapter.allocator=null", "adapter.r=4", "adapter.lora_dropout=0.1"],
     "dylora": ["adapter.method=dylora", "adapter.allocator=null", "adapter.r=4"],
 }
 

@@ -11,15 +11,13 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import pytest
 
-from hyperadalora.eval import sandbox
+from hyperadalora.eval import containment, sandbox
 from hyperadalora.eval.sandbox import (
     ExecutionResult,
     humaneval_pass_at_1,
@@ -27,9 +25,6 @@ from hyperadalora.eval.sandbox import (
     read_humaneval,
     run_program,
 )
-
-DATA_DIR = Path(os.environ.get("HYPERADALORA_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-HUMANEVAL = DATA_DIR / "humaneval" / "HumanEval.jsonl.gz"
 
 
 def test_correct_program_passes():
@@ -138,16 +133,20 @@ def test_sockets_are_refused(listener, attack):
     _assert_no_connection(listener)
 
 
-def test_network_namespace_has_no_route_to_the_host(listener):
+def test_network_namespace_has_no_route_to_the_host(listener, tmp_path):
     # The fence under the prelude: a child in the sandbox's namespaces, with no prelude at all.
-    flags = sandbox._namespace_isolation_flags()
-    if not flags:
+    fences = sandbox.containment()
+    if not fences.prefix and not fences.unshare_flags:
         pytest.skip("this kernel does not let us create network namespaces")
     code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=2)\n"
             "except OSError as e:\n    print('refused', e)\nelse:\n    print('CONNECTED')\n")
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=30,
-                         preexec_fn=partial(sandbox._limit_child, [], flags))
-    assert out.stdout.startswith("refused"), out.stdout + out.stderr
+    with tempfile.TemporaryFile() as out:
+        proc = containment.start([sys.executable, "-I", "-c", code], cwd=str(tmp_path),
+                                 env=containment.child_env(str(tmp_path)), stdout=out, limits=[])
+        assert containment.wait_then_stop(proc, 30)
+        out.seek(0)
+        text = out.read().decode()
+    assert text.startswith("refused"), text
     _assert_no_connection(listener)
 
 
@@ -246,13 +245,10 @@ def test_read_humaneval_roundtrip_and_errors(tmp_path):
         read_humaneval(empty)
 
 
-@pytest.mark.integration
-def test_real_humaneval_canonical_solutions_pass():
-    if not HUMANEVAL.exists():
-        pytest.skip(f"HumanEval data not found at {HUMANEVAL} (set HYPERADALORA_DATA_DIR)")
-    problems = read_humaneval(HUMANEVAL)
-    assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"
-    first = problems[:5]
+def test_real_humaneval_canonical_solutions_pass(humaneval_file):
+    problems = read_humaneval(humaneval_file)
+    assert len(problems) == 3 and problems[0]["task_id"] == "HumanEval/0"
+    first = problems
     score, results = humaneval_pass_at_1(first, [p["canonical_solution"] for p in first])
     assert score == 1.0, [r.detail for r in results if not r.passed]
     # and a wrong body fails the real tests
@@ -287,13 +283,10 @@ def test_humaneval_prompt_asks_a_chat_model_for_a_fenced_function():
         "<user> Complete the following Python function.\n\n```python\n" + code + "``` <bot>```python\n")
 
 
-@pytest.mark.integration
-def test_a_chat_models_fenced_function_runs_against_the_real_tests():
+def test_a_chat_models_fenced_function_runs_against_the_real_tests(humaneval_file):
     from hyperadalora.tasks import humaneval_completion
 
-    if not HUMANEVAL.exists():
-        pytest.skip(f"HumanEval data not found at {HUMANEVAL} (set HYPERADALORA_DATA_DIR)")
-    first = read_humaneval(HUMANEVAL)[:3]
+    first = read_humaneval(humaneval_file)[:3]
     # What a chat model writes inside the fence: the whole function (imports and all), the fence, prose.
     right = [p["prompt"] + p["canonical_solution"] + "\n```\nThis function checks the input.\n" for p in first]
     score, results = humaneval_pass_at_1(first, [humaneval_completion(g, chat=True) for g in right])

@@ -10,10 +10,11 @@ import torch
 import yaml
 
 from hyperadalora import AdapterConfig
-from hyperadalora.train.config import (RunConfig, configs_dir, describe_fields, field_docs, fields_help,
-                                       list_presets, load_run_config)
-from hyperadalora.train.loop import batch_order
+from hyperadalora.train.build import batch_order
+from hyperadalora.train.config import RunConfig
+from hyperadalora.train.help import describe_fields, field_docs, fields_help
 from hyperadalora.train.plots import short_module_name, smooth
+from hyperadalora.train.presets import configs_dir, list_presets, load_run_config
 from hyperadalora.train.schedule import make_scheduler, warmup_cosine
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -47,7 +47,7 @@ def test_demo_runs_both_methods_and_prints_the_table(tmp_path, capsys):
 
 def test_demo_survives_a_run_that_diverges(tmp_path, capsys, monkeypatch):
     from hyperadalora import demo
-    from hyperadalora.train.loop import NonFiniteLossError, RunResult
+    from hyperadalora.train import NonFiniteLossError, RunResult
 
     real_train = demo.train
 

@@ -189,6 +189,86 @@ def test_gradient_accumulation_averages_micro_batches(shared, tmp_path):
     assert accum.log[0]["grad_norm"] == pytest.approx(full.log[0]["grad_norm"], rel=1e-4)
 
 
+
+class _Regression(torch.nn.Module):
+    """``loss = mean((x @ w + b - y) ** 2)``; records the ``after_step`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1, dtype=torch.float64)
+        self.after = []
+
+    def forward(self, x, y):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(loss=((self.lin(x).squeeze(-1) - y) ** 2).mean())
+
+    def after_step(self, step):
+        self.after.append((step, self.lin.weight.detach().clone()))
+
+
+def _regression_batches():
+    gen = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+             "y": torch.randn(4, generator=gen, dtype=torch.float64)} for _ in range(2)]
+
+
+def test_optimizer_step_accumulates_clips_and_updates_as_computed_by_hand():
+    from hyperadalora.train import optimizer_step
+
+    torch.manual_seed(0)
+    model = _Regression()
+    w0, b0 = model.lin.weight.detach().clone()[0], model.lin.bias.detach().clone()
+    batches = _regression_batches()
+    # by hand: each micro-batch's gradient of its mean squared error, averaged over the two
+    grads_w, grads_b, losses = [], [], []
+    for batch in batches:
+        r = batch["x"] @ w0 + b0 - batch["y"]
+        losses.append(float((r ** 2).mean()))
+        grads_w.append(2 * batch["x"].T @ r / len(r))
+        grads_b.append(2 * r.mean())
+    gw, gb = (grads_w[0] + grads_w[1]) / 2, (grads_b[0] + grads_b[1]) / 2
+    norm = float(torch.sqrt((gw ** 2).sum() + gb ** 2))
+    scale = min(1.0, 0.1 / (norm + 1e-6))  # clip_grad_norm_'s max_norm / (norm + 1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    updates = []
+    stats = optimizer_step(model, optimizer, batches, step_index=7, max_grad_norm=0.1, scheduler=scheduler,
+                           on_update=lambda: updates.append(model.lin.weight.detach().clone()))
+    assert stats.finite and stats.problem is None
+    assert stats.loss == pytest.approx(sum(losses) / 2) and stats.grad_norm == pytest.approx(norm)
+    assert norm > 0.1 and stats.lr == 0.5 and stats.lr_factor == 1.0 and stats.task_loss is None
+    assert torch.allclose(model.lin.weight[0], w0 - 0.5 * scale * gw)
+    assert torch.allclose(model.lin.bias, b0 - 0.5 * scale * gb)
+    assert torch.equal(updates[0][0], w0)  # on_update runs before optimizer.step()
+    assert [s for s, _ in model.after] == [7] and torch.equal(model.after[0][1], model.lin.weight.detach())
+    assert optimizer.param_groups[0]["lr"] == 0.25  # the scheduler stepped once
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_optimizer_step_applies_nothing_after_a_non_finite_loss():
+    from hyperadalora.train import optimizer_step
+
+    model = _Regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = _regression_batches()
+    batches[0]["y"][0] = float("nan")
+    drawn = []
+
+    def lazy():
+        for batch in batches:
+            drawn.append(batch)
+            yield batch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    stats = optimizer_step(model, optimizer, lazy(), step_index=2, max_grad_norm=1.0, grad_accum=2,
+                           on_update=lambda: pytest.fail("no update after a NaN"))
+    assert not stats.finite and stats.grad_norm is None
+    assert stats.problem == "the loss is nan at step 3 (micro-batch 1 of 2)"
+    assert len(drawn) == 1 and model.after == []  # the second micro-batch was never made
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
 def test_hyper_source_run_with_its_own_learning_rate(shared, tmp_path):
     result = train(rte_config(shared, tmp_path, "adapter.source=hyper", "adapter.hyper.hidden=16",
                               "adapter.hyper.lr=1e-4", "eval_every=0", "steps=3", "warmup_steps=0"))

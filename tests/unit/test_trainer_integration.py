@@ -266,7 +266,7 @@ def test_adapted_trainer_checkpoints_a_tied_causal_lm_with_dylora(tmp_path):
     args = training_args(tmp_path, steps=4, save_steps=2)
     trainer = AdaptedTrainer(model=model, args=args, train_dataset=rows, callbacks=[Watch(save_adapter=False)])
     trainer.train()
-    assert len(sampled) == 4 and model._after_step_calls == 4
+    assert len(sampled) == 4 and model.steps_taken == 4
     loaded = ha.load_adapter(base(), tmp_path / "checkpoint-4" / ADAPTER_SUBDIR)
     for (n, p), q in zip(model.named_parameters(), loaded.parameters()):
         if p.requires_grad:

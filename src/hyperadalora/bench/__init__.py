@@ -1,5 +1,9 @@
-"""Machinery of the paper-reproduction benchmarks (``benchmarks/*.py``, ``hyperadalora bench``).
+"""The paper-reproduction benchmarks (``hyperadalora bench``, ``make bench``, BENCHMARKS.md).
 
+* :mod:`.registry`: the one list of experiments and of the commands that wrote every committed
+  ``benchmarks/results/<name>.json``; each experiment's ``render`` rebuilds its table from the JSON.
+* :mod:`.experiments`: one module per experiment (registered on import).
+* :mod:`.paths`: where ``benchmarks/results/`` and ``BENCHMARKS.md`` are.
 * :mod:`.curves`: pure functions on loss curves: smoothing, target losses, steps / seconds to
   a target, best learning rate, mean and spread over seeds.
 * :mod:`.runner`: :class:`RunSpec` (one training run of the real loop), cached and run in

@@ -31,10 +31,9 @@ def humaneval_pass1(run_dir: str | Path | None, cache: str | Path, rows: int, da
         threads: torch threads (``None``: leave torch's setting).
 
     Returns:
-        :func:`hyperadalora.train.loop.evaluate_run`'s result (``metrics["pass@1"]``).
+        :func:`hyperadalora.train.evaluate_run`'s result (``metrics["pass@1"]``).
     """
-    from ..train.config import load_run_config
-    from ..train.loop import evaluate_run, load_run
+    from ..train import evaluate_run, load_run, load_run_config
 
     cache = Path(cache)
     if cache.is_file():

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..train.plots import _pyplot, smooth
+from ..train.plots import pyplot, smooth
 from .curves import mean_and_spread
 
 
@@ -82,7 +82,7 @@ def plot_curve_groups(groups: dict[str, list[list[float]]], path: str | Path, ti
         ylabel: Y axis label.
         panels: ``{panel title: groups}`` for several panels side by side (``groups`` ignored).
     """
-    plt = _pyplot()
+    plt = pyplot()
     panels = panels or {title: groups}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), dpi=110, squeeze=False)
     for ax, (ptitle, pgroups) in zip(axes[0], panels.items()):

@@ -52,8 +52,7 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
     """Runs ``spec`` with the real training loop and caches its curve; returns the cached dict."""
     import torch
 
-    from ..train.config import load_run_config
-    from ..train.loop import NonFiniteLossError, train
+    from ..train import NonFiniteLossError, load_run_config, train
 
     torch.set_num_threads(threads)
     cache_dir = Path(cache_dir)
@@ -134,7 +133,7 @@ def config_differences(cached: dict, current: dict, prefix: str = "") -> list[st
 
 def spec_config(spec: RunSpec) -> dict:
     """The run config ``spec`` resolves to now, as JSON (what :func:`run_one` would train)."""
-    from ..train.config import load_run_config
+    from ..train import load_run_config
 
     return json.loads(json.dumps(load_run_config(spec.config, dict(spec.overrides)).to_dict()))
 

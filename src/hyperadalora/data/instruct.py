@@ -248,9 +248,6 @@ def example_from_row(row: Any, where: str) -> InstructionExample:
                               output=_field(row, OUTPUT_FIELDS, where, required=True))
 
 
-_to_example = example_from_row  # the old private name, which hyperadalora.tasks imports
-
-
 def _read_hub(source: str, split: str) -> list[InstructionExample]:
     advice = (f"{source!r} is not a known data set ({', '.join(KNOWN_SOURCES)}: read from --data-dir DIR "
               f"or {DATA_DIR_ENV}), not an existing local .jsonl/.json file or folder, and so was taken as a "

@@ -1,8 +1,8 @@
 """Evaluation: GLUE / generation / GSM8K metrics and a HumanEval execution sandbox.
 
 ``metrics`` has no heavy imports (sacrebleu and rouge-score load on first use); ``sandbox`` runs
-untrusted code only in a separate, resource-limited process — read its module docstring before
-pointing it at a model you do not trust.
+untrusted code only in a separate, contained process and scores HumanEval from a judge process
+the code cannot reach — its module docstring lists which fences hold, measured.
 """
 
 from .metrics import (
@@ -15,7 +15,14 @@ from .metrics import (
     matthews_corrcoef,
     rouge1,
 )
-from .sandbox import ExecutionResult, humaneval_pass_at_1, humaneval_program, read_humaneval, run_program
+from .sandbox import (
+    ExecutionResult,
+    humaneval_pass_at_1,
+    humaneval_program,
+    read_humaneval,
+    run_humaneval,
+    run_program,
+)
 
 __all__ = [
     "ExecutionResult",
@@ -30,5 +37,6 @@ __all__ = [
     "matthews_corrcoef",
     "read_humaneval",
     "rouge1",
+    "run_humaneval",
     "run_program",
 ]

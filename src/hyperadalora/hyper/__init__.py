@@ -1,8 +1,7 @@
-"""Hypernetwork factor source: token layouts, bodies and the batched generator."""
+"""Hypernetwork bodies, token layouts and the per-kind hypernetwork (used by ``sources.HyperSource``)."""
 
 from .bodies import AttentionBody, CNNBody, MLPBody, build_body
-from .source import HyperFactorSource, KindHypernetwork
+from .network import KindHypernetwork
 from .tokens import TokenLayout
 
-__all__ = ["AttentionBody", "CNNBody", "HyperFactorSource", "KindHypernetwork", "MLPBody", "TokenLayout",
-           "build_body"]
+__all__ = ["AttentionBody", "CNNBody", "KindHypernetwork", "MLPBody", "TokenLayout", "build_body"]

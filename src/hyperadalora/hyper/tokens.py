@@ -1,10 +1,11 @@
 """Cutting factor matrices into hypernetwork tokens and back (DESIGN.md section 2).
 
-Every factor is viewed as ``(rank, width)``: P and B transposed, Q and A as they are, lam as
-``(r, 1)``. A layout cuts that view into ``rank_span x width_span`` blocks, each block one
-token of ``rank_span * width_span`` features; a ragged last block is zero-padded on the way in
-and stripped on the way out. Presets: ``rank`` = (1, whole width), ``rows`` = (whole rank, 1),
-``elements`` = (1, 1), ``patch`` = (1, 64).
+Every factor is viewed as ``(rank, width)``: the method declares which axis of each factor kind
+indexes rank components (``AdapterMethod.rank_axes``); a factor whose rank axis is its last is
+transposed (AdaLoRA's P, LoRA's B), a 1-D factor (lam) is ``(r, 1)``. A layout cuts that view into
+``rank_span x width_span`` blocks, each block one token of ``rank_span * width_span`` features; a
+ragged last block is zero-padded on the way in and stripped on the way out. Presets: ``rank`` =
+(1, whole width), ``rows`` = (whole rank, 1), ``elements`` = (1, 1), ``patch`` = (1, 64).
 """
 
 from __future__ import annotations
@@ -14,24 +15,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TRANSPOSED_KINDS = ("P", "B")  # stored (d_out, r): the rank axis is their last axis
 PATCH_WIDTH = 64
 
 
-def to_rank_width(kind: str, factors: torch.Tensor) -> torch.Tensor:
+def rank_width_shape(shape: tuple[int, ...], rank_axis: int) -> tuple[int, int]:
+    """``(rank, width)`` of a factor of ``shape`` whose rank components lie along ``rank_axis``."""
+    if len(shape) == 1:
+        return shape[0], 1
+    return (shape[1], shape[0]) if rank_axis == 1 else (shape[0], shape[1])
+
+
+def to_rank_width(factors: torch.Tensor, rank_axis: int) -> torch.Tensor:
     """Stacked factors ``(n, *shape)`` -> ``(n, rank, width)``."""
-    if kind == "lam":
+    if factors.dim() == 2:
         return factors.unsqueeze(-1)  # (n, r, 1)
-    if kind in TRANSPOSED_KINDS:
+    if rank_axis == 1:
         return factors.transpose(1, 2)  # (n, r, d_out)
     return factors  # (n, r, d_in)
 
 
-def from_rank_width(kind: str, view: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_rank_width`."""
-    if kind == "lam":
+def from_rank_width(view: torch.Tensor, rank_axis: int, factor_dim: int) -> torch.Tensor:
+    """Inverse of :func:`to_rank_width` for factors of ``factor_dim`` dimensions (1 or 2)."""
+    if factor_dim == 1:
         return view.squeeze(-1)
-    if kind in TRANSPOSED_KINDS:
+    if rank_axis == 1:
         return view.transpose(1, 2)
     return view
 

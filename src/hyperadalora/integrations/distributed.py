@@ -10,7 +10,7 @@ What DDP already does right, and what it does not:
 * Hyper source: the importance scores read the gradients of the *generated* factors
   (``dL/dF``, non-leaf tensors). DDP never sees those: each rank holds its own micro-batch's
   gradient, and the ranks would prune different singular values. :func:`prepare_ddp` installs a
-  hook (``HyperFactorSource.grad_sync``) that averages them across ranks before they are used:
+  hook (``source.grad_sync``) that averages them across ranks before they are used:
   before the allocator scores (``after_step``) and, with ``HyperConfig(generate="per_step")``,
   before :meth:`~hyperadalora.AdaptedModel.backward_hypernetworks` pushes them into the
   hypernetworks. In ``per_step`` mode the hypernetwork parameters are left out of DDP (their
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._common import require_adapted
+from .common import require_adapted
 
 __all__ = ["assert_in_sync", "prepare_ddp", "state_checksums", "sync_generated_gradients", "wrap_ddp"]
 
@@ -78,15 +78,12 @@ def sync_generated_gradients(model: nn.Module, group: Any = None) -> bool:
         Whether anything was all-reduced (``False`` for the direct source, one process, or when
         already done for these factors).
     """
-    source = require_adapted(model, "sync_generated_gradients").hyper
-    if source is None or _world_size(group) == 1 or source.generated is None:
-        return False
-    tensors = source.leaves if source.leaves is not None else source.generated
-    if getattr(source, "_ddp_synced", None) is tensors:
+    source = require_adapted(model, "sync_generated_gradients").source
+    tensors = source.generated_tensors()
+    if tensors is None or _world_size(group) == 1 or source.synced_generation is tensors:
         return False
     grads = []
-    for key in source.groups:  # same order on every rank
-        t = tensors[key]
+    for t in tensors.values():  # same order on every rank
         if t.grad is None:  # a rank without a gradient still takes part, with zeros
             t.grad = torch.zeros_like(t)
         grads.append(t.grad)
@@ -97,19 +94,22 @@ def sync_generated_gradients(model: nn.Module, group: Any = None) -> bool:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-    source._ddp_synced = tensors  # a reference (not an id), so it cannot be confused with a later dict
+    source.synced_generation = tensors  # a reference (not an id), so it cannot be confused with a later dict
     return True
 
 
-def _adapter_tensor_names(module: nn.Module, per_step_hyper: bool) -> list[str]:
+def _method_buffers(adapted) -> list[torch.Tensor]:
+    """The method's per-layer state that is not trained (e.g. keep-masks): updated identically on
+    every rank, never broadcast."""
+    return [t for layer in adapted.adapted_layers.values() for t in adapted.method.state_tensors(layer).values()
+            if not isinstance(t, nn.Parameter)]
+
+
+def _adapter_tensor_names(module: nn.Module) -> list[str]:
     """Names (relative to ``module``) of what DDP must leave alone: adapter buffers, and the
     hypernetwork parameters in ``per_step`` mode."""
     adapted = require_adapted(module, "prepare_ddp")
-    ids = {id(layer.rank_mask) for layer in adapted.adapted_layers.values() if hasattr(layer, "rank_mask")}
-    if adapted.hyper is not None:
-        ids |= {id(b) for b in adapted.hyper.buffers()}
-        if per_step_hyper:
-            ids |= {id(p) for p in adapted.hyper.parameters()}
+    ids = {id(t) for t in _method_buffers(adapted) + adapted.source.ddp_ignored_tensors()}
     names = [n for n, p in module.named_parameters() if id(p) in ids]
     names += [n for n, b in module.named_buffers() if id(b) in ids]
     return names
@@ -134,10 +134,8 @@ def prepare_ddp(model: nn.Module, group: Any = None) -> nn.Module:
         ``model``.
     """
     adapted = require_adapted(model, "prepare_ddp")
-    if adapted.hyper is not None:
-        adapted.hyper.grad_sync = functools.partial(sync_generated_gradients, adapted, group)
-    per_step = adapted.hyper is not None and adapted.hyper.per_step
-    ignore = _adapter_tensor_names(model, per_step)
+    adapted.source.grad_sync = functools.partial(sync_generated_gradients, adapted, group)
+    ignore = _adapter_tensor_names(model)
     previous = list(model.__dict__.get("_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = sorted(set(previous) | set(ignore))
     return model
@@ -163,25 +161,26 @@ def _digest(t: torch.Tensor) -> str:
 def state_checksums(model: nn.Module, parameters: bool = True) -> dict[str, str]:
     """Hashes of everything that must be identical on every rank.
 
-    Keys: ``mask/<module>``, ``hyper/<buffer>`` (states), ``allocator/<tensor>`` and
-    ``allocator/meta`` (importance EMAs, budget, rank pattern, step counters), ``dylora/rank``,
-    and with ``parameters`` ``param/<name>`` for every trainable parameter.
+    Keys: ``state/<module>.<tensor>`` (the method's untrained layer state, e.g. keep-masks),
+    ``source/<key>`` (saved source tensors: hypernetwork states and parameters, or direct factors),
+    ``allocator/<tensor>`` and ``allocator/meta`` (importance EMAs, budget, rank pattern, step
+    counters), ``method/rank`` (a sampled training rank, DyLoRA), and with ``parameters``
+    ``param/<name>`` for every trainable parameter.
     """
     adapted = require_adapted(model, "state_checksums")
     out: dict[str, str] = {}
     for name, layer in adapted.adapted_layers.items():
-        if hasattr(layer, "rank_mask"):
-            out[f"mask/{name}"] = _digest(layer.rank_mask)
-    if adapted.hyper is not None:
-        for name, buf in adapted.hyper.named_buffers():
-            out[f"hyper/{name}"] = _digest(buf)
-    if adapted.allocator is not None:
-        for name, t in adapted.allocator.state_dict().items():
-            out[f"allocator/{name}"] = _digest(t)
-        meta = json.dumps(adapted.allocator.meta_dict(), sort_keys=True)
-        out["allocator/meta"] = hashlib.blake2b(meta.encode(), digest_size=16).hexdigest()
+        for key, t in adapted.method.state_tensors(layer).items():
+            if not isinstance(t, nn.Parameter):
+                out[f"state/{name}.{key}"] = _digest(t)
+    for name, t in adapted.source.state_tensors().items():
+        out[f"source/{name}"] = _digest(t)
+    for name, t in adapted.allocator.state_dict().items():
+        out[f"allocator/{name}"] = _digest(t)
+    meta = json.dumps(adapted.allocator.meta_dict(), sort_keys=True)
+    out["allocator/meta"] = hashlib.blake2b(meta.encode(), digest_size=16).hexdigest()
     if adapted.dylora_rank is not None:
-        out["dylora/rank"] = str(adapted.dylora_rank)
+        out["method/rank"] = str(adapted.dylora_rank)
     if parameters:
         for name, p in adapted.named_parameters():
             if p.requires_grad:

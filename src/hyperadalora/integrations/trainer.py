@@ -62,7 +62,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from ..adapted_model import AdaptedModel
-from ._common import require_adapted, unwrap_adapted
+from .common import require_adapted, unwrap_adapted
 
 __all__ = ["ADAPTER_SUBDIR", "AdaptedModelCallback", "AdaptedTrainer", "AdaptedTrainerMixin"]
 
@@ -127,14 +127,15 @@ class AdaptedModelCallback(TrainerCallback):
     def _check_distributed(self, model: AdaptedModel) -> None:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        if torch.distributed.get_world_size() == 1 or model.hyper is None:
+        if torch.distributed.get_world_size() == 1:
             return
-        if model.hyper.grad_sync is None:
+        if model.source.grad_sync is None:
             from .distributed import sync_generated_gradients
 
-            model.hyper.grad_sync = lambda: sync_generated_gradients(model)
-        if model.hyper.per_step:
-            hyper_names = {f"hyper.{n}" for n, _ in model.hyper.named_parameters()}
+            model.source.grad_sync = lambda: sync_generated_gradients(model)
+        if model.source.per_step:
+            hyper_ids = {id(p) for p in model.hypernetwork_parameters()}
+            hyper_names = {n for n, p in model.named_parameters() if id(p) in hyper_ids}
             ignored = set(model.__dict__.get("_ddp_params_and_buffers_to_ignore", []))
             if not hyper_names <= ignored:
                 raise RuntimeError(
@@ -144,7 +145,7 @@ class AdaptedModelCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         model = self._adapted(kwargs)
-        if model.hyper is not None and model.hyper.backward_hypernetworks() and args.max_grad_norm > 0:
+        if model.source.backward_hypernetworks() and args.max_grad_norm > 0:
             raise RuntimeError(
                 "HyperConfig(generate='per_step') with Trainer gradient clipping: Trainer clipped the gradients before "
                 "the hypernetworks received theirs. Use hyperadalora.integrations.trainer.AdaptedTrainer (or "
@@ -217,7 +218,7 @@ class AdaptedTrainerMixin:
         had_optimizer = self.optimizer is not None
         optimizer = super().create_optimizer(model)
         adapted = unwrap_adapted(self.model if model is None else model)
-        if had_optimizer or adapted is None or adapted.hyper is None or adapted.adapter_config.hyper.lr is None:
+        if had_optimizer or adapted is None or adapted.adapter_config.hyper.lr is None:
             return optimizer
         hyper_ids = {id(p) for p in adapted.hypernetwork_parameters()}
         extra = []
@@ -255,7 +256,7 @@ class AdaptedTrainerMixin:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         adapted = unwrap_adapted(model)
         cfg = adapted.adapter_config if adapted is not None else None
-        if (cfg is not None and cfg.is_adalora and cfg.gamma > 0 and adapted.training and torch.is_grad_enabled()
+        if (cfg is not None and adapted.uses_regularizer and adapted.training and torch.is_grad_enabled()
                 and getattr(self, "current_gradient_accumulation_steps", None)):
             model_loss = outputs.get("loss") if hasattr(outputs, "get") else None
             # The model added gamma * R to its loss; Trainer then scaled the loss by `included`.
@@ -269,7 +270,7 @@ class AdaptedTrainerMixin:
             # gamma * R once per optimizer step in total.
             wanted = 1.0 / self.current_gradient_accumulation_steps if scaled_for_ga else 1.0
             if included != wanted:
-                loss = loss + (wanted - included) * cfg.gamma * adapted.orthogonality_regularizer()
+                loss = loss + (wanted - included) * cfg.gamma * adapted.regularizer()
         return (loss, outputs) if return_outputs else loss
 
     # -- small checkpoints: the adapter, not the frozen base model -------------------------

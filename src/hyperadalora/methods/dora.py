@@ -9,6 +9,7 @@ which materialises ``B A`` (d_out x d_in) every step, the norm is computed from
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..functional import lowrank_linear
 from .lora import LoRA
@@ -18,6 +19,21 @@ class DoRA(LoRA):
     """Weight-decomposed LoRA: direction from LoRA factors, magnitude ``m`` trained directly."""
 
     name = "dora"
+    peft_use_dora = True
+
+    def init_layer(self, layer, w0, generator):
+        with torch.no_grad():  # m = ||W0||_row (as peft), of the original W0 (PiSSA replaces the base)
+            norm = torch.linalg.norm(w0, dim=1).clone()
+        super().init_layer(layer, w0, generator)
+        layer.magnitude = nn.Parameter(norm)
+
+    def state_tensors(self, layer):
+        return {**super().state_tensors(layer), "magnitude": layer.magnitude}
+
+    def to_lora(self, layer, factors):
+        out = super().to_lora(layer, factors)
+        out.extra["lora_magnitude_vector"] = layer.magnitude.detach().clone()
+        return out
 
     @staticmethod
     def row_norm(layer, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Adapter and hypernetwork sizes for a model shape: which linears, factor shapes, token groups.
 
-Factor shapes come from the method (``get_method(name).factor_shapes``); parameters a method
+Factor shapes come from the method (``method_class(name)().factor_shapes``); parameters a method
 keeps outside its factors (DoRA's magnitude) are read off one :class:`~hyperadalora.AdaptedLinear`
 built on the meta device, so the planner follows the methods without naming them. Hypernetwork
-sizes follow :class:`~hyperadalora.hyper.HyperFactorSource`: one hypernetwork per factor kind
+sizes follow :class:`~hyperadalora.sources.HyperSource`: one hypernetwork per factor kind
 with an input and an output projection per distinct token width, the body, and the context
 embeddings; every (kind, factor shape) group of modules is one batched call.
 """
@@ -18,9 +18,9 @@ from torch import nn
 
 from ..config import AdapterConfig, HyperConfig
 from ..hyper import TokenLayout, build_body
-from ..hyper.tokens import to_rank_width
+from ..hyper.tokens import rank_width_shape
 from ..layers import AdaptedLinear
-from ..methods import get_method
+from ..methods import method_class
 from .shapes import Linear, ModelShape, PlanInputError
 
 
@@ -34,6 +34,7 @@ class FactorGroup:
         modules: Modules in the group.
         tokens: Tokens per module under the layout.
         token_dim: Features per token.
+        grid: Token blocks along the rank and the width axis.
     """
 
     kind: str
@@ -41,6 +42,7 @@ class FactorGroup:
     modules: int
     tokens: int
     token_dim: int
+    grid: tuple[int, int]
 
     @property
     def numel(self) -> int:
@@ -110,19 +112,14 @@ def adapted_linears(shape: ModelShape, config: AdapterConfig) -> list[Linear]:
 @functools.lru_cache(maxsize=256)
 def extra_direct_params(method: str, d_out: int, d_in: int, r: int) -> int:
     """Trainable parameters of one adapted ``d_out x d_in`` linear besides its factors."""
-    layer = AdaptedLinear(nn.Linear(d_in, d_out, bias=False, device="meta"), get_method(method), r, 1.0)
+    layer = AdaptedLinear(nn.Linear(d_in, d_out, bias=False, device="meta"), method_class(method)(), r, 1.0)
     factor_ids = {id(p) for p in layer.factors.parameters()}
     return sum(p.numel() for p in layer.parameters() if p.requires_grad and id(p) not in factor_ids)
 
 
-def rank_width(kind: str, factor_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The ``(rank, width)`` view a hypernetwork reads a factor as (see ``hyper.tokens``)."""
-    return tuple(to_rank_width(kind, torch.empty((1, *factor_shape), device="meta")).shape[1:])
-
-
 def count_adapters(shape: ModelShape, config: AdapterConfig) -> AdapterCounts:
     """Adapter parameters and hypernetwork groups of ``shape`` adapted as ``config`` says."""
-    method = get_method(config.method)
+    method = method_class(config.method)()
     linears = adapted_linears(shape, config)
     layout = TokenLayout.from_config(config.hyper)
     factor_params = extra = 0
@@ -137,8 +134,9 @@ def count_adapters(shape: ModelShape, config: AdapterConfig) -> AdapterCounts:
         extra += extra_direct_params(config.method, lin.d_out, lin.d_in, config.r)
     out = []
     for (kind, fshape), n in groups.items():
-        rank, width = rank_width(kind, fshape)
-        out.append(FactorGroup(kind, fshape, n, layout.num_tokens(rank, width), layout.token_dim(rank, width)))
+        rank, width = rank_width_shape(fshape, method.rank_axes[kind])
+        out.append(FactorGroup(kind, fshape, n, layout.num_tokens(rank, width), layout.token_dim(rank, width),
+                               layout.grid(rank, width)))
     adapted = {lin.name for lin in linears}
     head = sum(lin.params for lin in shape.head_linears() if lin.name not in adapted) \
         if shape.task == "sequence-classification" else 0
@@ -154,13 +152,12 @@ def body_params(arch: str, hidden: int, layers: int) -> int:
 
 def hypernetwork_params(counts: AdapterCounts, hyper: HyperConfig) -> dict[str, int]:
     """Parameters of each kind's hypernetwork: projections per token width, body, embeddings."""
-    layout = TokenLayout.from_config(hyper)
     out = {}
     for kind in dict.fromkeys(g.kind for g in counts.groups):
         h = hyper.hidden_for(kind)
         groups = [g for g in counts.groups if g.kind == kind]
         dims = {g.token_dim for g in groups}
-        grids = [layout.grid(*rank_width(kind, g.shape)) for g in groups]
+        grids = [g.grid for g in groups]
         max_gr, max_gw = max(1, *(gr for gr, _ in grids)), max(1, *(gw for _, gw in grids))
         proj = sum(2 * d * h + h + d for d in dims)  # in (d -> h) and out (h -> d) projections, with biases
         context = (counts.modules + max_gr) * h if hyper.context else 0

@@ -20,6 +20,7 @@ checkpointing adds one more forward of the blocks; the hypernetworks run once pe
 from __future__ import annotations
 
 from ..config import AdapterConfig
+from ..methods import method_class
 from .activations import activation_terms
 from .adapters import AdapterCounts, hypernetwork_params
 from .hyper_cost import generation_activation_bytes, generation_flops
@@ -75,7 +76,7 @@ def memory_terms(shape: ModelShape, counts: AdapterCounts, config: AdapterConfig
     base, one_block = base_weight_bytes(shape, counts, setup)
     terms = {"base_weights": base / n, "fsdp_buffers": 2 * one_block if n > 1 else 0.0}
     terms.update({name: trainable * b / n for name, b in TRAINED_BYTES.items()})
-    terms["allocator_state"] = 2 * FP32 * counts.factor_params if config.allocator is not None else 0.0
+    terms["allocator_state"] = 2 * FP32 * counts.factor_params if method_class(config.method).uses_allocator else 0.0
     terms.update(src["replicated_bytes"])
     terms.update({f"activations_{k}": v for k, v in activation_terms(shape, counts, setup).items()})
     terms["overhead"] = setup.overhead_gib * 2**30

@@ -1,7 +1,7 @@
 """FLOPs and activation memory of one hypernetwork generation (every factor group, once).
 
 Per group of ``n`` modules with ``T`` tokens of ``D`` features and a body of width ``h``
-(``HyperFactorSource.generate_group``), in multiply-adds x 2:
+(``sources.HyperSource.generate_group``), in multiply-adds x 2:
 
 * forward: input projection ``2 n T D h``, body ``2 n T W`` (``W`` = the body's weights; a
   weight is used once per token) plus, for the attention body, ``4 n T^2 h`` per layer

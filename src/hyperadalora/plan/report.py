@@ -1,4 +1,4 @@
-"""Text tables for plans: one plan term by term, and a grid of plans (models x devices x setups)."""
+"""A text table of one plan, term by term (``hyperadalora plan``)."""
 
 from __future__ import annotations
 
@@ -34,16 +34,3 @@ def plan_table(plan: Plan) -> list[str]:
     lines += [f"| **total** | **{_tflop(plan.flops_total)}** ({_tflop(plan.flops_per_device)} per device; "
               f"hypernetworks {100 * plan.hyper_share:.2f}%) |"]
     return lines
-
-
-GRID_HEADER = ["| model | precision | source | GPUs | micro-batch x accum | GiB / GPU | fits 80 GiB | "
-               "TFLOP / step | TFLOP / GPU | hypernetwork share |", "|---|---|---|---|---|---|---|---|---|---|"]
-
-
-def grid_row(plan: Plan) -> str:
-    """One markdown row of the scale table."""
-    s = plan.setup
-    src = plan.adapter.source + (f" ({plan.adapter.hyper.tokens})" if plan.hyper_params else "")
-    return (f"| {plan.shape.name} | {s.precision} | {src} | {s.gpus} | {s.micro} x {s.accumulation} | "
-            f"{plan.memory_total / GIB:.1f} | {'yes' if plan.fits else 'no'} | {_tflop(plan.flops_total)} | "
-            f"{_tflop(plan.flops_per_device)} | {100 * plan.hyper_share:.2g}% |")

@@ -1,8 +1,9 @@
-"""The run configuration: one frozen, validated dataclass, loadable from YAML with overrides.
+"""The run configuration: one frozen dataclass, validated on construction.
 
 A run is described by :class:`RunConfig`; the adapter itself by the nested
 :class:`~hyperadalora.AdapterConfig` (not duplicated here). Configs come from a YAML preset
-(``configs/*.yaml``) and ``key=value`` overrides, dotted for nested fields::
+(``configs/*.yaml``, :mod:`.presets`) and ``key=value`` overrides (:mod:`.overrides`), dotted for
+nested fields::
 
     cfg = load_run_config("sst2_minilm_adalora", ["steps=50", "adapter.allocator.target_r=4"])
 
@@ -14,27 +15,23 @@ value explicit) is what a run directory's ``config.yaml`` holds; it loads back u
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import (METHODS, AdapterConfig, AllocatorConfig, HyperConfig, _check_choice, _check_float, _check_int,
-                      _JsonConfig)
+from ..config import METHODS, AdapterConfig, AllocatorConfig, JsonConfig, check_choice, check_float, check_int
+from ..allocation import POLICY_REGISTRY
+from ..methods import METHOD_REGISTRY
 
 TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
-CONFIGS_ENV = "HYPERADALORA_CONFIGS"
 
 
 @dataclass(frozen=True)
-class RunConfig(_JsonConfig):
+class RunConfig(JsonConfig):
     """One training / evaluation run.
 
     Attributes:
@@ -120,7 +117,7 @@ class RunConfig(_JsonConfig):
 
     def __post_init__(self) -> None:
         owner = "RunConfig"
-        _check_choice(owner, "task", self.task, TASK_NAMES)
+        check_choice(owner, "task", self.task, TASK_NAMES)
         for name in ("model", "output_dir"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -131,24 +128,24 @@ class RunConfig(_JsonConfig):
                 raise ValueError(f"{owner}.{name} must be a non-empty string or null, got {value!r}")
         if self.run_name is not None and ("/" in self.run_name or self.run_name in (".", "..")):
             raise ValueError(f"{owner}.run_name={self.run_name!r} must be a plain folder name (no '/')")
-        _check_int(owner, "seed", self.seed, 0)
+        check_int(owner, "seed", self.seed, 0)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens",
                      "sandbox_memory_mb", "sandbox_workers"):
-            _check_int(owner, name, getattr(self, name), 1)
-        _check_int(owner, "eval_every", self.eval_every, 0)
-        _check_int(owner, "save_every", self.save_every, 0)
-        _check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
+            check_int(owner, name, getattr(self, name), 1)
+        check_int(owner, "eval_every", self.eval_every, 0)
+        check_int(owner, "save_every", self.save_every, 0)
+        check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
         for name in ("train_rows", "eval_rows", "threads"):
             if getattr(self, name) is not None:
-                _check_int(owner, name, getattr(self, name), 1)
+                check_int(owner, name, getattr(self, name), 1)
         if self.warmup_steps is not None:
-            _check_int(owner, "warmup_steps", self.warmup_steps, 0)
-        _check_float(owner, "lr", self.lr, 0.0, low_open=True)
-        _check_float(owner, "weight_decay", self.weight_decay, 0.0)
-        _check_float(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0)
-        _check_float(owner, "sandbox_timeout_s", self.sandbox_timeout_s, 0.0, low_open=True)
+            check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        check_float(owner, "lr", self.lr, 0.0, low_open=True)
+        check_float(owner, "weight_decay", self.weight_decay, 0.0)
+        check_float(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0)
+        check_float(owner, "sandbox_timeout_s", self.sandbox_timeout_s, 0.0, low_open=True)
         if not isinstance(self.progress, bool):
             raise TypeError(f"{owner}.progress must be a bool, got {self.progress!r}")
         if self.task == "instruct" and self.data_source is None:
@@ -183,12 +180,14 @@ class RunConfig(_JsonConfig):
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> RunConfig:
         """Parses YAML text, or reads it from a file path."""
+        from .presets import load_run_config  # presets builds RunConfigs: imported when used
+
         return load_run_config(text_or_path)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated again)."""
         data = self.to_dict()
-        data.update({k: (v.to_dict() if isinstance(v, _JsonConfig) else v) for k, v in changes.items()})
+        data.update({k: (v.to_dict() if isinstance(v, JsonConfig) else v) for k, v in changes.items()})
         return RunConfig.from_dict(data)
 
 
@@ -205,9 +204,9 @@ def resolve_adapter(adapter: AdapterConfig | dict | None, steps: int) -> Adapter
         raise TypeError(f"RunConfig.adapter must be a mapping of AdapterConfig fields, got {type(adapter).__name__}")
     data = dict(adapter)
     method = data.get("method", AdapterConfig.method)
-    _check_choice("AdapterConfig", "method", method, METHODS)
+    check_choice("AdapterConfig", "method", method, METHODS)
     alloc = data.get("allocator")
-    if method == "adalora":
+    if METHOD_REGISTRY[method].uses_allocator:
         if isinstance(alloc, AllocatorConfig):
             alloc = alloc.to_dict()
         if alloc is not None and not isinstance(alloc, dict):
@@ -221,292 +220,18 @@ def resolve_adapter(adapter: AdapterConfig | dict | None, steps: int) -> Adapter
         alloc.setdefault("tinit", steps // 10)
         alloc.setdefault("tfinal", steps // 5)
         data["allocator"] = alloc
-    elif alloc is not None:
-        raise ValueError(f"adapter.allocator is only used with adapter.method=adalora, not {method!r}; "
-                         "drop it (override adapter.allocator=null)")
+    elif alloc is not None and not _decides_before_wrap(alloc):
+        allocating = ", ".join(n for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
+        raise ValueError(f"adapter.allocator is only used with adapter.method={allocating} (or, for every method, "
+                         f"with adapter.allocator.policy=sensitivity), not {method!r}; drop it (override "
+                         "adapter.allocator=null)")
     return AdapterConfig.from_dict(data)
 
 
-# -- loading presets and applying overrides -------------------------------------------------
-
-def configs_dir() -> Path:
-    """The folder of shipped presets: ``$HYPERADALORA_CONFIGS``, else the checkout's ``configs/``."""
-    import os
-
-    env = os.environ.get(CONFIGS_ENV)
-    if env:
-        return Path(env).expanduser()
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "configs").is_dir() and (parent / "pyproject.toml").is_file():
-            return parent / "configs"
-    return Path.cwd() / "configs"
+def _decides_before_wrap(alloc: AllocatorConfig | dict) -> bool:
+    """Whether an allocator section names a policy that decides ranks before the wrap (any method)."""
+    policy = alloc.policy if isinstance(alloc, AllocatorConfig) else alloc.get("policy", AllocatorConfig.policy)
+    return policy in POLICY_REGISTRY and POLICY_REGISTRY[policy].decides_before_wrap
 
 
-def list_presets() -> list[str]:
-    """Names of the shipped presets (``configs/*.yaml`` without the suffix)."""
-    folder = configs_dir()
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def find_config_file(name_or_path: str | Path) -> Path:
-    """A YAML file path, or a preset name looked up in :func:`configs_dir`."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    folder = configs_dir()
-    for candidate in (folder / f"{name_or_path}", folder / f"{name_or_path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    presets = list_presets()
-    close = difflib.get_close_matches(str(name_or_path), presets, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a YAML file nor a preset in {folder}{hint}; "
-                            f"presets: {', '.join(presets) or 'none found'}")
-
-
-def read_config_dict(source: str | Path | dict | None) -> dict[str, Any]:
-    """The raw mapping of a YAML file / preset name / YAML text / dict (``None``: empty)."""
-    if source is None:
-        return {}
-    if isinstance(source, dict):
-        return dict(source)
-    text = str(source)
-    if "\n" in text or text.lstrip().startswith("{"):
-        where, raw = "YAML text", text
-    else:
-        path = find_config_file(text)
-        where, raw = str(path), path.read_text()
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{where} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must hold a mapping of RunConfig fields, got {type(data).__name__}")
-    return data
-
-
-def load_run_config(source: str | Path | dict | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
-    """Loads a :class:`RunConfig` from a preset / YAML file / dict, then applies overrides.
-
-    Args:
-        source: A preset name (``configs/<name>.yaml``), a YAML path or text, a dict, or ``None``
-            (every field at its default).
-        overrides: ``["key=value", "adapter.r=16", ...]`` (values parsed by the field's type:
-            numbers, ``true``/``false``, ``null``, ``[a, b]`` lists) or a ``{dotted key: value}`` dict.
-
-    Raises:
-        ValueError: Unknown field (the message lists the known ones), a malformed override, or a
-            value that the field's validation rejects.
-    """
-    data = read_config_dict(source)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in (overrides or [])]
-    for key, value in items:
-        set_dotted(data, key, value)
-    return RunConfig.from_dict(coerce(RunConfig, data, ""))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", raw string value)`` (typed later by :func:`coerce`)."""
-    if not isinstance(text, str) or "=" not in text:
-        raise ValueError(f"override {text!r} is not key=value (e.g. steps=50 or adapter.r=16)")
-    key, value = text.split("=", 1)
-    key = key.strip()
-    if not key or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) for part in key.split(".")):
-        raise ValueError(f"override {text!r}: {key!r} is not a (dotted) field name")
-    return key, _Raw(value.strip())
-
-
-class _Raw(str):
-    """An override value as typed on the command line (typed by the target field)."""
-
-
-def set_dotted(data: dict, key: str, value: Any) -> None:
-    """``data["a"]["b"] = value`` for ``key="a.b"`` (creating / replacing sub-mappings)."""
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        sub = node.get(part)
-        if isinstance(sub, _JsonConfig):
-            sub = sub.to_dict()
-        if sub is None:
-            sub = {}
-        if not isinstance(sub, dict):
-            raise ValueError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section (it is {sub!r})")
-        node[part] = sub = dict(sub)
-        node = sub
-    node[parts[-1]] = value
-
-
-_SECTIONS: dict[str, type] = {"adapter": AdapterConfig, "allocator": AllocatorConfig, "hyper": HyperConfig}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _section_type(cls: type, name: str) -> type | None:
-    hint = _field_types(cls).get(name)
-    for arg in (typing.get_args(hint) or (hint,)):
-        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def coerce(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Types raw values by ``cls``'s field annotations; rejects unknown keys naming the known ones.
-
-    YAML 1.1 reads ``1e-4`` as a string and command-line overrides are strings: both become
-    the field's type here, and the field's own validation then checks the value.
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3)
-            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            section = prefix.rstrip(".") or "the run"
-            raise ValueError(f"unknown config field '{prefix}{key}'{hint} (fields of {section}: "
-                             f"{', '.join(names)}; see `hyperadalora train --help`)")
-        sub = _section_type(cls, key)
-        if sub is not None and isinstance(value, _Raw):
-            value = _parse_scalar(value)
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{prefix}{key} is a section: set its fields ({prefix}{key}.<field>=...) or null")
-        if sub is not None and isinstance(value, dict):
-            out[key] = coerce(sub, value, f"{prefix}{key}.")
-        else:
-            out[key] = _coerce_value(hints[key], value, f"{prefix}{key}")
-    return out
-
-
-def _parse_scalar(raw: str) -> Any:
-    low = raw.lower()
-    if low in ("null", "none", "~", ""):
-        return None
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    try:
-        return int(raw)
-    except ValueError:
-        pass
-    try:
-        return float(raw)
-    except ValueError:
-        pass
-    if raw.startswith(("[", "{")):
-        try:
-            return yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"cannot parse {raw!r}: {exc}") from exc
-    return str(raw)
-
-
-def _coerce_value(hint: Any, value: Any, name: str) -> Any:
-    args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else {hint}
-    raw = value if isinstance(value, _Raw) else None
-    if raw is not None:
-        value = _parse_scalar(raw)
-        if value is None and type(None) not in args and str in args:
-            value = str(raw)  # e.g. run_name=none is a name here, not null
-    if value is None:
-        return None
-    if float in args and not isinstance(value, bool):
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value  # the field's validation names it
-        if isinstance(value, int):
-            return float(value)
-    if str in args and raw is not None and not isinstance(value, str) and not isinstance(value, list):
-        return str(raw)  # run_name=123 is the string "123"
-    if any(typing.get_origin(a) is tuple for a in args) and isinstance(value, str) and str not in args:
-        return [value]
-    return value
-
-
-# -- field documentation (for --help) -------------------------------------------------------
-
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field: description}`` parsed from the ``Attributes:`` section of ``cls``'s docstring."""
-    doc = (cls.__doc__ or "").expandtabs()
-    lines = doc.splitlines()
-    out: dict[str, str] = {}
-    in_section, current, indent = False, None, None
-    for line in lines:
-        stripped = line.strip()
-        if stripped == "Attributes:":
-            in_section, current = True, None
-            continue
-        if not in_section:
-            continue
-        if not stripped:
-            current = None
-            continue
-        lead = len(line) - len(line.lstrip())
-        m = re.match(r"(\w+):\s*(.*)", stripped)
-        if m and (indent is None or lead == indent):
-            indent = lead
-            current = m.group(1)
-            out[current] = m.group(2)
-        elif current is not None and indent is not None and lead > indent:
-            out[current] += " " + stripped
-        else:
-            break
-    return out
-
-
-def _type_name(hint: Any) -> str:
-    text = str(hint).replace("typing.", "")
-    return re.sub(r"<class '(\w+)'>", r"\1", text).replace("NoneType", "None")
-
-
-def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """``[(dotted name, type, default, description)]`` for every field, nested sections expanded."""
-    rows = []
-    docs = field_docs(cls)
-    hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        sub = _section_type(cls, f.name)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None
-        if sub is not None:
-            rows.append((prefix + f.name, sub.__name__, "(section)", docs.get(f.name, "")))
-            rows.extend(describe_fields(sub, f"{prefix}{f.name}."))
-            continue
-        shown = list(default) if isinstance(default, tuple) else default
-        text = "null" if shown is None else repr(shown) if isinstance(shown, str) else str(shown).lower() \
-            if isinstance(shown, bool) else str(shown)
-        rows.append((prefix + f.name, _type_name(hints[f.name]), text, docs.get(f.name, "")))
-    return rows
-
-
-def fields_help(width: int = 100) -> str:
-    """The text ``--help`` shows for every config field."""
-    import textwrap
-
-    lines = ["config fields (YAML keys, or key=value overrides; nested ones dotted):"]
-    for name, type_, default, doc in describe_fields():
-        lines.append(f"  {name} ({type_}, default {default})")
-        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")
-        for chunk in textwrap.wrap(doc, width=width - 6):
-            lines.append("      " + chunk)
-    lines.append("  (adapter.allocator.total_step follows steps; tinit / tfinal default to 10% / 20% of steps)")
-    return "\n".join(lines)
-
-
-__all__ = ["RunConfig", "TASK_NAMES", "configs_dir", "describe_fields", "field_docs", "fields_help",
-           "find_config_file", "list_presets", "load_run_config", "parse_override", "resolve_adapter"]
+__all__ = ["RunConfig", "TASK_NAMES", "resolve_adapter"]

@@ -24,7 +24,6 @@ one is skipped with a warning on stderr that names the refused file.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import sys
@@ -38,6 +37,8 @@ from ..checkpoint import load_adapter_weights
 from ..fileio import (CorruptCheckpointError, atomic_write, replace_dir, verify_checkpoint, write_json, write_manifest,
                       write_tensors)
 from .config import RunConfig
+from .rng import capture_rng, restore_rng
+from .rundir import info, load_run
 
 CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -52,87 +53,6 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 RESUME_SAFE_FIELDS = frozenset({"progress", "threads", "data_dir", "output_dir", "run_name", "save_every",
                                 "keep_checkpoints", "eval_batch_size", "sandbox_timeout_s", "sandbox_memory_mb",
                                 "sandbox_workers"})
-
-
-# -- RNG state --------------------------------------------------------------------------------
-
-def rng_snapshot(model=None) -> dict[str, Any]:
-    """The generators' states as they are now, unconverted (cheap enough to take every step).
-
-    Args:
-        model: An :class:`~hyperadalora.AdaptedModel`, whose DyLoRA rank generator is included.
-
-    Returns:
-        A snapshot for :func:`capture_rng` / :func:`save_training_checkpoint`.
-    """
-    cuda = (torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
-    try:
-        import numpy as np
-
-        numpy_state = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        numpy_state = None
-    gen = getattr(model, "_dylora_gen", None) if model is not None else None
-    return {"torch_cpu": torch.get_rng_state(), "torch_cuda": cuda, "python": random.getstate(),
-            "numpy": numpy_state, "dylora": gen.get_state() if gen is not None else None}
-
-
-def capture_rng(model=None, snapshot: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The global generators' states (and a DyLoRA model's rank sampler) as tensors + JSON values.
-
-    Args:
-        model: An :class:`~hyperadalora.AdaptedModel`, whose DyLoRA rank generator is included.
-        snapshot: A :func:`rng_snapshot` taken earlier (default: the states now).
-
-    Returns:
-        ``(tensors, meta)``: ``torch_cpu``, ``torch_cuda_<i>`` (when CUDA is initialised),
-        ``python_mt``, ``numpy_mt`` and ``dylora`` tensors; the scalar parts of Python's and
-        NumPy's states in ``meta``.
-    """
-    snap = snapshot if snapshot is not None else rng_snapshot(model)
-    tensors = {"torch_cpu": snap["torch_cpu"]}
-    for i, state in enumerate(snap["torch_cuda"]):
-        tensors[f"torch_cuda_{i}"] = state
-    version, mt, gauss = snap["python"]
-    tensors["python_mt"] = torch.tensor(mt, dtype=torch.int64)
-    meta: dict[str, Any] = {"python_version": version, "python_gauss_next": gauss}
-    if snap["numpy"] is not None:
-        name, key, pos, has_gauss, cached = snap["numpy"]
-        tensors["numpy_mt"] = torch.from_numpy(key.astype("int64"))
-        meta["numpy"] = {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
-                         "cached_gaussian": float(cached)}
-    if snap["dylora"] is not None:
-        tensors["dylora"] = snap["dylora"]
-    return tensors, meta
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model=None) -> None:
-    """Sets the generators back to what :func:`capture_rng` recorded.
-
-    CUDA states are restored when CUDA is available with the same number of devices; otherwise a
-    warning says that GPU randomness (dropout on the GPU) will differ from the original run.
-    """
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")),
-                                       key=lambda k: int(k.rsplit("_", 1)[1]))]
-    if cuda:
-        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            print(f"hyperadalora: warning: the checkpoint holds {len(cuda)} CUDA generator state(s) but "
-                  f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s) are visible; "
-                  "GPU random numbers will differ from the original run", file=sys.stderr, flush=True)
-    random.setstate((meta["python_version"], tuple(int(v) for v in tensors["python_mt"].tolist()),
-                     meta["python_gauss_next"]))
-    if "numpy_mt" in tensors and "numpy" in meta:
-        import numpy as np
-
-        n = meta["numpy"]
-        np.random.set_state((n["name"], tensors["numpy_mt"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-    gen = getattr(model, "_dylora_gen", None) if model is not None else None
-    if gen is not None and "dylora" in tensors:
-        gen.set_state(tensors["dylora"])
 
 
 # -- optimizer state (no pickle) ---------------------------------------------------------------
@@ -191,7 +111,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
         scheduler: Its learning-rate scheduler.
         trainer_state: The loop's JSON state (loss EMA, evaluations, data position, ...).
         keep: How many complete checkpoints to keep (the newest ones; at least this one).
-        rng: A :func:`rng_snapshot` of the generators (default: taken now).
+        rng: A :func:`~.rng.rng_snapshot` of the generators (default: taken now).
 
     Returns:
         The checkpoint folder.
@@ -210,16 +130,22 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
     rng_tensors, rng_meta = capture_rng(model, rng)
     write_tensors(tmp / RNG_NAME, rng_tensors)
     state = {"format_version": STATE_VERSION, "step": step, **trainer_state, "rng": rng_meta,
-             "scheduler": scheduler.state_dict(), "after_step_calls": model._after_step_calls,
+             "scheduler": scheduler.state_dict(), "after_step_calls": model.steps_taken,
              "dylora_rank": model.dylora_rank}
     write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
     write_manifest(tmp, step=step)  # last: a folder without a valid manifest is incomplete
     replace_dir(tmp, target)
+    prune_checkpoints(run_dir, keep, target)
+    return target
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, newest: Path | None = None) -> None:
+    """Deletes all but the newest ``keep`` complete checkpoints (never ``newest``); also run on resume,
+    since a run killed right after a checkpoint's rename never pruned."""
     complete = [p for _, p in checkpoint_dirs(run_dir) if (p / "manifest.json").is_file()]
     for old in complete[:-max(1, keep)]:
-        if old != target:
+        if old != newest:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path:
@@ -277,7 +203,7 @@ def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.O
         raise ValueError(f"{folder / TRAINER_STATE_NAME}: unsupported format_version {state.get('format_version')!r} "
                          f"(this library reads {STATE_VERSION})")
     load_adapter_weights(model, folder)
-    model._after_step_calls = state["after_step_calls"]
+    model.restore_steps_taken(state["after_step_calls"])
     if state.get("dylora_rank") is not None:
         for layer in model.adapted_layers.values():
             layer.dylora_b = state["dylora_rank"]
@@ -300,17 +226,72 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _run_changes(config: RunConfig, reference: RunConfig, where: str) -> str:
+    """``"field (old in <where>, new now), ..."`` for every field outside :data:`RESUME_SAFE_FIELDS`
+    that differs ("" when none does)."""
+    mine, theirs = _flat(config.to_dict()), _flat(reference.to_dict())
+    changed = [k for k in sorted(set(mine) | set(theirs))
+               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
+    return ", ".join(f"{k} ({theirs.get(k)!r} in {where}, {mine.get(k)!r} now)" for k in changed)
+
+
 def check_resume_config(config: RunConfig, saved: RunConfig, run_dir: str | Path) -> None:
     """Refuses a resume whose config differs from the run's ``config.yaml`` in anything but
     :data:`RESUME_SAFE_FIELDS` (the message names each differing field and both values)."""
-    mine, theirs = _flat(config.to_dict()), _flat(saved.to_dict())
-    changed = [k for k in sorted(set(mine) | set(theirs))
-               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
-    if changed:
-        shown = ", ".join(f"{k} ({theirs.get(k)!r} in the run, {mine.get(k)!r} now)" for k in changed)
+    shown = _run_changes(config, saved, "the run")
+    if shown:
         raise ValueError(f"--resume continues {run_dir} with its own config.yaml; these changes would alter the run: "
                          f"{shown}. Only {', '.join(sorted(RESUME_SAFE_FIELDS))} may be overridden; start a new run "
                          "for other settings")
+
+
+def check_checkpoint_config(config: RunConfig, folder: Path) -> None:
+    """Refuses a resume whose config differs from the one checkpoint ``folder`` was written with
+    (stored in its ``trainer_state.json``) in anything but :data:`RESUME_SAFE_FIELDS`: a hand-edited
+    ``config.yaml`` (an lr or seed changed after the fact) is caught here, naming the field."""
+    stored = json.loads((folder / TRAINER_STATE_NAME).read_text()).get("config")
+    if stored is None:  # checkpoints of older versions carry no config
+        return
+    shown = _run_changes(config, RunConfig.from_dict(stored), "the checkpoint")
+    if shown:
+        raise ValueError(f"the config differs from the one checkpoint {folder} was trained with: {shown}. Was "
+                         f"{folder.parents[1] / 'config.yaml'} edited by hand? Put those values back, or start a "
+                         "new run for other settings")
+
+
+def prepare_resume(run_dir: Path) -> tuple[RunConfig, Path]:
+    """The resumed run's saved config and the newest checkpoint that verifies (nothing loaded yet).
+
+    Raises:
+        ValueError: The run already completed.
+        FileNotFoundError / CorruptCheckpointError: See :func:`find_resume_checkpoint`.
+    """
+    saved = load_run(run_dir)
+    info_path = run_dir / "eval.json"
+    if info_path.is_file():
+        try:
+            done = json.loads(info_path.read_text())
+        except ValueError:
+            done = {}
+        if isinstance(done, dict) and done.get("status") == "completed" and done.get("final") is not None:
+            raise ValueError(f"{run_dir} already completed its {saved.steps} steps (see its eval.json); nothing to "
+                             "resume: start a new run (or `hyperadalora eval` it)")
+    return saved, find_resume_checkpoint(run_dir)
+
+
+def set_aside_after(run_dir: Path, step: int) -> None:
+    """Before a resumed run writes checkpoints again: leftovers of interrupted writes are removed and
+    checkpoints newer than ``step`` (they failed verification) are renamed ``corrupt-step-<N>``."""
+    root = run_dir / CHECKPOINTS_DIR
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for n, folder in checkpoint_dirs(run_dir):
+        if n > step:
+            aside = root / f"corrupt-{folder.name}"
+            if aside.exists():
+                shutil.rmtree(aside)
+            folder.rename(aside)
+            info(f"hyperadalora: the refused checkpoint {folder} was moved to {aside}")
 
 
 def data_fingerprint(rows) -> str:
@@ -328,36 +309,43 @@ def truncate_log(path: str | Path, step: int) -> list[dict]:
     """Keeps the lines of ``log.jsonl`` up to optimizer step ``step`` (rewriting the file atomically).
 
     Lines after the checkpoint (and a half-written last line) are dropped: the resumed run
-    writes them again.
+    writes them again. A damaged log (unreadable lines, missing or repeated steps) is rebuilt
+    from its good lines up to the checkpoint, with a warning on stderr that says what was lost;
+    the training state itself comes from the checkpoint, so the run continues unchanged.
 
     Returns:
         The rows kept.
-
-    Raises:
-        ValueError: The log has fewer than ``step`` complete rows.
     """
     path = Path(path)
     rows: list[dict] = []
     kept: list[str] = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not isinstance(row, dict) or row.get("step", step + 1) > step:
-                break
-            rows.append(row)
-            kept.append(line + "\n")
-    if [r.get("step") for r in rows] != list(range(1, step + 1)):
-        raise ValueError(f"{path} holds {len(rows)} complete step row(s) but the checkpoint is at step {step}: the "
-                         "log does not belong to this checkpoint")
+    bad = 0
+    for line in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        at = row.get("step") if isinstance(row, dict) else None
+        if isinstance(at, int) and not isinstance(at, bool) and at > step:
+            continue  # after the checkpoint: written again by the resumed run
+        if not isinstance(at, int) or isinstance(at, bool) or at < 1 or (rows and at <= rows[-1]["step"]):
+            bad += 1
+            continue
+        rows.append(row)
+        kept.append(line + "\n")
+    missing = sorted(set(range(1, step + 1)) - {r["step"] for r in rows})
+    if bad or missing:
+        info(f"hyperadalora: warning: {path} was damaged ({bad} unreadable or out-of-order line(s) dropped; "
+             f"{len(missing)} of the {step} steps up to the checkpoint have no line"
+             + (f", first {missing[0]}" if missing else "") + "); it was rebuilt from its good lines up to step "
+             f"{step}, and the run continues from the checkpoint")
     text = "".join(kept)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return rows
 
 
-__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "CorruptCheckpointError", "capture_rng", "check_resume_config",
+__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "check_checkpoint_config", "check_resume_config",
            "checkpoint_dirs", "data_fingerprint", "find_resume_checkpoint", "flatten_optimizer_state",
-           "load_training_checkpoint", "restore_rng", "rng_snapshot", "save_training_checkpoint", "truncate_log",
-           "unflatten_optimizer_state", "verify_checkpoint"]
+           "load_training_checkpoint", "prepare_resume", "prune_checkpoints", "save_training_checkpoint",
+           "set_aside_after", "truncate_log", "unflatten_optimizer_state"]
