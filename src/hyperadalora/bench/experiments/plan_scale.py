@@ -88,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                 for gpus in GPUS:
                     setup = TrainSetup(batch=16, seq_len=2048, gpus=gpus, micro_batch=1, precision=precision,
                                        checkpointing=True)
-                    rows.append({**make_plan(PRESETS[model], adapter(source), setup).to_dict(), "source_label": source})
-    result = {"rows": rows}
+                    plan = make_plan(PRESETS[model], adapter(source), setup).to_dict()
+                    # The shape and adapter settings are the same in many rows: stored once below.
+                    rows.append({**{k: v for k, v in plan.items() if k not in ("shape", "adapter")},
+                                 "source_label": source})
+    result = {"shapes": {m: PRESETS[m].__dict__ for m in MODELS},
+              "adapters": {s: adapter(s).to_dict() for s in SOURCES}, "rows": rows}
     table = render(result)
     print(write_results(args.name, result, table))
     print("\n".join(table))
