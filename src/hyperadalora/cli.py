@@ -1,4 +1,4 @@
-"""The ``hyperadalora`` command line: ``train``, ``eval``, ``export``, ``presets`` and ``bench``.
+"""The ``hyperadalora`` command line: ``train``, ``eval``, ``export``, ``presets``, ``bench`` and ``plan``.
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
     hyperadalora presets
     hyperadalora bench convergence --data-dir ../shared/data   # a paper experiment (bench: the list)
     hyperadalora bench commands                        # every registered command (what `make bench` runs)
+    hyperadalora plan llama-8b --gpus 4 --precision 4bit --source hyper   # memory and FLOPs (docs/plan.md)
 
 A config is a preset name (``configs/<name>.yaml``), a YAML file, or nothing (defaults);
 ``key=value`` items override it (dotted for the adapter: ``adapter.r=16``,
@@ -63,7 +64,7 @@ def _presets_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperadalora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,presets,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,presets,bench,plan}")
     sub.required = True
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", metavar="NAME", help="the benchmark, or all / commands / render "
                    "(none: list them)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark")
+
+    from .plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -222,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in list_presets():
             print(name)
         return 0
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}[args.command]
+    from .plan.cli import run as cmd_plan
+
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+               "plan": cmd_plan}[args.command]
     from .train.rundir import OutputWriteError, RunDirBusyError
 
     try:

@@ -15,4 +15,6 @@ from . import beyond  # noqa: F401
 from . import convergence_quick  # noqa: F401
 from . import nlg  # noqa: F401
 from . import generality  # noqa: F401
+from . import plan_calibrate  # noqa: F401
+from . import plan_scale  # noqa: F401
 from . import publish  # noqa: F401

@@ -209,23 +209,25 @@ def memory_batch(args) -> tuple[int, int]:
     return (size, 1) if size else (args.batch_size, args.accumulate)
 
 
-def measure_memory(variant: str, args, hyper_base: dict | None = None) -> float:
+def measure_memory(variant: str, args, hyper_base: dict | None = None, module: str = "step_model") -> float:
     """Peak RSS growth (MiB) over a few steps of one variant, in a fresh subprocess.
 
     ``args`` has ``threads``, ``batch_size``, ``accumulate``, ``seq_len``, ``memory_steps`` (and
     optionally ``memory_batch_size``). The kernel's peak-RSS mark is reset
     (``/proc/self/clear_refs``) after the model is built, so loading and copying the checkpoint do
-    not hide the training peak.
+    not hide the training peak. ``module`` (of this package) supplies ``load_base``, ``build`` and
+    ``make_batch`` (``plan_calibrate`` measures other models this way).
     """
     code = (
-        "import json, torch; from hyperadalora.bench.experiments import step_model as s;"
+        "import json, torch; from hyperadalora.bench.experiments import %s as s;"
         "torch.set_num_threads(%d); base = s.load_base(); step, _, _ = s.build(%r, base, json.loads(%r));"
         "batch_size, accumulate = %d, %d; batch = s.make_batch(batch_size, %d); del base; import gc; gc.collect();"
         "rss = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
         "before = rss('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5');"
         "[step(batch, accumulate) for _ in range(%d)];"
         "print('PEAK', (rss('VmHWM:') - before) / 1024)"
-    ) % (args.threads, variant, json.dumps(hyper_base or {}), *memory_batch(args), args.seq_len, args.memory_steps)
+    ) % (module, args.threads, variant, json.dumps(hyper_base or {}), *memory_batch(args), args.seq_len,
+         args.memory_steps)
     # A fixed mmap threshold: glibc then maps every tensor above 64 KiB on its own and unmaps it when
     # freed, so the resident peak tracks the live tensors (glibc's default adaptive threshold lets
     # freed tensors linger in the heap, and the same variant measured 841-853 MiB from run to run).
