@@ -111,6 +111,7 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the data directory has no {task} {split} split")
     out: list[GlueExample] = []
+    line_no = 1  # an empty file: its first line is where a row was expected
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         for line_no, row in _numbered_rows(reader, path):
@@ -125,7 +126,8 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
                 raise ValueError(f"{path}:{line_no}: label {row[fmt.label]!r} is not one of {sorted(fmt.labels)}")
             out.append(GlueExample(row[fmt.text_a], row[fmt.text_b] if fmt.text_b is not None else None, label))
     if not out:
-        raise ValueError(f"{path}: no data rows (the file is empty{' or holds only its header' if fmt.header else ''})")
+        raise ValueError(f"{path}:{line_no}: no data rows (the file is empty"
+                         f"{' or holds only its header' if fmt.header else ''}; read up to line {line_no})")
     return out
 
 

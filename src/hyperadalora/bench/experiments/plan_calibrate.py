@@ -27,7 +27,7 @@ import sys
 import torch
 
 from ..paths import results_dir
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from .common import write_results
 from .step_model import make_batch, measure_memory  # noqa: F401  (make_batch: read by the measuring subprocess)
 

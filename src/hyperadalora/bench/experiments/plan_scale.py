@@ -19,7 +19,7 @@ import argparse
 import hyperadalora as ha
 from hyperadalora.plan import PRESETS, TrainSetup, make_plan
 
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from .common import write_results
 from .plan_calibrate import SECTION
 
