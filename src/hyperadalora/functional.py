@@ -99,3 +99,24 @@ def lowrank_linear(
         return torch.nn.functional.linear(x, weight, bias)
     shared = x_adapter is None or x_adapter is x
     return _LowRankLinear.apply(x, x if shared else x_adapter, weight, bias, lora_a, lora_b, float(scale), shared)
+
+
+def lowrank_add(y: torch.Tensor, x_adapter: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``y + scale * (x_adapter A^T) B^T``: the low-rank term added to a base output computed elsewhere.
+
+    Used over quantised base layers, whose forward (and its input gradient) bitsandbytes computes
+    from the packed weight; plain autograd, since no ``W0`` is at hand to fuse with.
+
+    Args:
+        y: Base output ``(..., d_out)``.
+        x_adapter: Input of the low-rank path ``(..., d_in)``.
+        lora_a: Down projection ``(r, d_in)``.
+        lora_b: Up projection ``(d_out, r)``.
+        scale: Scalar multiplier of the low-rank term.
+    """
+    if lora_a.shape[0] == 0:
+        return y
+    dtype = x_adapter.dtype
+    t = x_adapter @ lora_a.to(dtype).t()  # (..., r)
+    return y + (t @ lora_b.to(dtype).t()).mul_(scale).to(y.dtype)
