@@ -92,6 +92,16 @@ def lowrank_linear(
     Returns:
         Output of shape ``(..., d_out)``.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast every operand runs in the autocast dtype, cast once here, and the function
+        # runs with autocast off so its in-place accumulation never mixes dtypes (its backward runs
+        # outside autocast anyway). Factors stay float32 masters; their gradients come back float32.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_adapter = None if x_adapter is None or x_adapter is x else x_adapter.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lowrank_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                  lora_a, lora_b, scale, x_adapter)
     dtype = x.dtype
     lora_a = lora_a.to(dtype)
     lora_b = lora_b.to(dtype)

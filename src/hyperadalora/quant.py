@@ -63,6 +63,18 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def upcast_trainable_(model: nn.Module) -> int:
+    """Makes every trainable bf16 / fp16 parameter float32 in place (master weights: the optimizer
+    state follows); returns how many were cast. The adapted layers' factors are float32 already;
+    this catches ``modules_to_save`` heads loaded in the base's dtype."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
 def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32):
     """A transformers ``BitsAndBytesConfig`` for ``quantize``.
 
@@ -82,4 +94,4 @@ def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32):
 
 
 __all__ = ["PRECISIONS", "QUANTIZED_LAYER_TYPES", "QUANTIZE_CHOICES", "QuantizedMergeError", "autocast",
-           "bnb_config", "dequantized_weight", "is_quantized", "precision_dtype"]
+           "bnb_config", "dequantized_weight", "is_quantized", "precision_dtype", "upcast_trainable_"]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..adapted_model import AdaptedModel, wrap
+from ..quant import precision_dtype, upcast_trainable_
 from ..tasks import task_spec
 from .config import RunConfig
 from .schedule import make_scheduler
@@ -46,7 +47,28 @@ def load_base_model(config: RunConfig):
     from ..models import load_model
 
     spec = task_spec(config.task)
-    return load_model(config.model, task=spec.model_task, num_labels=max(spec.num_labels, 1))
+    return load_model(config.model, task=spec.model_task, num_labels=max(spec.num_labels, 1),
+                      dtype=precision_dtype(config.precision), quantize=config.quantize)
+
+
+def prepare_for_scale(model: AdaptedModel, config: RunConfig) -> AdaptedModel:
+    """Float32 trainable parameters; the run's activation checkpointing and ``torch.compile`` (off by default).
+
+    Checkpointing is transformers' non-reentrant one (the recomputation sees the same generated
+    factors and sampled rank as the forward: they are fixed before the base model runs).
+    Compiling compiles the base model in place (``nn.Module.compile``), so parameter names,
+    saving and export are unchanged.
+    """
+    upcast_trainable_(model)  # float32 master weights over a bf16 / fp16 base
+    if config.gradient_checkpointing:
+        enable = getattr(model.model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ValueError(f"{type(model.model).__name__} has no gradient_checkpointing_enable(); "
+                             "gradient_checkpointing=true needs a transformers model")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        model.model.compile()
+    return model
 
 
 def finalize_adapter_config(config: RunConfig, model: torch.nn.Module) -> RunConfig:
@@ -94,7 +116,7 @@ def build_model(config: RunConfig, base_model=None, tokenizer=None) -> tuple[Ada
         base_model, tokenizer = load_base_model(config)
     config = finalize_adapter_config(config, base_model)
     torch.manual_seed(config.seed)
-    return wrap(base_model, config.adapter), tokenizer, config
+    return prepare_for_scale(wrap(base_model, config.adapter), config), tokenizer, config
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.optim.Optimizer, Any, float | None]:
@@ -116,4 +138,4 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.opt
 
 
 __all__ = ["batch_order", "build_model", "finalize_adapter_config", "load_base_model", "make_optimizer",
-           "seed_everything"]
+           "prepare_for_scale", "seed_everything"]
