@@ -108,7 +108,8 @@ def lowrank_linear(
     if lora_a.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)
     shared = x_adapter is None or x_adapter is x
-    return _LowRankLinear.apply(x, x if shared else x_adapter, weight, bias, lora_a, lora_b, float(scale), shared)
+    # None rather than x twice: dynamo cannot trace an autograd.Function given one tensor twice.
+    return _LowRankLinear.apply(x, None if shared else x_adapter, weight, bias, lora_a, lora_b, float(scale), shared)
 
 
 def lowrank_add(y: torch.Tensor, x_adapter: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
