@@ -75,23 +75,30 @@ def upcast_trainable_(model: nn.Module) -> int:
     return cast
 
 
-def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32):
+# Task heads trained in full (modules_to_save) must stay unquantised: a packed weight cannot train.
+HEADS_KEPT_UNQUANTIZED = ("lm_head", "classifier", "score")
+
+
+def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32,
+               skip_modules: tuple[str, ...] = HEADS_KEPT_UNQUANTIZED):
     """A transformers ``BitsAndBytesConfig`` for ``quantize``.
 
     Args:
         quantize: ``4bit`` (NF4 + double quantisation, QLoRA's recipe), ``nf4`` / ``fp4`` (that
             4-bit type, double quantisation on) or ``8bit`` (LLM.int8()).
         compute_dtype: dtype of the 4-bit layers' matmuls (the run's precision).
+        skip_modules: Module names left unquantised (the task heads by default).
     """
     from transformers import BitsAndBytesConfig
 
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"unknown quantize={quantize!r}; allowed values: {', '.join(QUANTIZE_CHOICES)}")
     if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if quantize == "fp4" else "nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=list(skip_modules))
 
 
-__all__ = ["PRECISIONS", "QUANTIZED_LAYER_TYPES", "QUANTIZE_CHOICES", "QuantizedMergeError", "autocast",
+__all__ = ["HEADS_KEPT_UNQUANTIZED", "PRECISIONS", "QUANTIZED_LAYER_TYPES", "QUANTIZE_CHOICES", "QuantizedMergeError", "autocast",
            "bnb_config", "dequantized_weight", "is_quantized", "precision_dtype", "upcast_trainable_"]

@@ -153,3 +153,20 @@ def test_peft_export_loads_on_the_same_quantized_base(saved_llama, tmp_path):
         base = quantized_llama(saved_llama)(**batch).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3
+
+
+def test_a_quantised_head_cannot_be_trained_and_task_heads_stay_unquantised(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from tiny_models import BERT_TARGETS, tiny_bert
+
+    tiny_bert().save_pretrained(tmp_path)
+    model = BertForSequenceClassification.from_pretrained(tmp_path, quantization_config=bnb_config("4bit"),
+                                                          device_map="cpu")
+    assert not is_quantized(model.classifier) and is_quantized(model.bert.encoder.layer[0].attention.self.query)
+    cfg = ha.AdapterConfig(method="lora", r=4, target_modules=BERT_TARGETS, modules_to_save=["classifier"])
+    assert ha.wrap(model, cfg).model.classifier.weight.requires_grad
+    quantised_head = BertForSequenceClassification.from_pretrained(
+        tmp_path, quantization_config=bnb_config("4bit", skip_modules=()), device_map="cpu")
+    with pytest.raises(ValueError, match="modules_to_save entry 'classifier' is quantised"):
+        ha.wrap(quantised_head, cfg)
