@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 
 import hyperadalora as ha  # noqa: E402
 from hyperadalora.quant import QuantizedMergeError, bnb_config, dequantized_weight, is_quantized  # noqa: E402
-from tiny_models import LLAMA_TARGETS, llama_batch, tiny_llama  # noqa: E402
+from tiny_models import LLAMA_TARGETS, llama_batch, tiny_llama, train_beside_peft  # noqa: E402
 
 STEPS = 10
 SCHEDULE = dict(total_step=STEPS, tinit=2, tfinal=3, deltaT=2)
@@ -73,25 +73,7 @@ def test_training_on_quantized_base_matches_peft(saved_llama, method, quantize):
     ours = ha.wrap(quantized_llama(saved_llama, quantize), our_config(method))
     assert all(layer.quantized for layer in ours.adapted_layers.values())
     copy_peft_factors(peft_model, ours, method)
-    opt_p = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=5e-3)
-    peft_model.train()
-    ours.train()
-    losses_p, losses_o = [], []
-    for step in range(STEPS):
-        batch = llama_batch(step % 3)
-        out_p, out_o = peft_model(**batch), ours(**batch)
-        out_p.loss.backward()
-        out_o.loss.backward()
-        opt_p.step()
-        opt_o.step()
-        if method == "adalora":
-            peft_model.base_model.update_and_allocate(step)
-            ours.after_step(step)
-        opt_p.zero_grad()
-        opt_o.zero_grad()
-        losses_p.append(out_p.loss.item())
-        losses_o.append(out_o.loss.item())
+    losses_p, losses_o = train_beside_peft(peft_model, ours, STEPS, llama_batch, 5e-3, method == "adalora", repeat=3)
     torch.testing.assert_close(torch.tensor(losses_o), torch.tensor(losses_p), rtol=1e-4, atol=1e-6)
     assert losses_o[-1] < losses_o[0] - 1e-3, "training must actually change the loss"
     if method == "adalora":
