@@ -146,7 +146,7 @@ def _load_allocator_state(model, directory: Path) -> None:
     if not model.allocator.adaptive or not (directory / ALLOC_META_NAME).is_file():
         return
     meta = json.loads((directory / ALLOC_META_NAME).read_text())
-    dev = next(iter(model.adapted_layers.values())).base_weight.device
+    dev = next(iter(model.adapted_layers.values())).base_layer.weight.device  # no dequantisation
     alloc = {k: v.to(dev) for k, v in load_file(str(directory / ALLOC_TENSORS_NAME)).items()}
     model.allocator.load_state(alloc, meta)
     model.restore_steps_taken(max(model.steps_taken, meta.get("steps_seen", 0)))

@@ -92,10 +92,42 @@ def lowrank_linear(
     Returns:
         Output of shape ``(..., d_out)``.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast every operand runs in the autocast dtype, cast once here, and the function
+        # runs with autocast off so its in-place accumulation never mixes dtypes (its backward runs
+        # outside autocast anyway). Factors stay float32 masters; their gradients come back float32.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_adapter = None if x_adapter is None or x_adapter is x else x_adapter.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lowrank_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                  lora_a, lora_b, scale, x_adapter)
     dtype = x.dtype
     lora_a = lora_a.to(dtype)
     lora_b = lora_b.to(dtype)
     if lora_a.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias)
     shared = x_adapter is None or x_adapter is x
-    return _LowRankLinear.apply(x, x if shared else x_adapter, weight, bias, lora_a, lora_b, float(scale), shared)
+    # None rather than x twice: dynamo cannot trace an autograd.Function given one tensor twice.
+    return _LowRankLinear.apply(x, None if shared else x_adapter, weight, bias, lora_a, lora_b, float(scale), shared)
+
+
+def lowrank_add(y: torch.Tensor, x_adapter: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``y + scale * (x_adapter A^T) B^T``: the low-rank term added to a base output computed elsewhere.
+
+    Used over quantised base layers, whose forward (and its input gradient) bitsandbytes computes
+    from the packed weight; plain autograd, since no ``W0`` is at hand to fuse with.
+
+    Args:
+        y: Base output ``(..., d_out)``.
+        x_adapter: Input of the low-rank path ``(..., d_in)``.
+        lora_a: Down projection ``(r, d_in)``.
+        lora_b: Up projection ``(d_out, r)``.
+        scale: Scalar multiplier of the low-rank term.
+    """
+    if lora_a.shape[0] == 0:
+        return y
+    dtype = x_adapter.dtype
+    t = x_adapter @ lora_a.to(dtype).t()  # (..., r)
+    return y + (t @ lora_b.to(dtype).t()).mul_(scale).to(y.dtype)

@@ -12,6 +12,7 @@ from .allocation import POLICY_REGISTRY, policy_decides_before_wrap
 from .config import AdapterConfig
 from .layers import AdaptedLinear
 from .methods import AdapterMethod
+from .quant import is_quantized
 
 # Names of output / task heads that "all-linear" never adapts (transformers' conventions).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output_projection")
@@ -139,6 +140,10 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, method: AdapterMeth
             raise ValueError(f"AdapterConfig.modules_to_save entry {name!r} matches no module of "
                              f"{type(model).__name__}; top-level children: {[n for n, _ in model.named_children()]}")
         for n in mods:
+            if any(is_quantized(m) for m in model.get_submodule(n).modules()):
+                raise ValueError(f"AdapterConfig.modules_to_save entry {name!r} is quantised ({n}); a packed weight "
+                                 "cannot train: load the model with it unquantised (BitsAndBytesConfig("
+                                 "llm_int8_skip_modules=[...]), as hyperadalora.quant.bnb_config does for task heads)")
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
     return layers

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from .functional import lowrank_add, lowrank_linear
+from .quant import QuantizedMergeError, dequantized_weight, is_quantized
+
 if TYPE_CHECKING:
     from .methods import AdapterMethod
 
@@ -14,7 +17,10 @@ FactorProvider = Callable[[], dict[str, torch.Tensor]]
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(d_out, d_in)`` weight of an ``nn.Linear`` or a transposed view of a ``Conv1D``'s."""
+    """The ``(d_out, d_in)`` weight of an ``nn.Linear`` or a transposed view of a ``Conv1D``'s
+    (of a bitsandbytes quantised layer: its dequantised weight, a new tensor)."""
+    if is_quantized(module):
+        return dequantized_weight(module)
     if isinstance(module, nn.Linear):
         return module.weight
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style layer stores (d_in, d_out)
@@ -54,7 +60,9 @@ class AdaptedLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         self._row_sqnorm: torch.Tensor | None = None
         self.merged_row_norm: torch.Tensor | None = None
+        self.quantized = is_quantized(base_layer)
         method.init_layer(self, w, generator)  # factors and method state (magnitude, keep-mask, ...)
+        self._upcast_half_parameters()
         # Whether pruned rank components are masked in the forward (set by the source / allocator).
         self.mask_in_forward = False
         self.merged = False
@@ -80,6 +88,13 @@ class AdaptedLinear(nn.Module):
                 self._row_sqnorm = (w * w).sum(1)
         return self._row_sqnorm
 
+    def _upcast_half_parameters(self) -> None:
+        # Master weights stay in float32 over a bf16 / fp16 (or quantised) base, as peft's
+        # autocast_adapter_dtype does; the forward casts them to the activations' dtype.
+        for name, p in self.named_parameters():
+            if not name.startswith("base_layer.") and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+
     # -- factors -----------------------------------------------------------------------------
     def set_factor_provider(self, provider: FactorProvider | None) -> None:
         """Installs (or removes, with ``None``) a non-direct source of factors."""
@@ -97,6 +112,28 @@ class AdaptedLinear(nn.Module):
             return self.base_layer(x)
         return self.method.forward(self, x, self.get_factors())
 
+    def lowrank_forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                        x_adapter: torch.Tensor | None = None, with_bias: bool = True) -> torch.Tensor:
+        """``x W0^T [+ bias] + scale * (x_adapter A^T) B^T``, the base term by the fused kernel or,
+        over a quantised base, by the quantised layer itself.
+
+        Args:
+            x: Input ``(..., d_in)``.
+            a: Down projection ``(r, d_in)``.
+            b: Up projection ``(d_out, r)``.
+            scale: Scalar multiplier of the low-rank term.
+            x_adapter: Input of the low-rank path when it differs from ``x`` (after dropout).
+            with_bias: Whether the base bias is included.
+        """
+        if not self.quantized:
+            return lowrank_linear(x, self.base_weight, self.base_bias if with_bias else None, a, b, scale,
+                                  x_adapter=x_adapter)
+        y = self.base_layer(x)  # (..., d_out), bias included
+        bias = self.base_bias
+        if not with_bias and bias is not None:
+            y = y - bias.to(y.dtype)
+        return lowrank_add(y, x if x_adapter is None else x_adapter, a, b, scale)
+
     def delta_weight(self) -> torch.Tensor:
         """The update ``W_adapted - W0`` in the current mode, ``(d_out, d_in)``."""
         with torch.no_grad():
@@ -107,6 +144,7 @@ class AdaptedLinear(nn.Module):
         """Folds the adapter into the base weight (no-op if already merged)."""
         if self.merged:
             return
+        self._refuse_if_quantized("merge the adapter into")
         new_w = self.method.merged_weight(self, self.get_factors())
         self.set_base_weight(new_w)
         self.merged = True
@@ -121,10 +159,23 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
     def set_base_weight(self, w: torch.Tensor) -> None:
-        """Overwrites the frozen weight with ``w`` given as ``(d_out, d_in)``."""
+        """Overwrites the frozen weight with ``w`` given as ``(d_out, d_in)``.
+
+        Raises:
+            QuantizedMergeError: The base layer is quantised.
+        """
+        self._refuse_if_quantized("overwrite")
         target = self.base_layer.weight
         target.data.copy_(w.t() if type(self.base_layer).__name__ == "Conv1D" else w)
         self._row_sqnorm = None
+
+    def _refuse_if_quantized(self, what: str) -> None:
+        if self.quantized:
+            raise QuantizedMergeError(
+                f"cannot {what} the quantised base weight of {type(self.base_layer).__name__}: re-quantising "
+                "would round the update away. Export the adapter (ha.export_peft / save_adapter) and use it on the "
+                "quantised base, or load the base in bf16 / fp32 and merge there. PiSSA, which replaces W0 by "
+                "a residual, needs an unquantised base for the same reason.")
 
     def extra_repr(self) -> str:
         return (f"method={self.method.name}, r={self.r}, in_features={self.in_features}, "

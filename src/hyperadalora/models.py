@@ -238,7 +238,8 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
 
 
 def load_model(name_or_path: str, task: str = "sequence-classification", num_labels: int = 2,
-               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):
+               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None,
+               quantize: str | None = None):
     """Loads a pretrained model and its tokenizer.
 
     Args:
@@ -247,8 +248,12 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         task: ``sequence-classification`` (a fresh classification head of ``num_labels``),
             ``causal-lm`` or ``base`` (the bare encoder / decoder).
         num_labels: Classes for ``sequence-classification``; ignored otherwise.
-        dtype: Parameter dtype.
+        dtype: Parameter dtype (of a quantised model: the dtype of the layers left unquantised and
+            the 4-bit layers' compute dtype).
         cache_dir: Cache directory override (see :func:`model_cache_dir`).
+        quantize: ``None``, or ``4bit`` / ``nf4`` / ``fp4`` / ``8bit``: load the linear layers through
+            bitsandbytes (:func:`hyperadalora.quant.bnb_config`), on the GPU when there is one, else
+            on the CPU.
 
     Returns:
         ``(model, tokenizer)``. The tokenizer has a pad token (the EOS token where the checkpoint
@@ -268,6 +273,11 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
     path = resolve_model_path(name_or_path, cache_dir)
     local = isinstance(path, Path)
     kwargs = {"num_labels": num_labels} if task == "sequence-classification" else {}
+    if quantize is not None:
+        from .quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantize, compute_dtype=dtype)
+        kwargs["device_map"] = "cuda:0" if torch.cuda.is_available() else "cpu"
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # the load report on a freshly initialised head is expected
     logging.disable_progress_bar()  # transformers 5 draws a "Loading weights" bar on every load

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 import hyperadalora as ha  # noqa: E402
 from tiny_models import (BERT_TARGETS, LLAMA_TARGETS, bert_batch, llama_batch, tiny_bert,  # noqa: E402
-                         tiny_llama)
+                         tiny_llama, train_beside_peft)
 
 STEPS = 30
 ADALORA_SCHEDULE = dict(total_step=STEPS, tinit=3, tfinal=6, deltaT=2)
@@ -120,29 +120,7 @@ def test_forward_matches_peft(arch, method):
 @pytest.mark.parametrize("method", ["lora", "adalora", "dora"])
 def test_training_matches_peft(arch, method):
     peft_model, ours, batch_fn = _build(arch, method, randomize=False)
-    peft_model.train()
-    ours.train()
-    lr = 5e-3
-    opt_p = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=lr)
-    assert sum(p.numel() for g in opt_p.param_groups for p in g["params"]) == \
-        sum(p.numel() for g in opt_o.param_groups for p in g["params"])
-    losses_p, losses_o = [], []
-    for step in range(STEPS):
-        batch = batch_fn(step % 5)  # a few repeated batches so the loss really moves
-        out_p = peft_model(**batch)
-        out_o = ours(**batch)
-        out_p.loss.backward()
-        out_o.loss.backward()
-        opt_p.step()
-        opt_o.step()
-        if method == "adalora":
-            peft_model.base_model.update_and_allocate(step)
-            ours.after_step(step)
-        opt_p.zero_grad()
-        opt_o.zero_grad()
-        losses_p.append(out_p.loss.item())
-        losses_o.append(out_o.loss.item())
+    losses_p, losses_o = train_beside_peft(peft_model, ours, STEPS, batch_fn, 5e-3, method == "adalora")
     torch.testing.assert_close(torch.tensor(losses_o), torch.tensor(losses_p), rtol=1e-5, atol=1e-7)
     assert losses_o[-1] < losses_o[0] - 1e-3, "training must actually change the loss"
     if method == "adalora":

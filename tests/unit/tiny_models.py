@@ -82,3 +82,31 @@ def contract_step(model, batch: dict[str, torch.Tensor], opt: torch.optim.Optimi
     model.after_step(step)
     opt.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def train_beside_peft(peft_model, ours, steps: int, batch_fn, lr: float, adalora: bool, repeat: int = 5
+                      ) -> tuple[list[float], list[float]]:
+    """Trains a peft model and ours side by side on the same batches (AdamW, ``lr``); returns
+    ``(peft_losses, our_losses)``. ``adalora``: both allocators run after every step."""
+    opt_p = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=lr)
+    assert sum(p.numel() for g in opt_p.param_groups for p in g["params"]) == \
+        sum(p.numel() for g in opt_o.param_groups for p in g["params"])
+    peft_model.train()
+    ours.train()
+    losses_p, losses_o = [], []
+    for step in range(steps):
+        batch = batch_fn(step % repeat)  # a few repeated batches so the loss really moves
+        out_p, out_o = peft_model(**batch), ours(**batch)
+        out_p.loss.backward()
+        out_o.loss.backward()
+        opt_p.step()
+        opt_o.step()
+        if adalora:
+            peft_model.base_model.update_and_allocate(step)
+            ours.after_step(step)
+        opt_p.zero_grad()
+        opt_o.zero_grad()
+        losses_p.append(out_p.loss.item())
+        losses_o.append(out_o.loss.item())
+    return losses_p, losses_o

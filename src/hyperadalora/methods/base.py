@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..functional import lowrank_linear
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig
@@ -173,7 +172,7 @@ class AdapterMethod:
         """Output of the adapted layer: ``W0 x + bias + scale * B A x``."""
         a, b, scale = self.effective_factors(layer, factors)
         x_a = layer.lora_dropout(x) if layer.has_dropout else None
-        return lowrank_linear(x, layer.base_weight, layer.base_bias, a, b, scale, x_adapter=x_a)
+        return layer.lowrank_forward(x, a, b, scale, x_adapter=x_a)
 
     def merged_weight(self, layer: AdaptedLinear, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The base weight with the update folded in, shape ``(d_out, d_in)``."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import lowrank_linear
 from .lora import LoRA
 
 
@@ -50,7 +49,7 @@ class DoRA(LoRA):
     def forward(self, layer, x, factors):
         a, b, scale = self.effective_factors(layer, factors)
         x_a = layer.lora_dropout(x) if layer.has_dropout else None
-        z = lowrank_linear(x, layer.base_weight, None, a, b, scale, x_adapter=x_a)  # (..., d_out)
+        z = layer.lowrank_forward(x, a, b, scale, x_adapter=x_a, with_bias=False)  # (..., d_out)
         mag_scale = layer.magnitude / self.row_norm(layer, a, b, scale)  # (d_out,)
         y = z * mag_scale.to(z.dtype)
         bias = layer.base_bias

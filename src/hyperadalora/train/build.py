@@ -12,6 +12,7 @@ import torch
 
 from ..adapted_model import AdaptedModel, wrap
 from ..inject import prepare_adapter_config
+from ..quant import precision_dtype, upcast_trainable_
 from ..tasks import make_task, task_spec
 from .config import RunConfig
 from .schedule import make_scheduler
@@ -50,7 +51,28 @@ def load_base_model(config: RunConfig):
     from ..models import load_model
 
     spec = task_spec(config.task)
-    return load_model(config.model, task=spec.model_task, num_labels=max(spec.num_labels, 1))
+    return load_model(config.model, task=spec.model_task, num_labels=max(spec.num_labels, 1),
+                      dtype=precision_dtype(config.precision), quantize=config.quantize)
+
+
+def prepare_for_scale(model: AdaptedModel, config: RunConfig) -> AdaptedModel:
+    """Float32 trainable parameters; the run's activation checkpointing and ``torch.compile`` (off by default).
+
+    Checkpointing is transformers' non-reentrant one (the recomputation sees the same generated
+    factors and sampled rank as the forward: they are fixed before the base model runs).
+    Compiling compiles the base model in place (``nn.Module.compile``), so parameter names,
+    saving and export are unchanged.
+    """
+    upcast_trainable_(model)  # float32 master weights over a bf16 / fp16 base
+    if config.gradient_checkpointing:
+        enable = getattr(model.model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ValueError(f"{type(model.model).__name__} has no gradient_checkpointing_enable(); "
+                             "gradient_checkpointing=true needs a transformers model")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        model.model.compile()
+    return model
 
 
 def finalize_adapter_config(config: RunConfig, model: torch.nn.Module) -> RunConfig:
@@ -116,7 +138,7 @@ def build(config: RunConfig, base_model=None, tokenizer=None, calibration: Calib
     if record is not None:
         config = config.replace(adapter=adapter)
     torch.manual_seed(config.seed)
-    return BuiltModel(wrap(base_model, config.adapter), tokenizer, config, record)
+    return BuiltModel(prepare_for_scale(wrap(base_model, config.adapter), config), tokenizer, config, record)
 
 
 def build_model(config: RunConfig, base_model=None, tokenizer=None, calibration: Calibration | None = None
@@ -185,4 +207,5 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.opt
 
 
 __all__ = ["BuiltModel", "Calibration", "batch_order", "build", "build_model", "calibration_batches",
-           "calibration_rows", "finalize_adapter_config", "load_base_model", "make_optimizer", "seed_everything"]
+           "calibration_rows", "finalize_adapter_config", "load_base_model", "make_optimizer",
+           "prepare_for_scale", "seed_everything"]

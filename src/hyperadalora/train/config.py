@@ -27,6 +27,7 @@ from ..config import METHODS, AdapterConfig, AllocatorConfig, JsonConfig, check_
 from ..allocation import POLICY_REGISTRY
 from ..methods import METHOD_REGISTRY
 from .overrides import coerce
+from ..quant import PRECISIONS, QUANTIZE_CHOICES
 
 TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
 
@@ -80,6 +81,14 @@ class RunConfig(JsonConfig):
         sandbox_workers: HumanEval: test processes run in parallel.
         threads: torch CPU threads (``null``: torch's default).
         progress: Show a progress bar with loss and ETA on the terminal.
+        precision: ``fp32``, ``bf16`` or ``fp16``: the base model's weights are loaded in this
+            dtype and the forward runs under ``torch.autocast`` of it; adapter factors,
+            hypernetworks and optimizer state stay float32 (master weights). See docs/scale.md.
+        quantize: ``null``, ``4bit`` (NF4 + double quantisation, QLoRA), ``nf4``, ``fp4`` or
+            ``8bit``: load the base through bitsandbytes (``pip install hyperadalora[quant]``).
+        gradient_checkpointing: Recompute the base model's activations in the backward
+            (transformers' non-reentrant activation checkpointing): less memory, more compute.
+        compile: ``torch.compile`` the base model (the adapted layers included) before training.
         adapter: The adapter (:class:`~hyperadalora.AdapterConfig`): ``adapter.method``,
             ``adapter.r``, ``adapter.allocator.*``, ``adapter.hyper.*``, ...
     """
@@ -114,6 +123,10 @@ class RunConfig(JsonConfig):
     sandbox_workers: int = 2
     threads: int | None = None
     progress: bool = True
+    precision: str = "fp32"
+    quantize: str | None = None
+    gradient_checkpointing: bool = False
+    compile: bool = False
     adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
@@ -147,8 +160,12 @@ class RunConfig(JsonConfig):
         check_float(owner, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_float(owner, "max_grad_norm", self.max_grad_norm, 0.0)
         check_float(owner, "sandbox_timeout_s", self.sandbox_timeout_s, 0.0, low_open=True)
-        if not isinstance(self.progress, bool):
-            raise TypeError(f"{owner}.progress must be a bool, got {self.progress!r}")
+        for name in ("progress", "gradient_checkpointing", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
+        check_choice(owner, "precision", self.precision, tuple(PRECISIONS))
+        if self.quantize is not None:
+            check_choice(owner, "quantize", self.quantize, QUANTIZE_CHOICES)
         if self.task == "instruct" and self.data_source is None:
             raise ValueError(f"{owner}: task='instruct' needs data_source=<a .jsonl/.json file or a hub data set id>")
         if self.task != "instruct":

@@ -26,6 +26,7 @@ from .plots import plot_rank_allocation
 from .rundir import (OutputWriteError, RunDirLock, check_writable, info, make_run_dir, save_adapter_dir, write_json,
                      write_jsonl, write_plots, write_run_config)
 from .state import RunState
+from ..quant import autocast
 from .step import StepStats, optimizer_step
 
 
@@ -261,7 +262,8 @@ class Run:
                          for _ in range(config.grad_accum))
         stats = optimizer_step(self.model, self.optimizer, micro_batches, step_index=step,
                                max_grad_norm=config.max_grad_norm, scheduler=self.scheduler,
-                               grad_accum=config.grad_accum, on_update=self._start_update)
+                               grad_accum=config.grad_accum, on_update=self._start_update,
+                               precision=config.precision)
         if not stats.finite:
             self.status, self.stop_message = "stopped: non-finite loss", stats.problem
             return False
@@ -325,7 +327,8 @@ class Run:
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Evaluates on the held-out rows; records and prints the metrics; returns ``{"step", **metrics}``."""
-        metrics, self.state.last_predictions = evaluate_rows(self.task, self.model, self.eval_rows)
+        with autocast(self.config.precision, next(self.model.parameters()).device):
+            metrics, self.state.last_predictions = evaluate_rows(self.task, self.model, self.eval_rows)
         row = {"step": step, **metrics}
         self.state.evals.append(row)
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..quant import autocast
+
 
 @dataclass
 class StepStats:
@@ -59,13 +61,15 @@ def _mean(values: list[float]) -> float:
 
 
 def _accumulate(model: torch.nn.Module, micro_batches: Iterable[Mapping[str, Any]], grad_accum: int,
-                step_index: int) -> tuple[list[float], list, list[float], str | None, float]:
+                step_index: int, precision: str) -> tuple[list[float], list, list[float], str | None, float]:
     """Forward and backward of each micro-batch; stops at the first non-finite loss (no backward)."""
     losses: list[float] = []
     task_losses: list = []
     regs: list[float] = []
+    device = next(model.parameters()).device
     for micro, batch in enumerate(micro_batches):
-        loss = model(**batch).loss
+        with autocast(precision, device):  # only the forward; the backward follows the forward's dtypes
+            loss = model(**batch).loss
         value = float(loss.detach())
         if not math.isfinite(value):
             return (losses, task_losses, regs,
@@ -82,7 +86,7 @@ def _accumulate(model: torch.nn.Module, micro_batches: Iterable[Mapping[str, Any
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: Iterable[Mapping[str, Any]], *, step_index: int, max_grad_norm: float,
                    scheduler: Any = None, grad_accum: int | None = None,
-                   on_update: Callable[[], None] | None = None) -> StepStats:
+                   on_update: Callable[[], None] | None = None, precision: str = "fp32") -> StepStats:
     """Runs one optimizer step over ``micro_batches`` (see the module docstring for the order).
 
     Args:
@@ -99,6 +103,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         grad_accum: How many micro-batches the loss is averaged over (default: ``len(micro_batches)``).
         on_update: Called just before ``optimizer.step()``: from then until the caller has
             recorded the step, the training state is half updated.
+        precision: ``fp32``, or ``bf16`` / ``fp16``: each forward runs under ``torch.autocast``
+            of that dtype (:func:`hyperadalora.quant.autocast`); parameters and optimizer state
+            keep their own dtypes (float32 master weights).
 
     Returns:
         The step's :class:`StepStats`. When ``finite`` is False the optimizer did not step, the
@@ -111,7 +118,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     group = optimizer.param_groups[0]
     factor = group["lr"] / group.get("initial_lr", group["lr"])
     lr = group["lr"]
-    losses, task_losses, regs, problem, loss = _accumulate(model, micro_batches, grad_accum, step_index)
+    losses, task_losses, regs, problem, loss = _accumulate(model, micro_batches, grad_accum, step_index, precision)
     grad_norm = None
     if problem is None:
         if hasattr(model, "backward_hypernetworks"):
