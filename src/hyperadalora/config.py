@@ -21,6 +21,7 @@ from .methods import METHOD_REGISTRY, AdapterMethod
 METHODS = tuple(METHOD_REGISTRY)
 SOURCES = ("direct", "hyper")
 POLICIES = tuple(POLICY_REGISTRY)
+COMPACT_MODES = ("off", "final")
 INITS = tuple(dict.fromkeys(i for m in METHOD_REGISTRY.values() for i in m.inits))
 ORTH_REG_FORMS = ("peft", "paper")
 
@@ -118,6 +119,11 @@ class AllocatorConfig(JsonConfig):
             (P column, lam_i, Q row) triplet; masked values may recover at a later allocation,
             as in peft) or ``sigma-grad`` (HyperAdaLoRA Appendix D: ``|lam * dL/dlam|``;
             a pruned value stays exactly zero for the rest of training).
+        compact: ``off`` (default: pruned components stay masked at full rank, as in peft) or
+            ``final``: once the final budget is fixed (step ``total_step - tfinal``), the
+            factors and their optimizer state are cut to the kept components, so compute and
+            memory shrink with the ranks (needs the direct source; see
+            :meth:`~hyperadalora.AdaptedModel.compact`).
     """
 
     total_step: int | None = None
@@ -128,6 +134,7 @@ class AllocatorConfig(JsonConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     policy: str = "adalora"
+    compact: str = "off"
 
     def __post_init__(self) -> None:
         owner = "AllocatorConfig"
@@ -144,6 +151,7 @@ class AllocatorConfig(JsonConfig):
         check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
         check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
         check_choice(owner, "policy", self.policy, POLICIES)
+        check_choice(owner, "compact", self.compact, COMPACT_MODES)
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(
                 f"{owner}: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be < total_step ({self.total_step}) "
@@ -388,6 +396,10 @@ class AdapterConfig(JsonConfig):
                     f"{owner}: allocator.target_r ({self.allocator.target_r}) must be <= r ({self.r}), "
                     "the initial rank that AdaLoRA prunes down from"
                 )
+            if self.allocator.compact != "off" and self.source != "direct":
+                raise ValueError(
+                    f"{owner}: allocator.compact={self.allocator.compact!r} needs source='direct' (a hypernetwork "
+                    "sees every rank component of a factor as a token; cutting them would change what it generates)")
         elif self.allocator is not None:
             allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
             raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}")

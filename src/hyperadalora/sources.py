@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .allocation.compaction import slice_parameter_
 from .hyper.network import KindHypernetwork
 from .hyper.tokens import TokenLayout, from_rank_width, rank_width_shape, to_rank_width
 
@@ -71,6 +72,11 @@ class FactorSource(Protocol):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed as on disk (live tensors)."""
+
+    def compact(self, keeps: list[torch.Tensor], rank_axes: dict[str, int],
+                optimizer: torch.optim.Optimizer | None) -> None:
+        """Cuts every layer's factors (and their optimizer state) to the components ``keeps[i]``
+        (bool ``(r_i,)``) marks, along each kind's rank axis."""
 
     def after_step(self) -> None:
         """Work after the optimizer step (recurrent state update)."""
@@ -133,6 +139,12 @@ class DirectSource:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{kind}": t for name, layer in zip(self.names, self.layer_list)
                 for kind, t in layer.factors.items()}
+
+    def compact(self, keeps, rank_axes, optimizer) -> None:
+        for layer, keep in zip(self.layer_list, keeps):
+            index = keep.nonzero().flatten()
+            for kind, param in layer.factors.items():
+                slice_parameter_(param, index, rank_axes[kind], optimizer)
 
     def after_step(self) -> None:
         pass
@@ -406,6 +418,11 @@ class HyperSource(nn.Module):
     # -- persistence, optimizer, DDP, summaries ------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"hyper.{key}": t for key, t in self.state_dict().items()}
+
+    def compact(self, keeps, rank_axes, optimizer) -> None:
+        # The hypernetworks read every rank component of a factor at once (attention, convolution,
+        # rank-position embeddings): dropping tokens would change what they generate for the rest.
+        raise NotImplementedError("compaction needs source='direct'")
 
     def hypernetwork_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
