@@ -122,7 +122,7 @@ class AllocatorConfig(JsonConfig):
         compact: ``off`` (default: pruned components stay masked at full rank, as in peft) or
             ``final``: once the final budget is fixed (step ``total_step - tfinal``), the
             factors and their optimizer state are cut to the kept components, so compute and
-            memory shrink with the ranks (needs the direct source; see
+            memory shrink with the ranks (a hypernetwork source needs per-token generation; see
             :meth:`~hyperadalora.AdaptedModel.compact`).
     """
 
@@ -396,10 +396,14 @@ class AdapterConfig(JsonConfig):
                     f"{owner}: allocator.target_r ({self.allocator.target_r}) must be <= r ({self.r}), "
                     "the initial rank that AdaLoRA prunes down from"
                 )
-            if self.allocator.compact != "off" and self.source != "direct":
+            h = self.hyper
+            if self.allocator.compact != "off" and self.source == "hyper" and (
+                    h.tokens != "rank" or h.arch != "mlp" or h.context or h.rank_span not in (None, 1)):
                 raise ValueError(
-                    f"{owner}: allocator.compact={self.allocator.compact!r} needs source='direct' (a hypernetwork "
-                    "sees every rank component of a factor as a token; cutting them would change what it generates)")
+                    f"{owner}: allocator.compact={self.allocator.compact!r} with source='hyper' needs hyper.tokens='rank', "
+                    "hyper.arch='mlp' and hyper.context=False: attention and convolution bodies and rank-position "
+                    "embeddings read every rank component of a factor together, so cutting the pruned ones away would "
+                    "change what the kept ones are generated as")
         elif self.allocator is not None:
             allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
             raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}")

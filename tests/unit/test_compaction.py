@@ -22,11 +22,15 @@ TOTAL, TFINAL = 10, 4
 FINAL = TOTAL - TFINAL  # the step at which the final budget is fixed (and compaction happens)
 
 
-def make(compact: str, policy: str = "adalora", gamma: float = 0.0, base=None):
+# Generation per token (no attention across rank components, no rank-position embeddings).
+PER_TOKEN = ha.HyperConfig(arch="mlp", context=False, hidden=16, layers=1, mode="anchored")
+
+
+def make(compact: str, policy: str = "adalora", gamma: float = 0.0, base=None, source: str = "direct"):
     alloc = ha.AllocatorConfig(total_step=TOTAL, target_r=2, tinit=1, tfinal=TFINAL, deltaT=1, policy=policy,
                                compact=compact)
     config = ha.AdapterConfig(method="adalora", r=6, lora_alpha=8, seed=3, gamma=gamma, target_modules=BERT_TARGETS,
-                              modules_to_save=("classifier",), allocator=alloc)
+                              modules_to_save=("classifier",), allocator=alloc, source=source, hyper=PER_TOKEN)
     return ha.wrap(copy.deepcopy(base if base is not None else tiny_bert()), config)
 
 
@@ -44,10 +48,10 @@ def step(model, opt, i):
     return loss.detach(), compacted
 
 
-def run_pair(policy, gamma=0.0, steps=FINAL + 1):
+def run_pair(policy, gamma=0.0, steps=FINAL + 1, source="direct"):
     """A compacting model and its uncompacted twin after ``steps`` identical steps."""
     base = tiny_bert()
-    ours, ref = make("final", policy, gamma, base), make("off", policy, gamma, base)
+    ours, ref = make("final", policy, gamma, base, source), make("off", policy, gamma, base, source)
     opt_ours, opt_ref = optimizer(ours), optimizer(ref)
     ours.train(), ref.train()
     for i in range(steps):
@@ -93,6 +97,34 @@ def test_loss_and_next_steps_identical_after_compaction(policy):
         torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=0, atol=1e-6)
 
 
+def test_hyper_source_compaction_keeps_loss_next_steps_and_hypernetworks():
+    ours, ref, opt_ours, opt_ref = run_pair("sigma-grad", gamma=0.0, source="hyper")
+    assert sum(layer.r for layer in ours.layer_list) == ours.budget < 6 * len(ours.layer_list)
+    for name, layer in ours.adapted_layers.items():  # the cut states are the twin's kept rows / columns
+        idx = kept_index(ref, name)
+        with torch.no_grad():
+            mine, theirs = layer.get_factors(), ref.adapted_layers[name].get_factors()
+        for kind, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+            torch.testing.assert_close(mine[kind], theirs[kind].index_select(dim, idx), rtol=0, atol=1e-6)
+    for i in range(FINAL + 1, TOTAL):
+        a, _ = step(ours, opt_ours, i)
+        b, _ = step(ref, opt_ref, i)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for (name, p), q in zip(ours.source.named_parameters(), ref.source.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(opt_ours.state[p]["exp_avg_sq"], opt_ref.state[q]["exp_avg_sq"], rtol=0, atol=1e-9)
+
+
+def test_hyper_compacted_adapter_round_trips(tmp_path):
+    ours, _, _, _ = run_pair("sigma-grad", source="hyper")
+    ours.save_adapter(str(tmp_path / "h"))
+    loaded = ha.load_adapter(tiny_bert(), str(tmp_path / "h"))
+    assert loaded.ranks == ours.ranks
+    ours.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**bert_batch(4)).logits, ours(**bert_batch(4)).logits, rtol=0, atol=0)
+
+
 def test_task_loss_identical_and_regularizer_covers_kept_components():
     ours, ref, _, _ = run_pair("adalora", gamma=0.5)
     ours.train(), ref.train()
@@ -120,13 +152,15 @@ def test_optimizer_state_shrinks_by_the_pruned_fraction():
     assert kept / full == pytest.approx(2 / 6, abs=0.15)  # target_r / r of the state, up to module widths
 
 
-def test_rank_zero_module_runs_its_base_layer_and_trains():
-    model = make("final")
+@pytest.mark.parametrize("source", ["direct", "hyper"])
+def test_rank_zero_module_runs_its_base_layer_and_trains(source):
+    model = make("final", "sigma-grad", gamma=0.5, source=source)
     name, layer = next(iter(model.adapted_layers.items()))
     keeps = [torch.zeros(6, dtype=torch.bool) if n == name else torch.arange(6) < 3 for n in model.adapted_layers]
     opt = optimizer(model)
     model.compact_to(keeps, opt)
-    assert layer.r == 0 and layer.factors["P"].shape == (layer.out_features, 0)
+    with torch.no_grad():
+        assert layer.r == 0 and layer.get_factors()["P"].shape == (layer.out_features, 0)
     x = torch.randn(2, 5, layer.in_features)
     torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
     model.train()
@@ -180,7 +214,7 @@ def test_config_default_off_and_hyper_refused():
     assert ha.AllocatorConfig(total_step=10).compact == "off"
     with pytest.raises(ValueError, match="compact"):
         ha.AllocatorConfig(total_step=10, compact="always")
-    with pytest.raises(ValueError, match="source='direct'"):
+    with pytest.raises(ValueError, match="arch='mlp'"):  # attention across rank components: not per token
         ha.AdapterConfig(method="adalora", source="hyper", allocator=ha.AllocatorConfig(total_step=10, compact="final"))
     model = make("off")
     assert model.compact() is False
