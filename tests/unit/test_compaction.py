@@ -8,6 +8,7 @@ optimizer state on the kept components must agree to 1e-6.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -220,3 +221,25 @@ def test_config_default_off_and_hyper_refused():
     assert model.compact() is False
     with pytest.raises(ValueError, match="compact='final'"):
         model.compact_to([torch.ones(6, dtype=torch.bool)] * len(model.layer_list))
+
+
+def test_training_run_compacts_and_a_crashed_run_resumes_identically(tmp_path_factory, tmp_path):
+    from test_resume import assert_same_run, crash_run
+    from test_train_loop import rte_config, tiny_bert_dir, write_rte
+
+    from hyperadalora.train import load_run, train
+
+    root = tmp_path_factory.mktemp("compact-run")
+    shared = {"bert": tiny_bert_dir(root), "data": write_rte(root / "data")}
+    # The final budget is fixed at step index 3; the checkpoint after 4 steps holds a compacted model.
+    overrides = ["steps=7", "eval_every=3", "save_every=2", "adapter.lora_dropout=0.1", "adapter.allocator.compact=final",
+                 "adapter.allocator.total_step=7", "adapter.allocator.tinit=0", "adapter.allocator.tfinal=4"]
+    ref = train(rte_config(shared, tmp_path, "run_name=ref", *overrides))
+    assert ref.status == "completed"
+    saved_modules = json.loads((ref.run_dir / "adapter" / "adapter_config.json").read_text())["modules"]
+    assert 0 < sum(m["r"] for m in saved_modules.values()) < 12 * len(saved_modules)  # really compacted
+    cfg = rte_config(shared, tmp_path, "run_name=run", *overrides)
+    run = crash_run(shared, cfg, crash_step=6)
+    result = train(load_run(run), resume=run)
+    assert result.resumed_from_step == 4 and result.status == "completed"
+    assert_same_run(run, ref.run_dir)
