@@ -178,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    models = [measure_model(m, args) for m in args.model_list]
-    result = {"machine": machine(), "versions": versions(), "models": models,
+    result = {"machine": machine(), "versions": versions(), "models": [],
               "config": {"steps": args.steps, "warmup": args.warmup, "final": args.final, "threads": args.threads,
                          "init_r": 12, "target_r": 8, "gamma": 0.5, "optimizer": "AdamW lr 1e-4",
                          "load": round(load, 2), "timing": "median of round-robin interleaved steps, one process"}}
-    lines = render(result)
-    print(write_results(args.name, result, lines))
+    for m in args.model_list:  # written after each model, so a long run that is stopped keeps what it measured
+        result["models"].append(measure_model(m, args))
+        lines = render(result)
+        print(write_results(args.name, result, lines))
     print("\n".join(lines))
     return 0
