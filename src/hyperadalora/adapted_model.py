@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapter_io import load_adapter_weights, save_adapter
-from .allocation import RankPolicy, build_allocator
+from .allocation import RankPolicy, build_allocator, policy_decides_before_wrap, prepare_adapter_config
 from .config import AdapterConfig
 from .inject import inject_adapters, remove_adapters
 from .layers import AdaptedLinear
 from .methods import AdapterMethod, build_method
 from .sources import FactorSource, HyperSource, build_source
+
+
+def _step_index(global_step: Any) -> int:
+    """``global_step`` as an ``int``: Python / NumPy integers and 0-d integer tensors (not bools, not floats)."""
+    refused = isinstance(global_step, bool) or type(global_step).__name__ == "bool_" or (
+        isinstance(global_step, torch.Tensor) and (global_step.dtype == torch.bool or global_step.dim() != 0))
+    try:
+        step = None if refused else operator.index(global_step)
+    except TypeError:
+        step = None
+    if step is None or step < 0:
+        raise ValueError(f"after_step(global_step) needs a non-negative int, got {global_step!r}")
+    return step
 
 
 class AdaptedModel(nn.Module):
@@ -43,6 +57,10 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+        if policy_decides_before_wrap(config):
+            raise ValueError(f"allocator.policy={config.allocator.policy!r} decides the ranks before the adapters are "
+                             "created: wrap with calibration batches (wrap(model, config, calibration=batches)) or set "
+                             "AdapterConfig.rank_pattern")
         self.model = model
         self.adapter_config = config
         self.method: AdapterMethod = build_method(config)
@@ -167,9 +185,14 @@ class AdaptedModel(nn.Module):
         Args:
             global_step: The step counter the budget schedule is evaluated at, counted as
                 ``AllocatorConfig.total_step`` counts (peft's examples pass the 0-based loop index).
+                A Python or NumPy integer or a 0-d integer tensor; each call's step must be larger
+                than the previous call's (a resumed or loaded model continues after its last step).
+
+        Raises:
+            ValueError: ``global_step`` is not a non-negative integer, or not larger than the last one.
         """
-        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
-            raise ValueError(f"after_step(global_step) needs a non-negative int, got {global_step!r}")
+        global_step = _step_index(global_step)
+        self.allocator.check_step_order(global_step)
         self._steps_taken += 1
         self.allocator.update_and_allocate(global_step)
         self.source.after_step()  # recurrent state update (with the masks just decided)
@@ -314,17 +337,36 @@ class AdaptedModel(nn.Module):
             )
 
 
-def wrap(model: nn.Module, config: AdapterConfig) -> AdaptedModel:
+def _refuse_wrapped(model: nn.Module) -> None:
+    if isinstance(model, AdaptedModel):
+        raise ValueError("wrap() got an AdaptedModel: it is already wrapped; use it as is, or wrap "
+                         "model.unwrap() (or a fresh base model) to change the adapter")
+    inside = next((name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)), None)
+    if inside is not None:
+        raise ValueError(f"wrap() got a model that already holds adapter layers ({inside!r} is an AdaptedLinear): "
+                         "wrap the original base model, or call unwrap() on its AdaptedModel first")
+
+
+def wrap(model: nn.Module, config: AdapterConfig, calibration: Any = None) -> AdaptedModel:
     """Injects adapters into a Hugging Face (or any torch) model.
 
     The base model is frozen; target modules (``config.target_modules``) are replaced by
-    adapter layers; ``config.modules_to_save`` stay trainable.
+    adapter layers; ``config.modules_to_save`` stay trainable. A policy that decides ranks
+    before the adapters exist (``allocator.policy="sensitivity"``) runs first on the base model
+    with the ``calibration`` batches, and the adapters are created at the ranks it chose
+    (``model.adapter_config.rank_pattern``).
 
     Args:
         model: The model to adapt (modified in place).
         config: What to adapt and how.
+        calibration: Model inputs (an iterable of batch dicts) for such a policy; unused otherwise.
 
     Returns:
         The :class:`AdaptedModel` wrapping ``model``.
+
+    Raises:
+        ValueError: ``model`` is already wrapped (an :class:`AdaptedModel`, or holds adapter layers).
     """
+    _refuse_wrapped(model)
+    config, _ = prepare_adapter_config(model, config, calibration)
     return AdaptedModel(model, config)

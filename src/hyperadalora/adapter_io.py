@@ -58,11 +58,17 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 def save_adapter(model, directory: str | os.PathLike) -> Path:
     """Writes ``model``'s adapter to ``directory`` (created if needed).
 
+    Files of an earlier save into the same folder that this save does not write (an AdaLoRA
+    save's ``allocator_state.*`` under a LoRA save) are removed, so the folder holds one adapter.
+
     Raises:
         RuntimeError: If an AdaLoRA model was trained without ``after_step`` ever running.
+        NotADirectoryError: ``directory`` is an existing file.
     """
     model.check_allocation_ran()
     path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot save the adapter into {directory}: it is a file, not a folder")
     path.mkdir(parents=True, exist_ok=True)
     modules = {name: {"in_features": layer.in_features, "out_features": layer.out_features, "r": layer.r}
                for name, layer in model.adapted_layers.items()}
@@ -70,6 +76,9 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     if model.allocator.adaptive:
         write_tensors(path / ALLOC_TENSORS_NAME, model.allocator.state_dict())
         write_json(path / ALLOC_META_NAME, model.allocator.meta_dict())
+    else:
+        for stale in (ALLOC_TENSORS_NAME, ALLOC_META_NAME):  # of an earlier save; would mislead a reader
+            (path / stale).unlink(missing_ok=True)
     # The config goes last: a directory with a config is a complete adapter.
     write_json(path / CONFIG_NAME, {
         "format_version": FORMAT_VERSION,

@@ -40,11 +40,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> AdaptedModel
 
     Raises:
         ValueError: If the adapter's module shapes differ from the model's (the message names the
-            first mismatching module).
+            first mismatching module). The model is then left as it was (no adapter layers, the
+            same parameters trainable).
     """
     config, _ = read_adapter_config(directory)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     wrapped = wrap(model, config)
-    load_adapter_weights(wrapped, directory)
+    try:
+        load_adapter_weights(wrapped, directory)
+    except BaseException:
+        # leave the user's model as it was: original layers back, the same parameters trainable
+        wrapped.unwrap(merge=False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
+        raise
     return wrapped
 
 

@@ -14,7 +14,8 @@ Examples::
 A config is a preset name (``configs/<name>.yaml``), a YAML file, or nothing (defaults);
 ``key=value`` items override it (dotted for the adapter: ``adapter.r=16``,
 ``adapter.allocator.target_r=4``, ``adapter.hyper.arch=mlp``). ``hyperadalora train --help``
-lists every field. Exit status: 0 on success, 2 for a bad config / model / data, 1 when the
+lists every field. Exit status: 0 on success, 2 for a bad config / model / data (or an output
+directory that cannot be written, or a run directory in use by another process), 1 when the
 loss became NaN or infinite (the run directory keeps the last good adapter), 130 on Ctrl-C
 (the run directory keeps the log, plots and the adapter of the last completed step).
 """
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(PeftModel.from_pretrained(base, OUT) loads it).")
     p.add_argument("items", nargs="*", metavar="RUN_DIR [key=value ...]", help="run directory, then overrides")
     p.add_argument("--adapter", help="adapter directory (default: RUN_DIR/adapter)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/peft_lora)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/peft_lora); must not lie inside the run's "
+                   "adapter/ or checkpoints/, and must be empty unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing its files)")
 
     sub.add_parser("presets", help="list the shipped presets")
 
@@ -161,6 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target, overrides = _split_items(args.items, "eval")
     overrides = _with_flags(overrides, args)
+    if target is not None and Path(target).is_dir() and not _is_run_dir(target):
+        raise FileNotFoundError(f"eval: {target} is a folder but not a run directory (it has no config.yaml, as "
+                                "`hyperadalora train` writes); give a run directory, a preset or a YAML file")
     if _is_run_dir(target):
         config = load_run(target, overrides)
         adapter = args.adapter or str(Path(target) / "adapter")
@@ -174,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_peft_lora
+    from .export import check_export_dir, export_peft_lora
     from .train import load_run, load_trained
 
     target, overrides = _split_items(args.items, "export")
@@ -182,8 +188,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"export: {target!r} is not a run directory (a folder with config.yaml, as "
                                 "`hyperadalora train` writes)")
     config = load_run(target, overrides)
-    model, _ = load_trained(config, args.adapter or Path(target) / "adapter")
+    adapter = Path(args.adapter or Path(target) / "adapter")
     out = Path(args.out or Path(target) / "peft_lora")
+    check_export_dir(out, protected=[adapter, Path(target) / "adapter", Path(target) / "checkpoints"],
+                     force=args.force)  # before the model loads
+    model, _ = load_trained(config, adapter)
     from .models import resolve_model_path
 
     export_peft_lora(model, out, base_model_name_or_path=str(resolve_model_path(config.model)))
@@ -214,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             print(name)
         return 0
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}[args.command]
+    from .train.rundir import OutputWriteError, RunDirBusyError
+
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+            OutputWriteError, RunDirBusyError) as exc:
         print(f"hyperadalora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .allocation import POLICY_REGISTRY
+from .allocation.sensitivity_math import DIAGONAL_FORMS
 from .methods import METHOD_REGISTRY, AdapterMethod
 
 METHODS = tuple(METHOD_REGISTRY)
@@ -104,11 +105,18 @@ class JsonConfig:
 
 @dataclass(frozen=True)
 class AllocatorConfig(JsonConfig):
-    """AdaLoRA rank allocation schedule and scoring.
+    """Rank allocation: AdaLoRA's schedule and scoring, or Sensitivity-LoRA's one-shot ranks.
+
+    ``policy="sensitivity"`` (any method) decides every module's rank once, before the adapters
+    are created, from a calibration pass on the base model (:mod:`hyperadalora.allocation.sensitivity`);
+    the adapters are then built at those ranks (``AdapterConfig.rank_pattern``). With AdaLoRA,
+    ``then`` says whether an in-training policy keeps pruning from those initial ranks
+    (``then="adalora"`` / ``"sigma-grad"``, with the schedule fields below) or the ranks stay as
+    decided (``then="none"``, the paper's method; the schedule fields are then unused).
 
     Attributes:
-        total_step: Total number of optimizer steps of the run (required: the budget schedule
-            is defined relative to it).
+        total_step: Total number of optimizer steps of the run (required when ranks change in
+            training: the budget schedule is defined relative to it).
         target_r: Average rank per adapted module at the end of the budget phase.
         tinit: Steps of initial warm-up before any pruning.
         tfinal: Steps at the end with the final budget fixed.
@@ -118,13 +126,37 @@ class AllocatorConfig(JsonConfig):
         policy: ``adalora`` (peft / AdaLoRA's smoothed sensitivity x uncertainty of each
             (P column, lam_i, Q row) triplet; masked values may recover at a later allocation,
             as in peft) or ``sigma-grad`` (HyperAdaLoRA Appendix D: ``|lam * dL/dlam|``;
-            a pruned value stays exactly zero for the rest of training).
+            a pruned value stays exactly zero for the rest of training), or ``sensitivity``
+            (Sensitivity-LoRA: ranks from the base model's Hessian diagonals, decided before the wrap).
+        then: ``sensitivity`` only: the in-training policy after the one-shot allocation,
+            ``none`` (ranks fixed) or an adaptive policy name (AdaLoRA only; needs equal ranks
+            until the masked allocators support mixed ones).
+        calibration: ``sensitivity``: where the calibration rows come from: ``train`` (the
+            run's training rows) or a data directory in ``data_dir``'s layout (a ``.jsonl`` /
+            ``.json`` file for ``task=instruct``), whose training rows are used.
+        calibration_rows: ``sensitivity``: number of calibration rows (a seeded sample; the
+            paper found 10% of its set as good as all of it, Kendall tau 0.986).
+        calibration_max_length: ``sensitivity``: tokens per calibration row (``None``: the run's
+            ``max_length``).
+        calibration_batch_size: ``sensitivity``: rows per calibration forward pass.
+        avg_rank: ``sensitivity``: average rank (total = ``avg_rank`` x number of matrices;
+            ``None``: ``AdapterConfig.r``, so the budget equals a uniform adapter's).
+        min_rank: ``sensitivity``: smallest rank; 0 lets a module drop out (left unadapted).
+        max_rank: ``sensitivity``: largest rank (``None``: ``min(d_in, d_out)`` of each matrix,
+            which always caps).
+        topk_fraction: ``sensitivity``: fraction of the Hessian diagonal averaged by ``S_T``.
+        alpha: ``sensitivity``: energy fraction defining the effective rank ``S_E``.
+        diagonal: ``sensitivity``: ``channel`` (the ``d_in`` input-channel values) or ``weight``
+            (each value repeated ``d_out`` times, as the per-weight Hessian diagonal is; differs
+            for mixed shapes such as LLaMA's MLP and GQA's k / v).
         compact: ``off`` (default: pruned components stay masked at full rank, as in peft) or
             ``final``: once the final budget is fixed (step ``total_step - tfinal``), the
             factors and their optimizer state are cut to the kept components, so compute and
             memory shrink with the ranks (a hypernetwork source needs per-token generation; see
             :meth:`~hyperadalora.AdaptedModel.compact`).
     """
+
+    THEN_NONE: ClassVar[str] = "none"
 
     total_step: int | None = None
     target_r: int = 8
@@ -134,10 +166,26 @@ class AllocatorConfig(JsonConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     policy: str = "adalora"
+    then: str = "none"
+    calibration: str = "train"
+    calibration_rows: int = 256
+    calibration_max_length: int | None = None
+    calibration_batch_size: int = 16
+    avg_rank: int | None = None
+    min_rank: int = 1
+    max_rank: int | None = None
+    topk_fraction: float = 0.5
+    alpha: float = 0.85
+    diagonal: str = "channel"
     compact: str = "off"
 
     def __post_init__(self) -> None:
         owner = "AllocatorConfig"
+        check_choice(owner, "policy", self.policy, POLICIES)
+        check_choice(owner, "compact", self.compact, COMPACT_MODES)
+        self._check_sensitivity(owner)
+        if not self.ranks_change:
+            return  # a one-shot allocation has no budget schedule
         if self.total_step is None:
             raise ValueError(
                 f"{owner}.total_step is required for AdaLoRA: set it to the number of optimizer steps of the run "
@@ -150,13 +198,43 @@ class AllocatorConfig(JsonConfig):
         check_int(owner, "deltaT", self.deltaT, 1)
         check_float(owner, "beta1", self.beta1, 0.0, 1.0, low_open=True, high_open=True)
         check_float(owner, "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
-        check_choice(owner, "policy", self.policy, POLICIES)
-        check_choice(owner, "compact", self.compact, COMPACT_MODES)
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(
                 f"{owner}: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be < total_step ({self.total_step}) "
                 "so that a budget phase exists; decrease tinit/tfinal or increase total_step"
             )
+
+    def _check_sensitivity(self, owner: str) -> None:
+        policy = POLICY_REGISTRY[self.policy]
+        adaptive = tuple(n for n, p in POLICY_REGISTRY.items() if p.adaptive)
+        if policy.decides_before_wrap:
+            check_choice(owner, "then", self.then, (self.THEN_NONE, *adaptive))
+        elif self.then != self.THEN_NONE:
+            before = ", ".join(n for n, p in POLICY_REGISTRY.items() if p.decides_before_wrap)
+            raise ValueError(f"{owner}.then={self.then!r} is only used with policy={before}, not {self.policy!r}")
+        if not isinstance(self.calibration, str) or not self.calibration:
+            raise ValueError(f"{owner}.calibration must be 'train' or a data path, got {self.calibration!r}")
+        for name in ("calibration_rows", "calibration_batch_size"):
+            check_int(owner, name, getattr(self, name), 1)
+        for name in ("calibration_max_length", "avg_rank", "max_rank"):
+            if getattr(self, name) is not None:
+                check_int(owner, name, getattr(self, name), 1)
+        check_int(owner, "min_rank", self.min_rank, 0)
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise ValueError(f"{owner}: max_rank ({self.max_rank}) must be >= min_rank ({self.min_rank})")
+        check_float(owner, "topk_fraction", self.topk_fraction, 0.0, 1.0, low_open=True)
+        check_float(owner, "alpha", self.alpha, 0.0, 1.0, low_open=True)
+        check_choice(owner, "diagonal", self.diagonal, DIAGONAL_FORMS)
+
+    @property
+    def decides_before_wrap(self) -> bool:
+        """Whether the policy decides per-module ranks on the base model before the wrap."""
+        return POLICY_REGISTRY[self.policy].decides_before_wrap
+
+    @property
+    def ranks_change(self) -> bool:
+        """Whether ranks change during training (an adaptive policy runs; the schedule is used)."""
+        return POLICY_REGISTRY[self.policy].training_policy(self).adaptive
 
 
 @dataclass(frozen=True)
@@ -316,6 +394,11 @@ class AdapterConfig(JsonConfig):
             (LoRA and DoRA: factors from the top-r singular vectors of ``W0`` and the base replaced
             by the residual, as peft's ``init_lora_weights="pissa"``; see
             :mod:`hyperadalora.methods.lora` for merge, save and export).
+        rank_pattern: Per-module ranks overriding ``r`` (peft's name): ``{module: rank}``, a
+            module matching a key when its name equals it or ends with ``"." + key`` (an exact
+            name wins). Rank 0 leaves the module unadapted. Set by ``allocator.policy="sensitivity"``
+            before the wrap, and saved with the adapter so that loading and export rebuild the
+            same shapes. ``None``: every module has rank ``r``.
     """
 
     _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}
@@ -333,9 +416,11 @@ class AdapterConfig(JsonConfig):
     hyper: HyperConfig = field(default_factory=HyperConfig)
     seed: int | None = None
     init: str = "default"
+    rank_pattern: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
+        self._check_rank_pattern(owner)
         check_choice(owner, "method", self.method, METHODS)
         check_choice(owner, "init", self.init, INITS)
         if self.init not in self.method_class.inits:
@@ -384,17 +469,37 @@ class AdapterConfig(JsonConfig):
                             f"got {type(self.hyper).__name__} ({self.hyper!r})")
         self._check_allocator(owner)
 
+    def _check_rank_pattern(self, owner: str) -> None:
+        if self.rank_pattern is None:
+            return
+        if not isinstance(self.rank_pattern, dict) or not self.rank_pattern:
+            raise TypeError(f"{owner}.rank_pattern must be a non-empty mapping of module name -> rank, "
+                            f"got {self.rank_pattern!r}")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"{owner}.rank_pattern keys must be module names, got {key!r}")
+            check_int(owner, f"rank_pattern[{key!r}]", rank, 0)
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))  # a copy: the config owns it
+
+    def rank_for(self, module: str) -> int:
+        """The rank of ``module``: its ``rank_pattern`` entry (exact name first, then suffix), else ``r``."""
+        pattern = self.rank_pattern or {}
+        if module in pattern:
+            return pattern[module]
+        return next((rank for key, rank in pattern.items() if module.endswith("." + key)), self.r)
+
     def _check_allocator(self, owner: str) -> None:
+        alloc = self.allocator
         if self.method_class.uses_allocator:
-            if self.allocator is None:
+            if alloc is None:
                 raise ValueError(
                     f"{owner}: method={self.method!r} needs allocator=AllocatorConfig(total_step=..., target_r=...) "
                     "(AdaLoRA's budget schedule needs the run's total number of optimizer steps)"
                 )
-            if self.allocator.target_r > self.r:
+            if alloc.ranks_change and alloc.target_r > (alloc.avg_rank or self.r):
                 raise ValueError(
-                    f"{owner}: allocator.target_r ({self.allocator.target_r}) must be <= r ({self.r}), "
-                    "the initial rank that AdaLoRA prunes down from"
+                    f"{owner}: allocator.target_r ({alloc.target_r}) must be <= r ({alloc.avg_rank or self.r}), "
+                    "the initial (average) rank that AdaLoRA prunes down from"
                 )
             h = self.hyper
             if self.allocator.compact != "off" and self.source == "hyper" and (
@@ -404,9 +509,11 @@ class AdapterConfig(JsonConfig):
                     "hyper.arch='mlp' and hyper.context=False: attention and convolution bodies and rank-position "
                     "embeddings read every rank component of a factor together, so cutting the pruned ones away would "
                     "change what the kept ones are generated as")
-        elif self.allocator is not None:
+        elif alloc is not None and (alloc.ranks_change or not alloc.decides_before_wrap):
             allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
-            raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}")
+            before = ", ".join(repr(n) for n, p in POLICY_REGISTRY.items() if p.decides_before_wrap)
+            raise ValueError(f"{owner}: allocator is only used with method={allocating}, not {self.method!r}, "
+                             f"except allocator.policy={before} with then='none' (ranks decided before training)")
 
     @property
     def method_class(self) -> type[AdapterMethod]:

@@ -222,6 +222,29 @@ def _peft_config(model: AdaptedModel, lora: dict[str, LoraExport], exported: lis
     }
 
 
+def check_export_dir(directory: str | os.PathLike, *, protected: list[str | os.PathLike] = (),
+                     force: bool = False) -> None:
+    """Refuses an export target that is a file, lies inside a ``protected`` folder (a run's own
+    ``adapter/`` or ``checkpoints/``: the export would overwrite what it was made from), or is a
+    non-empty folder (unless ``force``).
+
+    Raises:
+        NotADirectoryError: ``directory`` is an existing file.
+        FileExistsError: Inside a protected folder, or non-empty without ``force``.
+    """
+    path = Path(directory).expanduser().absolute().resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"export target {directory} is a file, not a folder: give a folder path")
+    for guarded in protected:
+        guarded = Path(guarded).expanduser().absolute().resolve()
+        if path == guarded or guarded in path.parents:
+            raise FileExistsError(f"export target {directory} lies inside {guarded}, which the run (or the export "
+                                  "itself) reads from: choose another --out")
+    if not force and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(f"export target {directory} is not empty: choose an empty or new folder, or pass "
+                              "--force to replace its files")
+
+
 def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Writes ``model``'s adapter as a standard peft LoRA adapter to ``directory``.
 
@@ -253,6 +276,7 @@ def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_
     tensors = {**_peft_tensors(lora, exported), **mts_tensors}
     config = _peft_config(model, lora, exported, saved, base_model_name_or_path)
     path = Path(directory)
+    check_export_dir(path, force=True)
     path.mkdir(parents=True, exist_ok=True)
     write_tensors(path / WEIGHTS_NAME, tensors)
     write_json(path / CONFIG_NAME, config)  # last: a directory with a config is a complete adapter

@@ -86,8 +86,27 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def module_ranks(names: list[str], config: AdapterConfig) -> dict[str, int]:
+    """The rank of every target module (``config.rank_pattern`` or ``r``); 0 means left unadapted.
+
+    Raises:
+        ValueError: If a ``rank_pattern`` key matches no target module (a typo would silently
+            leave the default rank), or every module has rank 0.
+    """
+    ranks = {name: config.rank_for(name) for name in names}
+    unmatched = [k for k in (config.rank_pattern or {}) if not any(n == k or n.endswith("." + k) for n in names)]
+    if unmatched:
+        raise ValueError(f"AdapterConfig.rank_pattern key {unmatched[0]!r} matches none of the {len(names)} target "
+                         f"modules (e.g. {names[0]!r}); use their names as find_target_modules gives them")
+    if not any(ranks.values()):
+        raise ValueError("AdapterConfig.rank_pattern gives every target module rank 0: nothing would be adapted")
+    return ranks
+
+
 def inject_adapters(model: nn.Module, config: AdapterConfig, method: AdapterMethod) -> dict[str, AdaptedLinear]:
     """Freezes ``model`` and replaces each target module with an :class:`AdaptedLinear`.
+
+    Each module gets its own rank (:func:`module_ranks`); a module of rank 0 is left as it is.
 
     Args:
         model: The model to adapt (modified in place).
@@ -97,7 +116,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, method: AdapterMeth
     Returns:
         The adapted layers by module name, in model order.
     """
-    names = find_target_modules(model, config)
+    ranks = module_ranks(find_target_modules(model, config), config)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = None
@@ -105,9 +124,11 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, method: AdapterMeth
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(config.seed)
     layers: dict[str, AdaptedLinear] = {}
-    for name in names:
+    for name, rank in ranks.items():
+        if rank == 0:
+            continue  # dropped out by the rank allocation: the frozen layer stays as it is
         base = model.get_submodule(name)
-        layer = AdaptedLinear(base, method, config.r, config.lora_alpha, config.lora_dropout, generator)
+        layer = AdaptedLinear(base, method, rank, config.lora_alpha, config.lora_dropout, generator)
         _set_submodule(model, name, layer)
         layers[name] = layer
     for name in config.modules_to_save:

@@ -61,7 +61,7 @@ def test_negative_gamma():
 def test_unknown_method_policy_source_and_hyper_settings():
     with pytest.raises(ValueError, match="method='lokr' is not supported; allowed values: lora, adalora, dora, dylora"):
         ha.AdapterConfig(method="lokr")
-    with pytest.raises(ValueError, match="policy='greedy' is not supported; allowed values: adalora, sigma-grad"):
+    with pytest.raises(ValueError, match="policy='greedy' is not supported; allowed values: adalora, sensitivity, sigma-grad"):
         ha.AllocatorConfig(total_step=10, policy="greedy")
     with pytest.raises(ValueError, match="source='learned' is not supported; allowed values: direct, hyper"):
         ha.AdapterConfig(source="learned")

@@ -24,8 +24,11 @@ COMMITTED = sorted(p.stem for p in RESULTS.glob("*.json"))
 
 
 def test_every_committed_result_has_exactly_one_registered_command_that_names_it():
-    written = [c.result for _, c in registry.commands()]
+    written = [c.result for _, c in registry.commands() if c.group != "pending"]
     assert sorted(written) == COMMITTED  # no result without a command, no command without a result, no twice
+    pending = [c.result for _, c in registry.commands("pending")]
+    # A pending command's result is not committed yet (once it is, the command moves to "full"); none twice.
+    assert pending and not set(pending) & set(COMMITTED) and len(set(pending)) == len(pending)
     for exp, cmd in registry.commands():
         # The experiment's own option parsing gives the result name the command is registered under.
         assert exp.parse_args(registry.argv_of(exp, cmd, "../shared/data")).name == cmd.result, cmd
@@ -77,7 +80,19 @@ def test_bench_all_dry_run_prints_the_registered_commands_in_order(capsys):
                                                     "hyperadalora bench cost_per_step --quick"]
     assert registry.bench_main(["commands"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == len(COMMITTED) and printed[0].startswith("hyperadalora bench convergence --lrs")
+    assert len(printed) == len(COMMITTED) + len(registry.commands("pending"))
+    assert printed[0].startswith("hyperadalora bench convergence --lrs")
+    assert registry.bench_main(["all", "--group", "pending", "--dry-run"]) == 0
+    assert capsys.readouterr().err.splitlines() == registry.commands_text("pending").splitlines()
+
+
+def test_the_pending_lr_grid_extends_the_committed_grid_above_adaloras_best():
+    committed = json.loads((RESULTS / "convergence.json").read_text())
+    best = {s["lr"] for s in committed["sweep"] if s["best"] and s["method"] == "adalora" and s["model"] == "minilm"}
+    assert best == {max(committed["config"]["lrs"])}  # AdaLoRA's best is the top of the committed grid
+    exp, cmd = registry.command_for("convergence_lr_grid")
+    lrs = [float(x) for x in exp.parse_args(list(cmd.args)).lrs.split(",")]
+    assert set(committed["config"]["lrs"]) < set(lrs) and max(lrs) == 3e-2
 
 
 def test_step_cost_goal_commands_name_the_312_wide_default_as_the_committed_rows_do():
@@ -155,3 +170,23 @@ def test_hyper_base_sets_every_hyper_variant_under_its_own_overrides(tiny_base):
     assert count("hyper_adalora+hidden=16", {"hidden": 24}) == count("hyper_adalora+hidden=16")
     assert count("adalora", {"hidden": 24}) == count("adalora")
     assert count("hyper_adalora", {"hidden": 24}) > count("hyper_adalora", {"hidden": 16}) > count("adalora")
+
+
+def test_similarity_table_says_over_how_many_modules_a_mean_is_and_shows_the_control_pair():
+    from hyperadalora.bench.experiments import similarity
+
+    nan = float("nan")
+    kinds = {"P": 0.5, "lam": 0.1, "Q": 0.5}
+    pairs = [*similarity.PAIRS, similarity.CONTROL.format(seed=1)]
+    # Module b's hyper-vs-adalora dW is 0/0 (an update masked to zero): the dW mean is over a alone.
+    per_module = [{"module": m, **{f"{p}|{k}": v for p in pairs for k, v in kinds.items()},
+                   **{f"{p}|dW": dw for p in pairs}} for m, dw in (("a", 0.2), ("b", nan))]
+    for r, control in zip(per_module, (0.6, 0.4)):
+        r["adalora vs adalora seed 1|dW"] = control
+    mean = {k: similarity.nanmean([r[k] for r in per_module]) for k in per_module[0] if k != "module"}
+    lines = similarity.render({"config": {"task": "sst2", "lr": 1e-3}, "mean": mean, "per_module": per_module})
+    assert "mean over the 2 adapted modules (" in lines[0]
+    assert "hyper vs adalora dW: over the 1 where both are non-zero" in lines[0]
+    assert "adalora vs adalora seed 1 dW" not in lines[0]  # both control modules count
+    assert lines[-1] == "| adalora vs adalora seed 1 | 0.500 | 0.100 | 0.500 | 0.500 |"
+    assert lines[4] == "| hyper vs adalora | 0.500 | 0.100 | 0.500 | 0.200 |"

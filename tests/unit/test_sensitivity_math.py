@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hyperadalora.sensitivity_math import (InputSquareSums, MatrixSensitivity, allocate_ranks, combined_scores,
+from hyperadalora.allocation.sensitivity_math import (InputSquareSums, MatrixSensitivity, allocate_ranks, combined_scores,
                                            cv_weight, matrix_sensitivity)
 
 

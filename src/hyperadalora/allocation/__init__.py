@@ -2,6 +2,8 @@
 
 * ``adalora`` (:mod:`.adalora`): peft / AdaLoRA's smoothed sensitivity x uncertainty scores.
 * ``sigma-grad`` (:mod:`.sigma_grad`): HyperAdaLoRA's ``|sigma * dL/dsigma|``, pruned for good.
+* ``sensitivity`` (:mod:`.sensitivity`): Sensitivity-LoRA's one-shot ranks from a calibration
+  pass on the base model, decided before the wrap (``AdapterConfig.rank_pattern``).
 * :class:`FixedRanks`: the policy of methods without rank allocation (LoRA, DoRA, DyLoRA), so a
   wrapped model always holds an allocator (``model.allocator.adaptive`` tells them apart).
 
@@ -18,10 +20,13 @@ from .adalora import AdaLoRAPolicy
 from .base import POLICY_REGISTRY, RankPolicy, register_policy
 from .fixed import FixedRanks
 from .masked import MaskedAllocator
+from .sensitivity import SensitivityPolicy, SensitivityReport, calibrate_sensitivity, sensitivity_rank_pattern
 from .sigma_grad import SigmaGradPolicy
 
 if TYPE_CHECKING:
-    from ..config import AllocatorConfig
+    from torch import nn
+
+    from ..config import AdapterConfig, AllocatorConfig
     from ..layers import AdaptedLinear
     from ..methods import AdapterMethod
     from ..sources import FactorSource
@@ -35,8 +40,46 @@ def build_allocator(layers: dict[str, AdaptedLinear], config: AllocatorConfig | 
     """The policy ``config.policy`` names, or :class:`FixedRanks` when there is no allocator config."""
     if config is None:
         return FixedRanks(layers, None, method, source)
-    return POLICY_REGISTRY[config.policy](layers, config, method, source)
+    policy = POLICY_REGISTRY[config.policy].training_policy(config)
+    if policy.adaptive and len({layer.r for layer in layers.values()}) > 1:
+        # The masked allocators keep (n_layers, r) masks: one rank for all modules.
+        raise ValueError(f"allocator policy {policy.name!r} needs every module at the same initial rank; "
+                         f"these have ranks {sorted({layer.r for layer in layers.values()})} (set allocator.then='none' "
+                         "to keep the ranks decided before the wrap)")
+    return policy(layers, config, method, source)
+
+
+def policy_decides_before_wrap(config: AdapterConfig) -> bool:
+    """Whether ``config``'s policy still has to decide ranks on the base model (no ``rank_pattern`` yet)."""
+    alloc = config.allocator
+    return alloc is not None and POLICY_REGISTRY[alloc.policy].decides_before_wrap and config.rank_pattern is None
+
+
+def prepare_adapter_config(model: nn.Module, config: AdapterConfig, batches: Any = None
+                           ) -> tuple[AdapterConfig, Any]:
+    """Lets the policy decide per-module ranks on the base ``model`` before the wrap, when it does so.
+
+    Args:
+        model: The base model (left unchanged).
+        config: The adapter config.
+        batches: Calibration batches (model inputs); needed only by a policy that decides before the wrap.
+
+    Returns:
+        ``(config, record)``: the config with ``rank_pattern`` set, and the policy's record of the
+        decision (``None`` when there was nothing to decide).
+
+    Raises:
+        ValueError: If the policy needs calibration batches and none were given.
+    """
+    if not policy_decides_before_wrap(config):
+        return config, None
+    if batches is None:
+        raise ValueError(f"allocator.policy={config.allocator.policy!r} decides the ranks from calibration batches "
+                         "before the adapters are created: pass them (wrap(model, config, calibration=batches)), or "
+                         "set AdapterConfig.rank_pattern yourself")
+    return POLICY_REGISTRY[config.allocator.policy].prepare_config(config, model, batches)
 
 
 __all__ = ["AdaLoRAPolicy", "FixedRanks", "MaskedAllocator", "POLICY_REGISTRY", "RankAllocator", "RankPolicy",
-           "SigmaGradPolicy", "build_allocator", "register_policy"]
+           "SensitivityPolicy", "SensitivityReport", "SigmaGradPolicy", "build_allocator", "calibrate_sensitivity",
+           "policy_decides_before_wrap", "prepare_adapter_config", "register_policy", "sensitivity_rank_pattern"]

@@ -4,7 +4,11 @@ A policy decides each adapted module's rank. An *adaptive* policy (``adalora``, 
 re-decides it during training from importance scores (:meth:`RankPolicy.update_and_allocate`
 after each optimizer step); a fixed one never changes the ranks. A policy that decides ranks once
 before training (e.g. from a calibration pass) does its work in :meth:`RankPolicy.calibrate`,
-called before the first training step, and is not adaptive afterwards.
+called before the first training step, and is not adaptive afterwards. A policy that decides
+ranks before the adapters even exist (``sensitivity``: adapters are then *created* at their
+ranks) sets ``decides_before_wrap`` and implements :meth:`RankPolicy.prepare_config`, which the
+wrap calls on the base model; :meth:`RankPolicy.training_policy` names the class that then
+runs during training.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from ..config import AllocatorConfig
+    from ..config import AdapterConfig, AllocatorConfig
     from ..layers import AdaptedLinear
     from ..methods import AdapterMethod
     from ..sources import FactorSource
@@ -32,6 +36,8 @@ class RankPolicy:
     Attributes:
         name: The policy name as used in ``AllocatorConfig.policy``.
         adaptive: Whether ranks change during training (``after_step`` must run).
+        decides_before_wrap: Whether the policy decides per-module ranks on the base model
+            before the adapters are created (:meth:`prepare_config`).
         budget: The rank budget (sum of live rank components) as of the last call.
         rank_pattern: ``{module: [kept?] * r}`` as of the last allocation (``None`` before).
         steps_seen: Number of :meth:`update_and_allocate` calls so far.
@@ -39,6 +45,19 @@ class RankPolicy:
 
     name: ClassVar[str] = ""
     adaptive: ClassVar[bool] = False
+    decides_before_wrap: ClassVar[bool] = False
+
+    @classmethod
+    def training_policy(cls, config: AllocatorConfig) -> type[RankPolicy]:
+        """The class that allocates during training under ``config`` (the policy itself by default)."""
+        return cls
+
+    @classmethod
+    def prepare_config(cls, config: AdapterConfig, model: torch.nn.Module, batches: Any
+                       ) -> tuple[AdapterConfig, Any]:
+        """The adapter config with per-module ranks decided on the base ``model`` (before the wrap),
+        and a record of the decision with a ``to_dict()`` (``None``: nothing decided, ``config`` unchanged)."""
+        return config, None
 
     def __init__(self, layers: dict[str, AdaptedLinear], config: AllocatorConfig | None, method: AdapterMethod,
                  source: FactorSource) -> None:
@@ -55,6 +74,13 @@ class RankPolicy:
 
     def calibrate(self, model: torch.nn.Module, batches: Any) -> None:
         """Decides ranks before training from calibration batches (a no-op for in-training policies)."""
+
+    def check_step_order(self, global_step: int) -> None:
+        """Refuses a step not larger than the last one: a repeated step would count its importance
+        twice, an earlier one would run the budget schedule backwards."""
+        if self.last_step is not None and global_step <= self.last_step:
+            raise ValueError(f"after_step({global_step}) after after_step({self.last_step}): steps must increase, "
+                             "one call per optimizer step (a resumed or loaded model continues after its last step)")
 
     def update_and_allocate(self, global_step: int) -> int:
         """One allocation step after ``optimizer.step()``; returns the budget in force."""

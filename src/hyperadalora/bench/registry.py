@@ -6,7 +6,9 @@ NAME``), the ``BENCHMARKS.md`` section its results belong to, what it measures, 
 one list come the ``hyperadalora bench`` listing, ``hyperadalora bench all`` (what ``make bench`` and
 ``make bench-quick`` run), ``hyperadalora bench commands`` (the same lines, printed) and
 ``hyperadalora bench render`` (each committed table rebuilt from its JSON by the experiment's
-``render``, without running anything).
+``render``, without running anything). Commands of the ``pending`` group are runs a verdict of
+``BENCHMARKS.md`` still waits for (``hyperadalora bench all --group pending`` runs them); their
+results are not committed yet, and a command moves to ``full`` when its result is.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from .paths import results_dir
 
-GROUPS = ("full", "quick")
+GROUPS = ("full", "quick", "pending")
 #: Names ``hyperadalora bench`` reads as its own commands, not as experiments.
 RESERVED = ("all", "commands", "render")
 
@@ -33,7 +35,8 @@ class Command:
     Attributes:
         result: The result's name: the command writes ``results/<result>.json`` and ``.md``.
         args: The experiment's options (``--data-dir`` is added by :func:`argv_of`).
-        group: ``"full"`` (``make bench``) or ``"quick"`` (``make bench-quick``).
+        group: ``"full"`` (``make bench``), ``"quick"`` (``make bench-quick``) or ``"pending"`` (registered
+            for a later session: ``hyperadalora bench all --group pending``; no committed result yet).
     """
 
     result: str

@@ -97,7 +97,7 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
         The examples in file order.
 
     Raises:
-        ValueError: Unknown task or split, no data directory given, or a malformed row (wrong
+        ValueError: Unknown task or split, no data directory given, a file without data rows, or a malformed row (wrong
             column count, an unknown label, or bytes that are not UTF-8; the message names the
             file and the 1-based line number, the header counting as line 1).
         FileNotFoundError: The data directory or the split's file does not exist.
@@ -124,6 +124,8 @@ def read_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
             if label is None:
                 raise ValueError(f"{path}:{line_no}: label {row[fmt.label]!r} is not one of {sorted(fmt.labels)}")
             out.append(GlueExample(row[fmt.text_a], row[fmt.text_b] if fmt.text_b is not None else None, label))
+    if not out:
+        raise ValueError(f"{path}: no data rows (the file is empty{' or holds only its header' if fmt.header else ''})")
     return out
 
 

@@ -37,7 +37,9 @@ class DyLoRA(LoRA):
         self._sample(layers)
 
     def _sample(self, layers) -> None:
-        b = int(torch.randint(1, self.config.r + 1, (1,), generator=self.generator))
+        # Per-module ranks (rank_pattern): b ~ U{1..largest r}; a module of rank r_m uses min(b, r_m).
+        top = max(layer.r for layer in layers)
+        b = int(torch.randint(1, top + 1, (1,), generator=self.generator))
         for layer in layers:
             layer.dylora_b = b
 
@@ -53,6 +55,6 @@ class DyLoRA(LoRA):
     def effective_factors(self, layer, factors):
         a, b = factors["A"], factors["B"]
         if layer.training:
-            k = layer.dylora_b
+            k = min(layer.dylora_b, layer.r)
             return a[:k], b[:, :k], layer.lora_alpha / k
         return a, b, layer.lora_alpha / layer.r

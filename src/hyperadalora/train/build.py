@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..adapted_model import AdaptedModel, wrap
-from ..tasks import task_spec
+from ..allocation import prepare_adapter_config
+from ..tasks import make_task, task_spec
 from .config import RunConfig
 from .schedule import make_scheduler
 
@@ -79,22 +83,87 @@ def finalize_adapter_config(config: RunConfig, model: torch.nn.Module) -> RunCon
     return config
 
 
-def build_model(config: RunConfig, base_model=None, tokenizer=None) -> tuple[AdaptedModel, Any, RunConfig]:
+Calibration = Callable[[RunConfig, Any], Iterable[dict]]
+"""``(config, tokenizer) -> batches``: what a policy that decides ranks before the wrap calibrates on."""
+
+
+@dataclass
+class BuiltModel:
+    """What :func:`build` made: the wrapped model, its tokenizer, the resolved config and, when the
+    allocation policy decided ranks before the wrap, its record (``allocation.to_dict()``)."""
+
+    model: AdaptedModel
+    tokenizer: Any
+    config: RunConfig
+    allocation: Any = None
+
+
+def build(config: RunConfig, base_model=None, tokenizer=None, calibration: Calibration | None = None) -> BuiltModel:
     """The run's base model wrapped with its adapter, seeded as every run is.
 
     Seeds every generator with ``config.seed``, loads the base model (unless given), adds the
-    classification head to ``modules_to_save`` (:func:`finalize_adapter_config`), re-seeds torch
-    and wraps: the adapter's initial factors depend only on the config.
-
-    Returns:
-        ``(model, tokenizer, config)``, ``config`` with the finalized adapter.
+    classification head to ``modules_to_save`` (:func:`finalize_adapter_config`), lets an
+    allocation policy that decides ranks before the wrap calibrate on the base model
+    (``calibration``; forward passes only, no random numbers drawn), re-seeds torch and wraps: the
+    adapter's initial factors depend only on the config.
     """
     seed_everything(config.seed)
     if base_model is None:
         base_model, tokenizer = load_base_model(config)
     config = finalize_adapter_config(config, base_model)
+    batches = calibration(config, tokenizer) if calibration is not None else None
+    adapter, record = prepare_adapter_config(base_model, config.adapter, batches)
+    if record is not None:
+        config = config.replace(adapter=adapter)
     torch.manual_seed(config.seed)
-    return wrap(base_model, config.adapter), tokenizer, config
+    return BuiltModel(wrap(base_model, config.adapter), tokenizer, config, record)
+
+
+def build_model(config: RunConfig, base_model=None, tokenizer=None, calibration: Calibration | None = None
+                ) -> tuple[AdaptedModel, Any, RunConfig]:
+    """:func:`build` as ``(model, tokenizer, config)``, ``config`` with the finalized adapter."""
+    built = build(config, base_model, tokenizer, calibration)
+    return built.model, built.tokenizer, built.config
+
+
+def calibration_rows(config: RunConfig, train_rows: Sequence, data: Path | str) -> Sequence:
+    """The rows ``adapter.allocator.calibration`` names: the run's training rows (``train``), or the
+    training rows of a data directory in ``data_dir``'s layout (a data file for ``task=instruct``).
+
+    Args:
+        config: The run.
+        train_rows: The run's training rows.
+        data: The run's resolved data directory (or the hub), for a data file's task.
+    """
+    source = config.adapter.allocator.calibration
+    if source == "train":
+        return train_rows
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return make_task(config.replace(data_dir=str(path), train_rows=None), path).train_rows()
+    if path.is_file() and config.task == "instruct":
+        # eval_data_source set: every row of the file is a training row, none held out.
+        other = config.replace(data_source=str(path), eval_data_source=str(path), train_rows=None)
+        return make_task(other, data).train_rows()
+    raise FileNotFoundError(f"adapter.allocator.calibration={source!r} is not a data directory"
+                            f"{' or a data file' if config.task == 'instruct' else ''}: use 'train' or a directory "
+                            "laid out as data_dir")
+
+
+def calibration_batches(config: RunConfig, tokenizer: Any, train_rows: Sequence, data: Path | str
+                        ) -> Iterator[dict]:
+    """The task's micro-batches (tokenised exactly as training batches) of a seeded sample of
+    ``calibration_rows`` rows, ``calibration_batch_size`` at a time, ``calibration_max_length`` tokens each."""
+    alloc = config.adapter.allocator
+    rows = calibration_rows(config, train_rows, data)
+    if not rows:
+        raise ValueError(f"adapter.allocator.calibration={alloc.calibration!r} gave no rows")
+    task = make_task(config.replace(max_length=alloc.calibration_max_length or config.max_length), data)
+    task.bind(tokenizer)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))[:alloc.calibration_rows]
+    picked = [rows[i] for i in order.tolist()]
+    for start in range(0, len(picked), alloc.calibration_batch_size):
+        yield task.collate(picked[start:start + alloc.calibration_batch_size])
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.optim.Optimizer, Any, float | None]:
@@ -115,5 +184,5 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.opt
     return optimizer, scheduler, hyper_lr
 
 
-__all__ = ["batch_order", "build_model", "finalize_adapter_config", "load_base_model", "make_optimizer",
-           "seed_everything"]
+__all__ = ["BuiltModel", "Calibration", "batch_order", "build", "build_model", "calibration_batches",
+           "calibration_rows", "finalize_adapter_config", "load_base_model", "make_optimizer", "seed_everything"]

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from ..config import METHODS, AdapterConfig, AllocatorConfig, JsonConfig, check_choice, check_float, check_int
+from ..allocation import POLICY_REGISTRY
 from ..methods import METHOD_REGISTRY
 
 TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
@@ -219,11 +220,18 @@ def resolve_adapter(adapter: AdapterConfig | dict | None, steps: int) -> Adapter
         alloc.setdefault("tinit", steps // 10)
         alloc.setdefault("tfinal", steps // 5)
         data["allocator"] = alloc
-    elif alloc is not None:
+    elif alloc is not None and not _decides_before_wrap(alloc):
         allocating = ", ".join(n for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
-        raise ValueError(f"adapter.allocator is only used with adapter.method={allocating}, not {method!r}; "
-                         "drop it (override adapter.allocator=null)")
+        raise ValueError(f"adapter.allocator is only used with adapter.method={allocating} (or, for every method, "
+                         f"with adapter.allocator.policy=sensitivity), not {method!r}; drop it (override "
+                         "adapter.allocator=null)")
     return AdapterConfig.from_dict(data)
+
+
+def _decides_before_wrap(alloc: AllocatorConfig | dict) -> bool:
+    """Whether an allocator section names a policy that decides ranks before the wrap (any method)."""
+    policy = alloc.policy if isinstance(alloc, AllocatorConfig) else alloc.get("policy", AllocatorConfig.policy)
+    return policy in POLICY_REGISTRY and POLICY_REGISTRY[policy].decides_before_wrap
 
 
 __all__ = ["RunConfig", "TASK_NAMES", "resolve_adapter"]

@@ -3,7 +3,8 @@
 Per optimizer step: ``grad_accum`` micro-batches (forward, ``loss / grad_accum`` backward), then
 ``model.backward_hypernetworks()`` (hyper source), gradient clipping, ``optimizer.step()``,
 ``model.after_step(step)`` (rank allocation; before ``zero_grad``), the scheduler step, and
-one JSONL log line. Every ``eval_every`` steps and at the end: evaluation and a checkpoint of
+one JSONL log line (with ``diverging``: true once the smoothed loss exceeds 3x its early value;
+the first such step also warns on stderr). Every ``eval_every`` steps and at the end: evaluation and a checkpoint of
 the adapter. Every ``save_every`` steps (0: at every evaluation), after the last step and on
 Ctrl-C: a training checkpoint (``checkpoints/step-<N>/``, see :mod:`.resume`) from which
 ``train(config, resume=run_dir)`` continues with the same losses as an uninterrupted run.
@@ -23,6 +24,7 @@ Run directory::
     loss.png           loss curve (+ eval metric)
     ranks.png          rank kept per module over the steps (AdaLoRA)
     ranks.json         the same numbers (AdaLoRA)
+    .lock              held (fcntl.flock) by the process running in the directory; holds its pid
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def train(config: RunConfig, *, base_model=None, tokenizer=None, resume: str | P
     Raises:
         ValueError / FileNotFoundError: Bad task, model or data (before anything is written).
             When resuming: a config that differs in a field that changes the run, other
-            training rows, a completed run, or no training checkpoint.
+            training rows, a completed run, no training checkpoint, or a ``config.yaml``
+            that differs from the config stored in the checkpoint (edited by hand).
         CorruptCheckpointError: When resuming, no checkpoint of the run verifies (a newer
             corrupt one next to a good one is only skipped, with a warning on stderr).
         FileExistsError: The run directory exists and is not empty (new runs).
+        RunDirBusyError: Another process runs in the run directory (it holds ``RUN_DIR/.lock``).
+        OutputWriteError: The output directory cannot be written (checked before anything is
+            loaded), or a write failed during the run (the message says what the directory keeps).
         NonFiniteLossError: The loss became NaN / inf; the run directory is complete and holds
             the last good adapter.
         KeyboardInterrupt: Ctrl-C; the log, plots, ``eval.json`` (status ``interrupted``), the

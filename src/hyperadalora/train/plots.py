@@ -117,6 +117,45 @@ def plot_rank_heatmap(modules: Sequence[str], history: Sequence[tuple[int, Seque
     return Path(path)
 
 
+def layer_and_type(name: str) -> tuple[str, str]:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``("3", "attn.query")``; no layer index: ``("-", name)``."""
+    short = short_module_name(name)
+    head, dot, rest = short.partition(".")
+    if dot and re.fullmatch(r"L\d+", head):
+        return head[1:], rest
+    return "-", short
+
+
+def plot_rank_allocation(ranks: dict[str, int], path: str | Path, title: str) -> Path:
+    """Ranks decided before training (e.g. ``sensitivity``) as a grid: layers (rows) x module types (columns).
+
+    A module absent from a layer is blank; rank 0 (left unadapted) shows as 0.
+    """
+    plt = pyplot()
+    cells = {layer_and_type(n): r for n, r in ranks.items()}
+    layers = sorted({k[0] for k in cells}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+    types = list(dict.fromkeys(k[1] for k in cells))
+    grid = np.full((len(layers), len(types)), np.nan)
+    for (layer, kind), r in cells.items():
+        grid[layers.index(layer), types.index(kind)] = r
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(types), 1.5 + 0.32 * len(layers)), dpi=110)
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
+    if len(layers) * len(types) <= 400:  # numbers stay readable
+        for i, j in zip(*np.nonzero(~np.isnan(grid))):
+            ax.text(j, i, str(int(grid[i, j])), ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels(types, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels(layers, fontsize=7)
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="rank")
+    ax.set_title(f"{title}\n(total rank {sum(ranks.values())} over {len(ranks)} modules)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_loss_overlay(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,
                       title: str) -> Path:
     """Several runs' training losses (raw, faint, and smoothed) on one axis."""

@@ -67,6 +67,8 @@ def read_config_dict(source: str | Path | dict | None) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ValueError(f"{where} is not valid YAML: {exc}") from exc
     if data is None:
+        if where != "YAML text":  # an empty file is a mistake, not "every default"
+            raise ValueError(f"{where} is empty: a config file holds a mapping of RunConfig fields")
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{where} must hold a mapping of RunConfig fields, got {type(data).__name__}")

@@ -135,11 +135,17 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
     write_json(tmp / TRAINER_STATE_NAME, state, sort_keys=False, default=str)
     write_manifest(tmp, step=step)  # last: a folder without a valid manifest is incomplete
     replace_dir(tmp, target)
+    prune_checkpoints(run_dir, keep, target)
+    return target
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, newest: Path | None = None) -> None:
+    """Deletes all but the newest ``keep`` complete checkpoints (never ``newest``); also run on resume,
+    since a run killed right after a checkpoint's rename never pruned."""
     complete = [p for _, p in checkpoint_dirs(run_dir) if (p / "manifest.json").is_file()]
     for old in complete[:-max(1, keep)]:
-        if old != target:
+        if old != newest:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path:
@@ -220,17 +226,37 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _run_changes(config: RunConfig, reference: RunConfig, where: str) -> str:
+    """``"field (old in <where>, new now), ..."`` for every field outside :data:`RESUME_SAFE_FIELDS`
+    that differs ("" when none does)."""
+    mine, theirs = _flat(config.to_dict()), _flat(reference.to_dict())
+    changed = [k for k in sorted(set(mine) | set(theirs))
+               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
+    return ", ".join(f"{k} ({theirs.get(k)!r} in {where}, {mine.get(k)!r} now)" for k in changed)
+
+
 def check_resume_config(config: RunConfig, saved: RunConfig, run_dir: str | Path) -> None:
     """Refuses a resume whose config differs from the run's ``config.yaml`` in anything but
     :data:`RESUME_SAFE_FIELDS` (the message names each differing field and both values)."""
-    mine, theirs = _flat(config.to_dict()), _flat(saved.to_dict())
-    changed = [k for k in sorted(set(mine) | set(theirs))
-               if k not in RESUME_SAFE_FIELDS and mine.get(k) != theirs.get(k)]
-    if changed:
-        shown = ", ".join(f"{k} ({theirs.get(k)!r} in the run, {mine.get(k)!r} now)" for k in changed)
+    shown = _run_changes(config, saved, "the run")
+    if shown:
         raise ValueError(f"--resume continues {run_dir} with its own config.yaml; these changes would alter the run: "
                          f"{shown}. Only {', '.join(sorted(RESUME_SAFE_FIELDS))} may be overridden; start a new run "
                          "for other settings")
+
+
+def check_checkpoint_config(config: RunConfig, folder: Path) -> None:
+    """Refuses a resume whose config differs from the one checkpoint ``folder`` was written with
+    (stored in its ``trainer_state.json``) in anything but :data:`RESUME_SAFE_FIELDS`: a hand-edited
+    ``config.yaml`` (an lr or seed changed after the fact) is caught here, naming the field."""
+    stored = json.loads((folder / TRAINER_STATE_NAME).read_text()).get("config")
+    if stored is None:  # checkpoints of older versions carry no config
+        return
+    shown = _run_changes(config, RunConfig.from_dict(stored), "the checkpoint")
+    if shown:
+        raise ValueError(f"the config differs from the one checkpoint {folder} was trained with: {shown}. Was "
+                         f"{folder.parents[1] / 'config.yaml'} edited by hand? Put those values back, or start a "
+                         "new run for other settings")
 
 
 def prepare_resume(run_dir: Path) -> tuple[RunConfig, Path]:
@@ -283,35 +309,43 @@ def truncate_log(path: str | Path, step: int) -> list[dict]:
     """Keeps the lines of ``log.jsonl`` up to optimizer step ``step`` (rewriting the file atomically).
 
     Lines after the checkpoint (and a half-written last line) are dropped: the resumed run
-    writes them again.
+    writes them again. A damaged log (unreadable lines, missing or repeated steps) is rebuilt
+    from its good lines up to the checkpoint, with a warning on stderr that says what was lost;
+    the training state itself comes from the checkpoint, so the run continues unchanged.
 
     Returns:
         The rows kept.
-
-    Raises:
-        ValueError: The log has fewer than ``step`` complete rows.
     """
     path = Path(path)
     rows: list[dict] = []
     kept: list[str] = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not isinstance(row, dict) or row.get("step", step + 1) > step:
-                break
-            rows.append(row)
-            kept.append(line + "\n")
-    if [r.get("step") for r in rows] != list(range(1, step + 1)):
-        raise ValueError(f"{path} holds {len(rows)} complete step row(s) but the checkpoint is at step {step}: the "
-                         "log does not belong to this checkpoint")
+    bad = 0
+    for line in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        at = row.get("step") if isinstance(row, dict) else None
+        if isinstance(at, int) and not isinstance(at, bool) and at > step:
+            continue  # after the checkpoint: written again by the resumed run
+        if not isinstance(at, int) or isinstance(at, bool) or at < 1 or (rows and at <= rows[-1]["step"]):
+            bad += 1
+            continue
+        rows.append(row)
+        kept.append(line + "\n")
+    missing = sorted(set(range(1, step + 1)) - {r["step"] for r in rows})
+    if bad or missing:
+        info(f"hyperadalora: warning: {path} was damaged ({bad} unreadable or out-of-order line(s) dropped; "
+             f"{len(missing)} of the {step} steps up to the checkpoint have no line"
+             + (f", first {missing[0]}" if missing else "") + "); it was rebuilt from its good lines up to step "
+             f"{step}, and the run continues from the checkpoint")
     text = "".join(kept)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return rows
 
 
-__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "check_resume_config", "checkpoint_dirs", "data_fingerprint",
-           "find_resume_checkpoint", "flatten_optimizer_state", "load_training_checkpoint", "prepare_resume",
-           "save_training_checkpoint", "set_aside_after", "truncate_log", "unflatten_optimizer_state"]
+__all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "check_checkpoint_config", "check_resume_config",
+           "checkpoint_dirs", "data_fingerprint", "find_resume_checkpoint", "flatten_optimizer_state",
+           "load_training_checkpoint", "prepare_resume", "prune_checkpoints", "save_training_checkpoint",
+           "set_aside_after", "truncate_log", "unflatten_optimizer_state"]

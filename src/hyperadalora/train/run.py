@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..tasks import HUB, make_task, resolve_data, task_spec
-from .build import batch_order, build_model, make_optimizer
+from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
 from .evaluate import evaluate_rows
-from .resume import (check_resume_config, data_fingerprint, load_training_checkpoint, prepare_resume,
-                     save_training_checkpoint, set_aside_after, truncate_log)
+from .resume import (check_checkpoint_config, check_resume_config, data_fingerprint, load_training_checkpoint,
+                     prepare_resume, prune_checkpoints, save_training_checkpoint, set_aside_after, truncate_log)
 from .rng import rng_snapshot
-from .rundir import info, make_run_dir, save_adapter_dir, write_json, write_jsonl, write_plots, write_run_config
+from .plots import plot_rank_allocation
+from .rundir import (OutputWriteError, RunDirLock, check_writable, info, make_run_dir, save_adapter_dir, write_json,
+                     write_jsonl, write_plots, write_run_config)
 from .state import RunState
 from .step import StepStats, optimizer_step
 
@@ -62,6 +65,11 @@ def _all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
+def _progress_every(steps: int) -> int:
+    """Steps between the plain progress lines written when stderr is not a terminal (about 20 a run)."""
+    return max(1, steps // 20)
+
+
 def _training_checkpoint_due(config: RunConfig, done: int) -> bool:
     every = config.save_every or config.eval_every
     return bool(every) and done % every == 0 and done < config.steps
@@ -95,12 +103,41 @@ class Run:
         self.mid_update = False
         self.rng_after: dict[str, Any] | None = None
         self.progress = None
+        self.lock: RunDirLock | None = None
+        self.done = 0  # optimizer steps completed (the checkpoint's step plus those of this process)
 
     def run(self) -> RunResult:
         """Prepares, trains every remaining step and finishes (see :func:`~hyperadalora.train.train`)."""
-        self.prepare()
-        self.train_steps()
-        return self.finish()
+        try:
+            self.prepare()
+            with self.disk_errors():
+                self.train_steps()
+                return self.finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Releases the run directory's lock (the end of the run)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    @contextlib.contextmanager
+    def disk_errors(self):
+        """Turns an ``OSError`` / ``SafetensorError`` while writing into :class:`OutputWriteError`, saying what
+        the run directory still holds."""
+        try:
+            yield
+        except OutputWriteError:
+            raise
+        except (OSError, SafetensorError) as exc:
+            adapter = self.state.checkpoint
+            kept = (f"log.jsonl up to the last step written, "
+                    + (f"the adapter of step {adapter['step']} in adapter/, " if adapter else "no adapter, ")
+                    + (f"training checkpoint step-{self.last_saved} (free space, then `hyperadalora train --resume "
+                       f"{self.run_dir}`)" if self.last_saved else "no training checkpoint"))
+            raise OutputWriteError(f"writing into run directory {self.run_dir} failed after step {self.done}: "
+                                   f"{exc}; it keeps {kept}") from exc
 
     # -- preparation ------------------------------------------------------------------------------
 
@@ -109,12 +146,18 @@ class Run:
         saved = None
         if self.resume_dir is not None:  # checked before anything is loaded: a bad run directory fails fast
             saved, self.resume_from = prepare_resume(self.resume_dir)
+        check_writable(self.resume_dir if self.resume_dir is not None else self.config.output_dir)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._load_data()  # data first (fast, and the most common mistake), then the model
-        self.model, tokenizer, self.config = build_model(self.config, self._base_model, self._tokenizer)
+        if self.resume_dir is not None:  # held until the run ends: one process per run directory
+            self.lock = RunDirLock(self.resume_dir).acquire()
+        built = build(self.config, self._base_model, self._tokenizer, calibration=self._calibration)
+        self.model, tokenizer, self.config = built.model, built.tokenizer, built.config
         self.task.bind(tokenizer)
         self._open_run_dir(saved)
+        if built.allocation is not None:
+            self._record_allocation(built.allocation)
         self.fingerprint = data_fingerprint(self.train_rows)
         self.optimizer, self.scheduler, self.hyper_lr = make_optimizer(self.model, self.config)
         with contextlib.redirect_stdout(io.StringIO()) as buf:
@@ -139,15 +182,34 @@ class Run:
         self.train_rows = self.task.train_rows()
         self.eval_rows = self.task.eval_rows()
 
+    def _calibration(self, config: RunConfig, tokenizer: Any):
+        """Calibration batches for a policy that decides ranks before the wrap (the task's batches)."""
+        return calibration_batches(config, tokenizer, self.train_rows, self.task.data)
+
+    def _record_allocation(self, record: Any) -> None:
+        """``allocation.json`` (calibration rows, tokens, seconds; the rank of every module) and
+        ``allocation.png`` (ranks by layer and module type)."""
+        alloc = self.config.adapter.allocator
+        data = {"policy": alloc.policy, "calibration": alloc.calibration, **record.to_dict(),
+                "settings": alloc.to_dict()}
+        write_json(self.run_dir / "allocation.json", data)
+        ranks = data["ranks"]
+        plot_rank_allocation(ranks, self.run_dir / "allocation.png",
+                             f"{alloc.policy}: {self.config.task} | {self.config.model} | {self.config.adapter.method}")
+        info(f"hyperadalora: {alloc.policy} ranks from {data['rows']} calibration rows ({data['tokens']} tokens) in "
+             f"{data['seconds']:.2f} s: total {sum(ranks.values())} over {len(ranks)} modules, "
+             f"{min(ranks.values())}..{max(ranks.values())} ({self.run_dir / 'allocation.json'})")
+
     def _open_run_dir(self, saved: RunConfig | None) -> None:
         if self.resume_dir is None:
-            self.run_dir = make_run_dir(self.config)
+            self.run_dir, self.lock = make_run_dir(self.config)
             self.config = self.config.replace(run_name=self.run_dir.name)  # the resolved config names its directory
             write_run_config(self.run_dir, self.config)
         else:
             self.run_dir = self.resume_dir
             self.config = self.config.replace(output_dir=str(self.run_dir.parent), run_name=self.run_dir.name)
             check_resume_config(self.config, saved, self.run_dir)
+            check_checkpoint_config(self.config, self.resume_from)
 
     def _restore(self) -> None:
         state = load_training_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler, verify=False)
@@ -155,9 +217,10 @@ class Run:
             raise ValueError(f"the training rows differ from those {self.run_dir} was trained on "
                              f"({len(self.train_rows)} rows now, {state['data']['train_rows']} then, or other "
                              "contents): resume with the same data (data_dir, train_rows), or start a new run")
-        self.start = self.last_saved = state["step"]
+        self.start = self.last_saved = self.done = state["step"]
         self.state = RunState.from_checkpoint(state, truncate_log(self.run_dir / "log.jsonl", self.start))
         set_aside_after(self.run_dir, self.start)
+        prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.resume_from)
         for _ in range(state["data"]["batches_consumed"]):  # the same data order from here on
             next(self.order)
 
@@ -165,8 +228,10 @@ class Run:
         from tqdm.auto import tqdm
 
         config = self.config
+        # A bar only on a terminal: into a log file its carriage-return frames are noise (see _report_progress).
         self.progress = tqdm(total=config.steps, initial=self.start, desc=self.run_dir.name[:40], unit="step",
-                             dynamic_ncols=True, disable=not config.progress, file=sys.stderr, mininterval=0.5)
+                             dynamic_ncols=True, disable=not (config.progress and sys.stderr.isatty()),
+                             file=sys.stderr, mininterval=0.5)
         what = (f"resuming run {self.run_dir} after step {self.start} ({self.resume_from})"
                 if self.resume_from is not None else f"run {self.run_dir}")
         info(f"hyperadalora: {what} | task {config.task} | model {config.model} | {len(self.train_rows)} train rows, "
@@ -201,15 +266,30 @@ class Run:
             self.status, self.stop_message = "stopped: non-finite loss", stats.problem
             return False
         row = self._log_row(step + 1, stats)
+        first_divergence = self.state.diverged_at is None
         smoothed = self.state.record_step(row)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
+        self.done = step + 1
         self.rng_after = rng_snapshot(self.model)
         self.mid_update = False
+        if row["diverging"] and first_divergence:
+            info(f"hyperadalora: warning: the loss is diverging at step {step + 1}: smoothed {smoothed:.4g}, over "
+                 f"{smoothed / max(abs(self.state.early_loss), 1e-12):.1f}x its early value "
+                 f"{self.state.early_loss:.4g}; lower lr (now {config.lr:g}; see docs/troubleshooting.md for the "
+                 "ranges that train stably)", self.progress)
+        self._report_progress(row, smoothed)
+        return True
+
+    def _report_progress(self, row: dict[str, Any], smoothed: float) -> None:
+        """Updates the bar on a terminal; elsewhere (a log file, a pipe) prints a plain line now and then."""
         self.progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{row['lr']:.2e}", rank=row["total_rank"],
                                   refresh=False)
         self.progress.update(1)
-        return True
+        steps = self.config.steps
+        if self.progress.disable and self.config.progress and (row["step"] % _progress_every(steps) == 0
+                                                                or row["step"] == steps):
+            info(f"step {row['step']}/{steps} | loss {smoothed:.4f} | lr {row['lr']:.2e} | rank {row['total_rank']}")
 
     def _start_update(self) -> None:
         self.mid_update = True
@@ -264,7 +344,8 @@ class Run:
         data = {"fingerprint": self.fingerprint, "train_rows": len(self.train_rows),
                 "batches_consumed": done * self.config.grad_accum}
         save_training_checkpoint(self.run_dir, done, self.model, self.optimizer, self.scheduler,
-                                 self.state.trainer_state(reason, data), keep=self.config.keep_checkpoints, rng=rng)
+                                 {**self.state.trainer_state(reason, data), "config": self.config.to_dict()},
+                                 keep=self.config.keep_checkpoints, rng=rng)
         self.last_saved = done
 
     def write_outputs(self, final: dict | None) -> None:
@@ -275,7 +356,7 @@ class Run:
         write_json(self.run_dir / "eval.json", {
             "task": self.config.task, "split": spec.eval_split, "num_examples": len(self.eval_rows),
             "primary_metric": spec.primary_metric, "status": self.status, "message": self.stop_message,
-            "steps_done": len(state.log_rows), "final": final, "history": state.evals, "checkpoint": state.checkpoint,
+            "steps_done": self.done, "final": final, "history": state.evals, "checkpoint": state.checkpoint,
             "train_rows": len(self.train_rows), "seconds": round(time.perf_counter() - self.started, 2),
             "mean_step_time": state.mean_step_time,
         })
@@ -285,7 +366,7 @@ class Run:
 
     def finish(self) -> RunResult:
         """Final evaluation and saving as the run ended; raises as :func:`~hyperadalora.train.train` says."""
-        done = len(self.state.log_rows)
+        done = self.done
         final = None
         if self.status == "completed":
             if self.last_saved != done:  # before the final evaluation: a run killed during it resumes right there

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,15 +18,97 @@ from ..tasks import task_spec
 from .config import RunConfig
 
 
-def make_run_dir(config: RunConfig) -> Path:
-    """Creates ``output_dir/run_name`` (a timestamped name when ``run_name`` is null)."""
+LOCK_NAME = ".lock"
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process holds the run directory's lock (it is training or resuming in it)."""
+
+
+class OutputWriteError(OSError):
+    """Writing into the output / run directory failed (read-only, full disk, ...).
+
+    The message names the directory, the error and what the run directory still holds.
+    """
+
+
+class RunDirLock:
+    """An exclusive ``fcntl.flock`` on ``RUN_DIR/.lock`` (which holds the owner's pid).
+
+    The lock lives as long as the open file: :meth:`release` (or the process's end) frees it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> RunDirLock:
+        """Takes the lock; raises :class:`RunDirBusyError` naming the holder's pid when it is taken."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirBusyError(f"run directory {self.path.parent} is in use by pid {holder} (it holds "
+                                  f"{self.path}): wait for that run to end, or use another run_name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Frees the lock (the file stays: removing it would race with a waiting process)."""
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def check_writable(directory: str | Path) -> None:
+    """Raises :class:`OutputWriteError` unless files can be created in ``directory`` (or, when it
+    does not exist yet, in its nearest existing parent, where it would be created)."""
+    target = Path(directory).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputWriteError(f"cannot create {target}: {probe} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hyperadalora-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write into {probe} (needed for {target}): {exc.strerror or exc}; choose a "
+                               "writable output_dir / --output-dir") from exc
+
+
+def make_run_dir(config: RunConfig) -> tuple[Path, RunDirLock]:
+    """Creates ``output_dir/run_name`` (a timestamped name when ``run_name`` is null) and locks it.
+
+    The folder is created with ``os.mkdir`` (an existing empty one is accepted) and checked for
+    emptiness only once its lock is held, so two processes never both accept one directory.
+
+    Returns:
+        The run directory and its held :class:`RunDirLock` (release it when the run ends).
+    """
     name = config.run_name or config.default_run_name(time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(config.output_dir).expanduser() / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(run_dir)
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise FileExistsError(f"{run_dir} exists and is not a folder: choose another run_name=...") from None
+    lock = RunDirLock(run_dir).acquire()
+    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        lock.release()
         raise FileExistsError(f"run directory {run_dir} already exists and is not empty: choose another "
                               "run_name=... (or output_dir=...), or remove it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, lock
 
 
 def write_run_config(run_dir: Path, config: RunConfig) -> None:
@@ -87,5 +172,6 @@ def write_plots(run_dir: Path, config: RunConfig, log_rows: list[dict], evals: l
                           run_dir / "ranks.png", title)
 
 
-__all__ = ["info", "load_run", "make_run_dir", "save_adapter_dir", "write_json", "write_jsonl", "write_plots",
+__all__ = ["LOCK_NAME", "OutputWriteError", "RunDirBusyError", "RunDirLock", "check_writable", "info", "load_run",
+           "make_run_dir", "save_adapter_dir", "write_json", "write_jsonl", "write_plots",
            "write_run_config"]

@@ -67,7 +67,10 @@ def render(result: dict) -> list[str]:
 
 @experiment("body_ablation", section="## 6. Hypernetwork body ablation (Fig. 3)",
             title="6. hypernetwork body: attention vs MLP vs CNN", parse_args=parse_args, render=render,
-            commands=[Command("body_ablation", ("--seeds", "3", "--workers", "1"))])
+            commands=[Command("body_ablation", ("--seeds", "3", "--workers", "1")),
+                      # Every body ran at the attention body's best lr (1e-3): each body's own best lr (seed 0).
+                      *(Command(f"body_ablation_lr{lr}", ("--lr", lr, "--name", f"body_ablation_lr{lr}"),
+                                group="pending") for lr in ("3e-4", "3e-3", "1e-2"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs the bodies and writes ``results/<name>.*``."""
     args = parse_args(argv)

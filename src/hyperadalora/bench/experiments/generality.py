@@ -66,9 +66,9 @@ def render(result: dict) -> list[str]:
 SCALED = ("--steps", "100", "--batch-size", "4", "--gsm8k-rows", "32")
 
 
-def command(result: str, *args: str) -> Command:
+def command(result: str, *args: str, group: str = "full") -> Command:
     """A registered generality command writing ``result``."""
-    return Command(result, (*args, "--name", result))
+    return Command(result, (*args, "--name", result), group=group)
 
 
 @experiment("generality", section="## 3. Generality (Tables 2, 3, 10): LoRA, DoRA, DyLoRA, AdaLoRA with and "
@@ -81,7 +81,10 @@ def command(result: str, *args: str) -> Command:
                       command("generality_scaled_humaneval164", "--methods", "dora,adalora", *SCALED,
                               "--humaneval-rows", "164"),
                       command("generality_scaled_humaneval164_lora_dylora", "--methods", "lora,dylora", *SCALED,
-                              "--humaneval-rows", "164")])
+                              "--humaneval-rows", "164"),
+                      # The verdicts on LoRA / DoRA / DyLoRA came from one shared lr (1e-3): each pair's own best.
+                      *(command(f"generality_scaled_lr{lr}", "--methods", "lora,dora,dylora", *SCALED, "--lr", lr,
+                                group="pending") for lr in ("3e-4", "3e-3", "1e-2"))])
 def main(argv: list[str] | None = None) -> int:
     """Trains each method with and without hypernetwork, evaluates them, writes ``results/<name>.*``."""
     args = parse_args(argv)

@@ -6,13 +6,19 @@ both adapters, and per adapted module computes the cosine similarity of the flat
 and Q, and of the update ``dW = P diag(lam * mask) Q`` (invariant to the sign and order of the
 singular components, which P, lam, Q alone are not). Reference: both are compared with the
 factors they started from (the same seed gives both methods the same initial factors), since
-factors that barely move from a shared start are similar for that reason alone.
+factors that barely move from a shared start are similar for that reason alone. Control
+(``--control-seed N``): AdaLoRA against AdaLoRA of seed N at the same lr (its adapter kept; trained
+when not cached), how alike two runs of one method are.
+
+A module whose update is the zero matrix in a run (every singular value masked by the allocation)
+has no dW direction there: its cosine is 0/0 (NaN), left out of that mean, and the table says over
+how many modules such a mean is.
 
 Writes ``results/similarity.json`` (per module and averaged), ``.md``, ``.png``.
 
 Usage::
 
-    hyperadalora bench similarity [--lr 1e-3] [--work-dir runs/bench/convergence]
+    hyperadalora bench similarity [--lr 1e-3] [--work-dir runs/bench/convergence] [--control-seed 1 --data-dir ../shared/data]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from .common import result_path, write_results
 
 KINDS = ("P", "lam", "Q", "dW")
 PAIRS = ("hyper vs adalora", "adalora vs its init", "hyper vs its init", "init: hyper vs adalora")
+CONTROL = "adalora vs adalora seed {seed}"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adalora-lr", type=float, default=None, help="AdaLoRA's lr when it differs (e.g. each "
                    "method's best lr, so that both reached a similar loss)")
     p.add_argument("--task", default="sst2")
+    p.add_argument("--control-seed", type=int, default=None, help="also compare AdaLoRA with AdaLoRA of this seed "
+                   "at the same lr (trained, adapter kept, when not cached)")
+    p.add_argument("--data-dir", default=None, help="data directory (for the --control-seed run)")
     p.add_argument("--work-dir", default="runs/bench/convergence")
     p.add_argument("--name", default="similarity")
     args = p.parse_args(argv)
@@ -99,12 +109,31 @@ def render(result: dict) -> list[str]:
     """The table of a similarity result: mean cosine per pair and factor."""
     c, mean = result["config"], result["mean"]
     lrs = method_lrs(c)
+    pairs = [*PAIRS, *dict.fromkeys(k.partition("|")[0] for k in mean if k.startswith("adalora vs adalora"))]
     table = [[pair] + [f"{mean[f'{pair}|{k}']:.3f}" if math.isfinite(mean[f"{pair}|{k}"]) else "n/a" for k in KINDS]
-             for pair in PAIRS]
+             for pair in pairs]
+    partial = "".join(f"{note}; " for note in partial_means(result["per_module"]))
     return [f"Cosine similarity of the learned factors, {c['task']} / MiniLM, seed 0, {at_lrs(lrs)}, "
-            f"mean over the {len(result['per_module'])} adapted modules (n/a: a zero vector, e.g. lam and dW at init, "
-            "has no direction).", "",
+            f"mean over the {len(result['per_module'])} adapted modules ({partial}n/a: a zero vector, e.g. lam and dW "
+            "at init, has no direction).", "",
             *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
+
+
+def partial_means(per_module: list[dict]) -> list[str]:
+    """``hyper vs adalora dW: over the 33 where both are non-zero`` for each mean that left out modules."""
+    n = len(per_module)
+    counts = {key: sum(math.isfinite(r[key]) for r in per_module) for key in per_module[0] if key != "module"}
+    return [f"{key.replace('|', ' ')}: over the {c} where both are non-zero" for key, c in counts.items() if 0 < c < n]
+
+
+def control_run_dir(args: argparse.Namespace, lr: float) -> Path:
+    """AdaLoRA's run of seed ``args.control_seed`` at ``lr`` (the convergence run, with its adapter kept)."""
+    from ..runner import run_specs
+    from . import convergence as conv
+
+    spec = conv.spec(args.task, "minilm", "adalora", lr, args.control_seed, conv.TASKS)
+    spec = dataclasses.replace(spec, keep_run_dir=True)  # same key: a cached run without its adapter runs again
+    return Path(run_specs([spec], args.work_dir, args.data_dir)[spec.key]["run_dir"])
 
 
 def at_lrs(lrs: dict[str, float]) -> str:
@@ -115,9 +144,14 @@ def at_lrs(lrs: dict[str, float]) -> str:
 
 @experiment("similarity", section="## 7. Similarity of the learned P, lam, Q (Table 8)",
             title="7. cosine similarity of P, lam, Q: HyperAdaLoRA vs AdaLoRA", parse_args=parse_args, render=render,
-            data=False, commands=[Command("similarity", ("--lr", "1e-3")),
-                                  Command("similarity_best_lr", ("--lr", "1e-3", "--adalora-lr", "3e-3",
-                                                                 "--name", "similarity_best_lr"))])
+            commands=[Command("similarity", ("--lr", "1e-3")),
+                      Command("similarity_best_lr", ("--lr", "1e-3", "--adalora-lr", "3e-3",
+                                                     "--name", "similarity_best_lr")),
+                      # What a dW cosine between two AdaLoRA runs (seeds 0 and 1) is, to compare 0.03 with.
+                      Command("similarity_best_lr_control", ("--lr", "1e-3", "--adalora-lr", "3e-3",
+                                                             "--control-seed", "1",
+                                                             "--name", "similarity_best_lr_control"),
+                              group="pending")])
 def main(argv: list[str] | None = None) -> int:
     """Compares the kept adapters of the two convergence runs and writes ``results/<name>.*``."""
     args = parse_args(argv)
@@ -132,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ada, hyp = trained_factors(dirs["adalora"]), trained_factors(dirs["hyperadalora"])
     init_a, init_h = initial_factors(dirs["adalora"]), initial_factors(dirs["hyperadalora"])
     pairs = dict(zip(PAIRS, ((hyp, ada), (ada, init_a), (hyp, init_h), (init_h, init_a))))
+    if args.control_seed is not None:
+        pairs[CONTROL.format(seed=args.control_seed)] = (trained_factors(control_run_dir(args, lrs["adalora"])), ada)
     per_module = [{"module": name, **{f"{pair}|{k}": cosine(x[name][k], y[name][k])
                                       for pair, (x, y) in pairs.items() for k in KINDS}} for name in ada]
     mean = {key: nanmean([r[key] for r in per_module]) for key in per_module[0] if key != "module"}
