@@ -233,6 +233,49 @@ class AdaptedModel(nn.Module):
         """Current rank of every adapted module."""
         return {n: int(sum(keep)) for n, keep in self.rank_pattern.items()}
 
+    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Cuts the factors to the kept rank components once pruning is final (``AllocatorConfig.compact``).
+
+        Call it after :meth:`after_step` (and before ``optimizer.zero_grad()``) with the optimizer
+        that trains the factors; :func:`~hyperadalora.train.step.optimizer_step` does. The factor
+        parameters stay the same objects (their ``.data`` shrinks) and their optimizer state is
+        cut alike, so the optimizer needs no new parameter groups. The forward and the task loss
+        are unchanged (a pruned component contributes exactly zero); the orthogonality
+        regulariser then covers the kept components only. A layer left at rank 0 runs its base
+        layer alone. Not for a model inside DDP (its gradient buckets have fixed sizes).
+
+        Args:
+            optimizer: The optimizer holding the factors (``None``: no optimizer state to cut).
+
+        Returns:
+            Whether the model was compacted now (``False``: disabled, not yet due, or already done).
+        """
+        if not self.allocator.compaction_due():
+            return False
+        self.compact_to(self.allocator.kept_components(), optimizer)
+        return True
+
+    def compact_to(self, keeps: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Cuts every layer to the components ``keeps[i]`` (bool ``(r_i,)``) marks, now.
+
+        Raises:
+            ValueError: If the allocator does not compact (``AllocatorConfig.compact="off"``).
+        """
+        if not self.allocator.compaction_enabled():
+            raise ValueError("compaction needs AdapterConfig.allocator.compact='final'")
+        self.source.compact(keeps, self.method.rank_axes, optimizer)
+        for layer, keep in zip(self.layer_list, keeps):
+            self.method.compact_layer(layer, keep)
+            layer.r = int(keep.sum())
+        self.allocator.mark_compacted()
+
+    def compact_to_ranks(self, ranks: dict[str, int]) -> None:
+        """Cuts each module to its first ``ranks[module]`` components (loading a compacted adapter)."""
+        for name, layer in self.adapted_layers.items():
+            if not 0 <= ranks[name] <= layer.r:
+                raise ValueError(f"module {name!r}: saved rank {ranks[name]} is not within 0..{layer.r}")
+        self.compact_to([torch.arange(layer.r) < ranks[name] for name, layer in self.adapted_layers.items()])
+
     @property
     def budget(self) -> int:
         """The current total rank budget (the sum of ranks for fixed-rank methods)."""

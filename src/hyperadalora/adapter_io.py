@@ -123,6 +123,10 @@ def _check_shapes(model, modules: dict, directory) -> None:
 def load_adapter_weights(model, directory: str | os.PathLike) -> None:
     """Loads weights and allocator state from ``directory`` into an already wrapped model."""
     _, modules = read_adapter_config(directory)
+    saved_ranks = {name: info["r"] for name, info in modules.items()}
+    if (model.allocator.compaction_enabled() and set(saved_ranks) == set(model.adapted_layers)
+            and any(layer.r != saved_ranks[n] for n, layer in model.adapted_layers.items())):
+        model.compact_to_ranks(saved_ranks)  # a compacted adapter: cut this model alike, then copy in
     _check_shapes(model, modules, directory)
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
     own = adapter_state_dict(model)

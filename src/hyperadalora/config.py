@@ -22,6 +22,7 @@ from .methods import METHOD_REGISTRY, AdapterMethod
 METHODS = tuple(METHOD_REGISTRY)
 SOURCES = ("direct", "hyper")
 POLICIES = tuple(POLICY_REGISTRY)
+COMPACT_MODES = ("off", "final")
 INITS = tuple(dict.fromkeys(i for m in METHOD_REGISTRY.values() for i in m.inits))
 ORTH_REG_FORMS = ("peft", "paper")
 
@@ -148,6 +149,11 @@ class AllocatorConfig(JsonConfig):
         diagonal: ``sensitivity``: ``channel`` (the ``d_in`` input-channel values) or ``weight``
             (each value repeated ``d_out`` times, as the per-weight Hessian diagonal is; differs
             for mixed shapes such as LLaMA's MLP and GQA's k / v).
+        compact: ``off`` (default: pruned components stay masked at full rank, as in peft) or
+            ``final``: once the final budget is fixed (step ``total_step - tfinal``), the
+            factors and their optimizer state are cut to the kept components, so compute and
+            memory shrink with the ranks (a hypernetwork source needs per-token generation; see
+            :meth:`~hyperadalora.AdaptedModel.compact`).
     """
 
     THEN_NONE: ClassVar[str] = "none"
@@ -171,10 +177,12 @@ class AllocatorConfig(JsonConfig):
     topk_fraction: float = 0.5
     alpha: float = 0.85
     diagonal: str = "channel"
+    compact: str = "off"
 
     def __post_init__(self) -> None:
         owner = "AllocatorConfig"
         check_choice(owner, "policy", self.policy, POLICIES)
+        check_choice(owner, "compact", self.compact, COMPACT_MODES)
         self._check_sensitivity(owner)
         if not self.ranks_change:
             return  # a one-shot allocation has no budget schedule
@@ -493,6 +501,14 @@ class AdapterConfig(JsonConfig):
                     f"{owner}: allocator.target_r ({alloc.target_r}) must be <= r ({alloc.avg_rank or self.r}), "
                     "the initial (average) rank that AdaLoRA prunes down from"
                 )
+            h = self.hyper
+            if self.allocator.compact != "off" and self.source == "hyper" and (
+                    h.tokens != "rank" or h.arch != "mlp" or h.context or h.rank_span not in (None, 1)):
+                raise ValueError(
+                    f"{owner}: allocator.compact={self.allocator.compact!r} with source='hyper' needs hyper.tokens='rank', "
+                    "hyper.arch='mlp' and hyper.context=False: attention and convolution bodies and rank-position "
+                    "embeddings read every rank component of a factor together, so cutting the pruned ones away would "
+                    "change what the kept ones are generated as")
         elif alloc is not None and (alloc.ranks_change or not alloc.decides_before_wrap):
             allocating = ", ".join(repr(n) for n, m in METHOD_REGISTRY.items() if m.uses_allocator)
             before = ", ".join(repr(n) for n, p in POLICY_REGISTRY.items() if p.decides_before_wrap)

@@ -108,7 +108,7 @@ class AdaptedLinear(nn.Module):
 
     # -- forward / merge ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or self.r == 0:  # r == 0: every component was compacted away
             return self.base_layer(x)
         return self.method.forward(self, x, self.get_factors())
 

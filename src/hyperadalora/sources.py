@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .allocation.compaction import slice_parameter_
 from .hyper.network import KindHypernetwork
 from .hyper.tokens import TokenLayout, from_rank_width, rank_width_shape, to_rank_width
 
@@ -71,6 +72,11 @@ class FactorSource(Protocol):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed as on disk (live tensors)."""
+
+    def compact(self, keeps: list[torch.Tensor], rank_axes: dict[str, int],
+                optimizer: torch.optim.Optimizer | None) -> None:
+        """Cuts every layer's factors (and their optimizer state) to the components ``keeps[i]``
+        (bool ``(r_i,)``) marks, along each kind's rank axis."""
 
     def after_step(self) -> None:
         """Work after the optimizer step (recurrent state update)."""
@@ -134,6 +140,12 @@ class DirectSource:
         return {f"{name}.{kind}": t for name, layer in zip(self.names, self.layer_list)
                 for kind, t in layer.factors.items()}
 
+    def compact(self, keeps, rank_axes, optimizer) -> None:
+        for layer, keep in zip(self.layer_list, keeps):
+            index = keep.nonzero().flatten()
+            for kind, param in layer.factors.items():
+                slice_parameter_(param, index, rank_axes[kind], optimizer)
+
     def after_step(self) -> None:
         pass
 
@@ -189,10 +201,7 @@ class HyperSource(nn.Module):
         self.layer_list = list(layers.values())
         self.kinds = method.factor_kinds
         self.groups: dict[GroupKey, list[int]] = {}
-        for i, layer in enumerate(self.layer_list):
-            for kind in self.kinds:
-                self.groups.setdefault((kind, tuple(layer.factors[kind].shape)), []).append(i)
-        self.group_names = {key: f"{key[0]}_{'x'.join(map(str, key[1]))}" for key in self.groups}
+        self.group_names: dict[GroupKey, str] = {}
         self._take_over_factors()
         self.nets = nn.ModuleDict({kind: self._build_net(kind) for kind in self.kinds})
         self.generated: dict[GroupKey, torch.Tensor] | None = None
@@ -211,15 +220,31 @@ class HyperSource(nn.Module):
 
     def _take_over_factors(self) -> None:
         """States: the direct factors, stacked per group; the layers stop owning parameters."""
-        for key, idx in self.groups.items():
-            state = torch.stack([self.layer_list[i].factors[key[0]].detach() for i in idx])
-            self.register_buffer(f"state_{self.group_names[key]}", state.clone())
-            if self.config.mode == "anchored":
-                self.register_buffer(f"anchor_{self.group_names[key]}", state.clone())
-            self.register_buffer(f"ids_{self.group_names[key]}", torch.tensor(idx), persistent=False)
+        states = {(i, kind): layer.factors[kind].detach() for i, layer in enumerate(self.layer_list)
+                  for kind in self.kinds}
+        self._register_groups(states, states if self.config.mode == "anchored" else None)
         for layer in self.layer_list:
             for kind in self.kinds:
                 del layer.factors[kind]
+
+    def _register_groups(self, states: dict[tuple[int, str], torch.Tensor],
+                         anchors: dict[tuple[int, str], torch.Tensor] | None) -> None:
+        """Groups ``(layer index, kind) -> tensor`` by (kind, shape) and registers their stacked buffers."""
+        for name in self.group_names.values():  # the old groups' buffers (compaction re-groups)
+            for prefix in ("state_", "anchor_", "ids_"):
+                if hasattr(self, prefix + name):
+                    delattr(self, prefix + name)
+        self.groups = {}
+        for i in range(len(self.layer_list)):
+            for kind in self.kinds:
+                self.groups.setdefault((kind, tuple(states[(i, kind)].shape)), []).append(i)
+        self.group_names = {key: f"{key[0]}_{'x'.join(map(str, key[1]))}" for key in self.groups}
+        for key, idx in self.groups.items():
+            name = self.group_names[key]
+            self.register_buffer(f"state_{name}", torch.stack([states[(i, key[0])] for i in idx]).clone())
+            if anchors is not None:
+                self.register_buffer(f"anchor_{name}", torch.stack([anchors[(i, key[0])] for i in idx]).clone())
+            self.register_buffer(f"ids_{name}", torch.tensor(idx, device=self.state(key).device), persistent=False)
 
     def _build_net(self, kind: str) -> KindHypernetwork:
         dims, max_gr, max_gw = set(), 1, 1
@@ -406,6 +431,26 @@ class HyperSource(nn.Module):
     # -- persistence, optimizer, DDP, summaries ------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"hyper.{key}": t for key, t in self.state_dict().items()}
+
+    @torch.no_grad()
+    def compact(self, keeps, rank_axes, optimizer) -> None:
+        """Cuts every module's states (and anchors) to its kept components and re-groups them by
+        their new shapes. The hypernetworks keep their parameters (and optimizer state): with the
+        ``rank`` layout a rank component is a token, so a smaller rank is a shorter sequence.
+        :class:`~hyperadalora.config.AdapterConfig` allows this only for per-token bodies
+        without rank-position context (``arch="mlp"``, ``context=False``), where what the kept
+        tokens generate does not depend on the others."""
+        anchored = self.config.mode == "anchored"
+        states: dict[tuple[int, str], torch.Tensor] = {}
+        anchors: dict[tuple[int, str], torch.Tensor] = {}
+        for key, idx in self.groups.items():
+            for pos, i in enumerate(idx):
+                index = keeps[i].nonzero().flatten().to(self.state(key).device)
+                states[(i, key[0])] = self.state(key)[pos].index_select(rank_axes[key[0]], index)
+                if anchored:
+                    anchors[(i, key[0])] = self.anchor(key)[pos].index_select(rank_axes[key[0]], index)
+        self._register_groups(states, anchors if anchored else None)
+        self.invalidate()
 
     def hypernetwork_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())

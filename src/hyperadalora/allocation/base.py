@@ -104,6 +104,21 @@ class RankPolicy:
         """Tensors of the policy state (for checkpoints)."""
         return {}
 
+    def compaction_enabled(self) -> bool:
+        """Whether this policy cuts pruned components away (``AllocatorConfig.compact``)."""
+        return False
+
+    def compaction_due(self) -> bool:
+        """Whether pruning is final and the factors have not been cut to the kept components yet."""
+        return False
+
+    def kept_components(self) -> list[torch.Tensor]:
+        """Per layer, a bool ``(r,)`` of the components to keep (all of them for a fixed policy)."""
+        return [torch.ones(layer.r, dtype=torch.bool) for layer in self.layers]
+
+    def mark_compacted(self) -> None:
+        """Called after the layers were cut to :meth:`kept_components` (the layers' ``r`` is updated)."""
+
     def meta_dict(self) -> dict:
         """JSON-compatible policy state (for checkpoints)."""
         return {"budget": self.budget, "rank_pattern": self.rank_pattern, "steps_seen": self.steps_seen,

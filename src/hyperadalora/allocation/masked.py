@@ -40,6 +40,9 @@ class MaskedAllocator(RankPolicy):
             for kind, shape in method.factor_shapes(layer.out_features, layer.in_features, layer.r).items():
                 self.groups.setdefault((kind, tuple(shape)), []).append(i)
         self.monotone = self.persistent or source.monotone_masking
+        # Whether the layers were cut to their kept components (AllocatorConfig.compact): from then
+        # on every component is live and nothing is scored or masked any more.
+        self.compacted = False
         for layer in self.layers:
             layer.mask_in_forward = self.monotone
         self.reset_ipt()
@@ -69,13 +72,38 @@ class MaskedAllocator(RankPolicy):
         """Called after each scheduled re-masking."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.compacted:  # ranks differ per layer; the layers' own (all-ones) masks are saved with them
+            return self.score_tensors()
         return {"masks": self.masks().contiguous(), **self.score_tensors()}
+
+    def meta_dict(self) -> dict:
+        return {**super().meta_dict(), "compacted": self.compacted}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.reset_ipt()
         self.load_scores(tensors)
-        self.set_masks(tensors["masks"])
+        self.compacted = bool(meta.get("compacted", False))
+        if not self.compacted:
+            self.set_masks(tensors["masks"])
         super().load_state(tensors, meta)
+
+    # -- compaction (AllocatorConfig.compact) ------------------------------------------------------
+    def compaction_enabled(self) -> bool:
+        return self.config.compact != "off"
+
+    def compaction_due(self) -> bool:
+        # "final": the final budget is fixed once after_step ran at step total_step - tfinal.
+        c = self.config
+        return (c.compact == "final" and not self.compacted and self.rank_pattern is not None
+                and self.last_step is not None and self.last_step >= c.total_step - c.tfinal)
+
+    def kept_components(self) -> list[torch.Tensor]:
+        return [self.method.output_mask(layer, self.kind) > 0 for layer in self.layers]
+
+    def mark_compacted(self) -> None:
+        self.compacted = True
+        self.reset_ipt()  # scores of the old components mean nothing for the cut factors
+        self.rank_pattern = {n: [True] * layer.r for n, layer in zip(self.names, self.layers)}
 
     def masks(self) -> torch.Tensor:
         """Current keep-masks, ``(n_layers, r)``."""
@@ -90,6 +118,8 @@ class MaskedAllocator(RankPolicy):
         return {n: (self.method.output_mask(layer, self.kind) > 0).tolist() for n, layer in zip(self.names, self.layers)}
 
     def total_rank(self) -> int:
+        if self.compacted:
+            return sum(layer.r for layer in self.layers)
         return int(self.masks().sum().item())
 
     # -- schedule ----------------------------------------------------------------------------
@@ -157,6 +187,8 @@ class MaskedAllocator(RankPolicy):
         self.steps_seen += 1
         self.last_step = global_step
         final = c.total_step - c.tfinal
+        if self.compacted:  # every remaining component is kept for good
+            return self.budget
         if global_step < final:
             self.update_ipt()
             budget, mask_ind = self.budget_schedule(global_step)

@@ -40,6 +40,8 @@ class AdaLoRA(AdapterMethod):
         # 1 = kept, 0 = pruned. Multiplies lam in the forward pass only when layer.mask_in_forward
         # (sigma-grad policy, hyper source); the peft-style policy zeroes lam in place instead.
         layer.register_buffer("rank_mask", torch.ones(layer.r, dtype=w0.dtype, device=w0.device))
+        # peft's ranknum: the rank the scale alpha / ranknum is defined at; compaction keeps it.
+        layer.ranknum = layer.r
 
     def state_tensors(self, layer):
         return {"rank_mask": layer.rank_mask}
@@ -47,12 +49,15 @@ class AdaLoRA(AdapterMethod):
     def output_mask(self, layer, kind):
         return layer.rank_mask if kind == self.singular_value_kind else None
 
+    def compact_layer(self, layer, keep):
+        layer.rank_mask = layer.rank_mask[keep.to(layer.rank_mask.device)]
+
     def combine_component_scores(self, parts):
         # peft's order: s(lam) + (mean s(Q row) + mean s(P column)), so scores agree bit for bit.
         return parts["lam"] + (parts["Q"] + parts["P"])
 
     def scaling(self, layer):
-        return layer.lora_alpha / (layer.r + 1e-5)
+        return layer.lora_alpha / (layer.ranknum + 1e-5)
 
     def effective_factors(self, layer, factors):
         lam = factors["lam"]

@@ -120,6 +120,10 @@ class AdapterMethod:
         """A keep-mask over the rank components of generated ``kind`` (``None``: no mask)."""
         return None
 
+    def compact_layer(self, layer: AdaptedLinear, keep: torch.Tensor) -> None:
+        """Cuts the method's own per-component layer state to the components ``keep`` (bool ``(r,)``)
+        marks (the factors themselves are the source's business). The scale must not change."""
+
     # -- steps -------------------------------------------------------------------------------
     def bind_layers(self, layers: list[AdaptedLinear]) -> None:
         """Called once when the model is wrapped, with every adapted layer in model order."""

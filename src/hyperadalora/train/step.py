@@ -138,6 +138,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     if hasattr(model, "after_step"):
         model.after_step(step_index)
+    if hasattr(model, "compact"):
+        model.compact(optimizer)  # AllocatorConfig.compact: cuts factors and their optimizer state
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
