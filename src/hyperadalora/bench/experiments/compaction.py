@@ -31,7 +31,7 @@ import statistics
 
 import torch
 
-from ..registry import Command, experiment
+from ..experiment import Command, experiment
 from ..report import machine, markdown_table, versions
 from .common import MINILM_ENCODER_LINEARS, write_results
 from .step_model import make_step, time_interleaved
