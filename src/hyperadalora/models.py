@@ -263,8 +263,7 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         ValueError: An unknown task or model name.
         FileNotFoundError: A packaged model that is not installed.
     """
-    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer, logging)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     classes = {"sequence-classification": AutoModelForSequenceClassification,
                "causal-lm": AutoModelForCausalLM, "base": AutoModel}
@@ -278,16 +277,8 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
 
         kwargs["quantization_config"] = bnb_config(quantize, compute_dtype=dtype)
         kwargs["device_map"] = "cuda:0" if torch.cuda.is_available() else "cpu"
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()  # the load report on a freshly initialised head is expected
-    logging.disable_progress_bar()  # transformers 5 draws a "Loading weights" bar on every load
-    try:
-        model, info = classes[task].from_pretrained(str(path), dtype=dtype, local_files_only=local,
-                                                    output_loading_info=True, **kwargs)
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
+    model, info = _quiet_from_pretrained(classes[task], path, dtype=dtype, local_files_only=local,
+                                         output_loading_info=True, **kwargs)
     # The silenced load report is expected to list only the fresh task head; anything else that
     # was initialised at random (not in the checkpoint) is worth a loud warning.
     unexpected_missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_HEAD_PREFIXES))
@@ -295,9 +286,28 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         warnings.warn(f"{path}: weights not in the checkpoint were initialised at random: "
                       f"{unexpected_missing[:8]}{' ...' if len(unexpected_missing) > 8 else ''}; "
                       f"shape mismatches: {sorted(info.get('mismatched_keys') or ())[:8]}", stacklevel=2)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
+    return model, _padded_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=local), model)
+
+
+def _quiet_from_pretrained(cls, path, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)`` without transformers' load report and progress bar."""
+    from transformers import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # the load report on a freshly initialised head is expected
+    logging.disable_progress_bar()  # transformers 5 draws a "Loading weights" bar on every load
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _padded_tokenizer(tokenizer, model):
+    """Gives ``tokenizer`` a pad token (EOS where it has none) and ``model.config`` its id."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return tokenizer

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..config import AdapterConfig, AllocatorConfig, HyperConfig
+from ..methods import METHOD_REGISTRY
 from .planner import make_plan
 from .report import plan_table
 from .setup import PRECISIONS, TrainSetup
@@ -51,7 +52,8 @@ def adapter_from_args(args: argparse.Namespace) -> AdapterConfig:
     targets = "all-linear" if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
     hyper = HyperConfig(arch=args.hyper_arch, tokens=args.tokens, hidden=args.hyper_hidden,
                         layers=args.hyper_layers, generate=args.generate)
-    allocator = AllocatorConfig(total_step=1000, target_r=args.r) if args.method == "adalora" else None
+    allocating = METHOD_REGISTRY[args.method].uses_allocator
+    allocator = AllocatorConfig(total_step=1000, target_r=args.r) if allocating else None
     return AdapterConfig(method=args.method, r=args.r, target_modules=targets, source=args.source,
                          hyper=hyper, allocator=allocator)
 
