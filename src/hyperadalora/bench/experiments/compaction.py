@@ -172,7 +172,7 @@ def render(result: dict) -> list[str]:
 @experiment("compaction", section="### Compacted AdaLoRA: the step after the final budget (issue 23, item 4)",
             title="AdaLoRA compacted to its kept ranks vs LoRA at those ranks vs peft's AdaLoRA",
             parse_args=parse_args, render=render, data=False,
-            commands=[Command("compaction", ("--steps", "3", "--final", "1"))])
+            commands=[Command("compaction", ("--models", "minilm", "--steps", "3", "--final", "1"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures every model and writes ``results/<name>.json`` / ``.md``."""
     args = parse_args(argv)
