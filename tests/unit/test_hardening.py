@@ -171,7 +171,7 @@ def test_empty_split_is_named_before_model_load_and_run_dir(shared, tmp_path, sp
     data = write_rte(tmp_path / "data")
     (data / "rte" / f"{split}.tsv").write_text(content)
     cfg = rte_config(shared, tmp_path / "out", f"data_dir={data}", "model=/nonexistent/model")
-    with pytest.raises(ValueError, match=rf"{split}\.tsv: no data rows"):
+    with pytest.raises(ValueError, match=rf"{split}\.tsv:1: no data rows"):
         train(cfg)
     assert not (tmp_path / "out").exists()
 

@@ -127,6 +127,16 @@ def test_adapted_trainer_equals_plain_loop(tmp_path, source):
     assert ours.allocator.steps_seen == STEPS  # after_step once per optimizer step
 
 
+def test_trainer_refuses_compaction_it_cannot_do(tmp_path):
+    cfg = config("direct")
+    cfg = ha.AdapterConfig.from_dict({**cfg.to_dict(), "allocator": {**cfg.allocator.to_dict(), "compact": "final"}})
+    model = ha.wrap(tiny_bert(), cfg)
+    trainer = AdaptedTrainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
+    with pytest.raises(NotImplementedError, match="compact='final' is not supported under the Hugging Face Trainer"):
+        trainer.train()
+    assert model.allocator.steps_seen == 0  # refused before any step
+
+
 def test_plain_trainer_with_callback_equals_plain_loop(tmp_path):
     ours, ref = twins(config("direct"))
     data = dataset()

@@ -110,6 +110,11 @@ class AdaptedModelCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self._adapted(kwargs)
+        if model.allocator.compaction_enabled():  # refused loudly rather than silently left masked
+            raise NotImplementedError(
+                "AllocatorConfig.compact='final' is not supported under the Hugging Face Trainer yet (the factors "
+                "would have to be cut inside Trainer's optimizer and autograd state); train with `hyperadalora train` "
+                "or hyperadalora.train.optimizer_step, or set adapter.allocator.compact='off'")
         self._check_distributed(model)
         if state.global_step > 0 and not self.restored:
             path = os.path.join(self.resume_from or _checkpoint_dir(args, state), ADAPTER_SUBDIR)
