@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -243,3 +244,36 @@ def test_training_run_compacts_and_a_crashed_run_resumes_identically(tmp_path_fa
     result = train(load_run(run), resume=run)
     assert result.resumed_from_step == 4 and result.status == "completed"
     assert_same_run(run, ref.run_dir)
+
+
+@pytest.mark.parametrize("source", ["direct", "hyper"])
+def test_hand_written_loop_that_keeps_the_last_graph_alive_compacts(source):
+    """``loss`` holds the last step's graph until the next forward has run, as in any plain loop.
+
+    That graph keeps each factor's autograd accumulator alive; before the fix autograd reused it
+    for the first forward after the cut and rejected the smaller gradient (regulariser on, so
+    the factors also pass through ``torch.stack``). The twin without compaction is the reference
+    up to the first forward after the cut; from then the regulariser covers the kept components
+    only, so the trajectories part (as ``test_task_loss_identical_and_regularizer_covers_kept_components``
+    states), and the later steps must only train.
+    """
+    base = tiny_bert()
+    ours, ref = make("final", gamma=0.1, base=base, source=source), make("off", gamma=0.1, base=base, source=source)
+    losses = {}
+    for name, model in (("ours", ours), ("ref", ref)):
+        opt, model_losses = optimizer(model), []
+        model.train()
+        for i in range(FINAL + 3):
+            out = model(**bert_batch(i % 3))  # the previous step's ``out`` (and graph) is still alive here
+            out.loss.backward()
+            opt.step()
+            model.after_step(i)
+            model.compact(opt)
+            opt.zero_grad(set_to_none=True)
+            model_losses.append(model.last_task_loss)
+        losses[name] = model_losses
+    assert min(layer.r for layer in ours.adapted_layers.values()) < 6  # it did cut
+    first_after_cut = FINAL + 1
+    torch.testing.assert_close(losses["ours"][:first_after_cut + 1], losses["ref"][:first_after_cut + 1],
+                               rtol=0, atol=1e-6)
+    assert all(math.isfinite(x) for x in losses["ours"])

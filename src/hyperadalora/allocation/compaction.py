@@ -35,9 +35,25 @@ def slice_parameter_(param: torch.nn.Parameter, index: torch.Tensor, dim: int,
                 state[key] = value.index_select(dim, index.to(value.device))
     grad = param.grad
     param.grad = None  # a grad must match the shape of the data it belongs to
-    param.data = param.data.index_select(dim, index)
+    kept = param.data.index_select(dim, index)
+    forget_grad_accumulator_(param)
+    param.data = kept
     if grad is not None:
         param.grad = grad.index_select(dim, index)
+
+
+def forget_grad_accumulator_(param: torch.nn.Parameter) -> None:
+    """Makes autograd build a new gradient accumulator for ``param`` at its next use.
+
+    A graph still alive (a training loop's ``loss`` holds the last step's graph until the next
+    forward has run) keeps ``param``'s accumulator node, which autograd reuses for the next
+    forward; that node recorded the old shape and rejects the gradient of the cut parameter
+    ("StackBackward0 returned an invalid gradient"). Assigning ``.data`` of another dtype is
+    the documented case in which autograd drops a live accumulator (``set_data`` resets it on
+    a type change, not on a shape change), so a momentary placeholder of another dtype is set.
+    """
+    other = torch.float64 if param.dtype != torch.float64 else torch.float32
+    param.data = torch.empty(0, dtype=other, device=param.device)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -46,4 +62,4 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                for v in state.values() if torch.is_tensor(v))
 
 
-__all__ = ["optimizer_state_bytes", "slice_parameter_"]
+__all__ = ["forget_grad_accumulator_", "optimizer_state_bytes", "slice_parameter_"]
