@@ -66,6 +66,7 @@ def plain_loop(model, data, steps=STEPS, ga=1, max_grad_norm=0.0, start=0, reg_w
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         opt.step()
         model.after_step(step)
+        model.compact(opt)  # a no-op unless AllocatorConfig.compact='final'
         opt.zero_grad(set_to_none=True)
     return losses
 
@@ -127,14 +128,44 @@ def test_adapted_trainer_equals_plain_loop(tmp_path, source):
     assert ours.allocator.steps_seen == STEPS  # after_step once per optimizer step
 
 
-def test_trainer_refuses_compaction_it_cannot_do(tmp_path):
-    cfg = config("direct")
-    cfg = ha.AdapterConfig.from_dict({**cfg.to_dict(), "allocator": {**cfg.allocator.to_dict(), "compact": "final"}})
-    model = ha.wrap(tiny_bert(), cfg)
-    trainer = AdaptedTrainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
-    with pytest.raises(NotImplementedError, match="compact='final' is not supported under the Hugging Face Trainer"):
-        trainer.train()
-    assert model.allocator.steps_seen == 0  # refused before any step
+def compacting(source: str = "direct") -> ha.AdapterConfig:
+    cfg = config(source, **({"arch": "mlp", "context": False} if source == "hyper" else {}))
+    return ha.AdapterConfig.from_dict({**cfg.to_dict(), "allocator": {**cfg.allocator.to_dict(), "compact": "final"}})
+
+
+@pytest.mark.parametrize("source", ["direct", "hyper"])
+def test_adapted_trainer_compacts_like_plain_loop(tmp_path, source):
+    """compact='final' under Trainer: the factors and Trainer's optimizer state are cut once the budget is final."""
+    ours, ref = twins(compacting(source))
+    data = dataset()
+    trainer = RecordingAdaptedTrainer(model=ours, args=training_args(tmp_path, max_grad_norm=1.0), train_dataset=data)
+    trainer.train()
+    assert_same_run(trainer.losses, plain_loop(ref, data, max_grad_norm=1.0), ours, ref)
+    assert ours.allocator.compacted and ref.allocator.compacted
+    kept = ours.ranks
+    assert {n: layer.r for n, layer in ours.adapted_layers.items()} == kept and sum(kept.values()) < 4 * len(kept)
+    state = trainer.optimizer.state
+    for name, layer in ours.adapted_layers.items():
+        if source == "direct":  # the optimizer state of a direct factor is cut with it
+            assert state[layer.factors["lam"]]["exp_avg"].shape == (kept[name],)
+
+
+def test_adapted_trainer_resumes_a_compacted_run(tmp_path):
+    cfg = compacting()
+    data = dataset()
+    full_model = ha.wrap(tiny_bert(), cfg)
+    full = RecordingAdaptedTrainer(model=full_model, args=training_args(tmp_path / "a", save_steps=STEPS - 1),
+                                   train_dataset=data)
+    full.train()
+    ckpt = tmp_path / "a" / f"checkpoint-{STEPS - 1}"
+    assert full_model.allocator.compacted
+    resumed_model = ha.wrap(tiny_bert(), ha.AdapterConfig.from_dict({**cfg.to_dict(), "seed": 99}))
+    resumed = RecordingAdaptedTrainer(model=resumed_model, args=training_args(tmp_path / "a", save_steps=STEPS - 1),
+                                      train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    torch.testing.assert_close(torch.tensor(resumed.losses, dtype=torch.float64),
+                               torch.tensor(full.losses[STEPS - 1:], dtype=torch.float64), rtol=0, atol=1e-6)
+    assert resumed_model.ranks == full_model.ranks and resumed_model.allocator.compacted
 
 
 def test_plain_trainer_with_callback_equals_plain_loop(tmp_path):

@@ -110,11 +110,6 @@ class AdaptedModelCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self._adapted(kwargs)
-        if model.allocator.compaction_enabled():  # refused loudly rather than silently left masked
-            raise NotImplementedError(
-                "AllocatorConfig.compact='final' is not supported under the Hugging Face Trainer yet (the factors "
-                "would have to be cut inside Trainer's optimizer and autograd state); train with `hyperadalora train` "
-                "or hyperadalora.train.optimizer_step, or set adapter.allocator.compact='off'")
         self._check_distributed(model)
         if state.global_step > 0 and not self.restored:
             path = os.path.join(self.resume_from or _checkpoint_dir(args, state), ADAPTER_SUBDIR)
@@ -159,7 +154,10 @@ class AdaptedModelCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Trainer increments state.global_step after this callback: this is the 0-based step index.
-        self._adapted(kwargs).after_step(state.global_step)
+        model = self._adapted(kwargs)
+        model.after_step(state.global_step)
+        # AllocatorConfig.compact: Trainer zeroes the gradients after this callback, as optimizer_step does.
+        model.compact(kwargs.get("optimizer"))
         return control
 
     def on_save(self, args, state, control, **kwargs):
