@@ -67,7 +67,7 @@ class FactorSource(Protocol):
         """Runs :attr:`grad_sync` when installed (data parallel: the same dL/dF on every rank)."""
 
     def scale_values_(self, kind: str, masks: torch.Tensor) -> None:
-        """Multiplies the trained values of ``kind`` by ``masks`` ``(n_layers, r)`` in place
+        """Multiplies the trained values of ``kind`` by ``masks`` (per layer, ``(r_i,)``) in place
         (a no-op when values are generated and masked in the forward instead)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -134,7 +134,7 @@ class DirectSource:
     @torch.no_grad()
     def scale_values_(self, kind, masks):
         values = [layer.factors[kind] for layer in self.layer_list]
-        torch._foreach_mul_([v.data for v in values], list(masks.unbind(0)))  # as peft zeroes lam
+        torch._foreach_mul_([v.data for v in values], list(masks))  # as peft zeroes lam
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{kind}": t for name, layer in zip(self.names, self.layer_list)

@@ -39,11 +39,6 @@ def build_allocator(layers: dict[str, AdaptedLinear], config: AllocatorConfig | 
     if config is None:
         return FixedRanks(layers, None, method, source)
     policy = POLICY_REGISTRY[config.policy].training_policy(config)
-    if policy.adaptive and len({layer.r for layer in layers.values()}) > 1:
-        # The masked allocators keep (n_layers, r) masks: one rank for all modules.
-        raise ValueError(f"allocator policy {policy.name!r} needs every module at the same initial rank; "
-                         f"these have ranks {sorted({layer.r for layer in layers.values()})} (set allocator.then='none' "
-                         "to keep the ranks decided before the wrap)")
     return policy(layers, config, method, source)
 
 

@@ -63,12 +63,10 @@ class AdaLoRAPolicy(MaskedAllocator):
                 f"no importance score exists yet (last after_step at step {self.last_step}): the budget phase ends at "
                 f"step {self.config.total_step - self.config.tfinal} (total_step - tfinal), and after_step() must run "
                 "at earlier steps, after a training backward, before the final budget can be chosen")
-        n, r = len(self.layers), self.layers[0].r
-        ref = next(iter(self.exp_avg_ipt.values()))
-        parts = {k: torch.zeros(n, r, dtype=ref.dtype, device=ref.device) for k in self.method.factor_kinds}
-        for key, idx in self.groups.items():
-            if key not in self.exp_avg_ipt:
-                continue
-            s = self.method.component_scores(key[0], self.exp_avg_ipt[key] * self.exp_avg_unc[key])  # (g, r)
-            parts[key[0]][torch.tensor(idx, device=s.device)] = s
+        by_kind: dict[str, dict] = {kind: {} for kind in self.method.factor_kinds}
+        for key in self.groups:
+            if key in self.exp_avg_ipt:
+                by_kind[key[0]][key] = self.method.component_scores(
+                    key[0], self.exp_avg_ipt[key] * self.exp_avg_unc[key])  # (g, r_g)
+        parts = {kind: self.padded_rows(rows) for kind, rows in by_kind.items()}  # (n, r_max) each
         return self.method.combine_component_scores(parts)

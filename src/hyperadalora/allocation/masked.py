@@ -39,6 +39,11 @@ class MaskedAllocator(RankPolicy):
         for i, layer in enumerate(self.layers):
             for kind, shape in method.factor_shapes(layer.out_features, layer.in_features, layer.r).items():
                 self.groups.setdefault((kind, tuple(shape)), []).append(i)
+        # Mixed initial ranks (a rank_pattern, e.g. Sensitivity-LoRA with then=adalora): masks and
+        # scores are (n_layers, r_max), padded past each layer's rank; padding never counts as live.
+        self.r_max = max((layer.r for layer in self.layers), default=0)
+        ranks = torch.tensor([layer.r for layer in self.layers])
+        self.exists = torch.arange(self.r_max)[None, :] < ranks[:, None]  # (n_layers, r_max)
         self.monotone = self.persistent or source.monotone_masking
         # Whether the layers were cut to their kept components (AllocatorConfig.compact): from then
         # on every component is live and nothing is scored or masked any more.
@@ -106,13 +111,25 @@ class MaskedAllocator(RankPolicy):
         self.rank_pattern = {n: [True] * layer.r for n, layer in zip(self.names, self.layers)}
 
     def masks(self) -> torch.Tensor:
-        """Current keep-masks, ``(n_layers, r)``."""
-        return torch.stack([self.method.output_mask(layer, self.kind) for layer in self.layers])
+        """Current keep-masks, ``(n_layers, r_max)`` (zero past a layer's own rank)."""
+        return torch.stack([pad_to(self.method.output_mask(layer, self.kind), self.r_max) for layer in self.layers])
 
     def set_masks(self, masks: torch.Tensor) -> None:
-        """Sets every layer's keep-mask from ``(n_layers, r)``."""
+        """Sets every layer's keep-mask from ``(n_layers, r_max)``."""
         for layer, m in zip(self.layers, masks):
-            self.method.output_mask(layer, self.kind).copy_(m)
+            self.method.output_mask(layer, self.kind).copy_(m[:layer.r])
+
+    def layer_rows(self, padded: torch.Tensor) -> list[torch.Tensor]:
+        """``(n_layers, r_max)`` -> one ``(r_i,)`` row per layer (the padding cut off)."""
+        return [row[:layer.r] for layer, row in zip(self.layers, padded)]
+
+    def padded_rows(self, parts: dict[tuple[str, tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+        """Per shape group ``(g, r_g)`` rows -> ``(n_layers, r_max)``, zero past each layer's rank."""
+        ref = next(iter(parts.values()), torch.zeros(0))
+        out = torch.zeros(len(self.layers), self.r_max, dtype=ref.dtype, device=ref.device)
+        for key, rows in parts.items():
+            out[torch.tensor(self.groups[key], device=rows.device), :rows.shape[1]] = rows
+        return out
 
     def keep_pattern(self) -> dict[str, list[bool]]:
         return {n: (self.method.output_mask(layer, self.kind) > 0).tolist() for n, layer in zip(self.names, self.layers)}
@@ -157,21 +174,23 @@ class MaskedAllocator(RankPolicy):
                 live = flat.view_as(live)
             keep = live
         else:
+            exists = self.exists.to(scores.device)
             k = self.init_bgt - budget
             if k <= 0:
-                keep = torch.ones_like(scores, dtype=torch.bool)
-            else:
-                threshold = torch.kthvalue(scores.flatten(), k=k)[0].item()
-                keep = ~(scores <= threshold)
+                keep = exists.clone()
+            else:  # padding sorts first, so the k-th smallest real score is the threshold
+                padding = int((~exists).sum())
+                threshold = torch.kthvalue(scores.masked_fill(~exists, float("-inf")).flatten(), k=k + padding)[0].item()
+                keep = ~(scores <= threshold) & exists
         self._apply_keep(keep)
-        self.rank_pattern = {name: row.tolist() for name, row in zip(self.names, keep.cpu())}
+        self.rank_pattern = {name: row.tolist() for name, row in zip(self.names, self.layer_rows(keep.cpu()))}
         return self.rank_pattern
 
     def _apply_keep(self, keep: torch.Tensor) -> None:
         if self.monotone:
             keep = keep & (self.masks() > 0)
         masks = keep.to(self.masks().dtype)
-        self.source.scale_values_(self.kind, masks)  # trained values: zeroed in place, as peft does
+        self.source.scale_values_(self.kind, self.layer_rows(masks))  # trained values: zeroed in place, as peft does
         self.set_masks(masks)
 
     @torch.no_grad()
@@ -201,8 +220,13 @@ class MaskedAllocator(RankPolicy):
             self.budget = self.target_bgt
             self.reset_ipt()
         elif self.rank_pattern is not None:
-            keep = torch.tensor([self.rank_pattern[n] for n in self.names], device=self.masks().device)
-            self._apply_keep(keep)
+            keep = torch.stack([pad_to(torch.tensor(self.rank_pattern[n]), self.r_max) for n in self.names])
+            self._apply_keep(keep.to(self.masks().device))
         if self.persistent:  # optimizer momentum must not revive a pruned trained value
-            self.source.scale_values_(self.kind, (self.masks() > 0).to(self.masks().dtype))
+            self.source.scale_values_(self.kind, self.layer_rows((self.masks() > 0).to(self.masks().dtype)))
         return self.budget
+
+
+def pad_to(row: torch.Tensor, length: int) -> torch.Tensor:
+    """``row`` (1-D) padded with zeros (``False``) to ``length``."""
+    return torch.nn.functional.pad(row, (0, length - row.numel()))

@@ -32,8 +32,12 @@ class SigmaGradPolicy(MaskedAllocator):
     @torch.no_grad()
     def update_ipt(self) -> None:
         self._prepare_grads()
-        values, grads = self._values_and_grads(self.kind, list(range(len(self.layers))))
-        score = (values * grads).abs()  # (n_layers, r)
+        rows = {}
+        for key, idx in self.groups.items():
+            if key[0] == self.kind:
+                values, grads = self._values_and_grads(self.kind, idx)
+                rows[key] = (values * grads).abs()  # (g, r_g)
+        score = self.padded_rows(rows)  # (n_layers, r_max)
         self.sigma_score = score if self.sigma_score is None else self.sigma_score + score
 
     def triplet_scores(self) -> torch.Tensor:
