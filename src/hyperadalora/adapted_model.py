@@ -15,6 +15,7 @@ from .inject import inject_adapters, prepare_adapter_config, remove_adapters
 from .layers import AdaptedLinear
 from .methods import AdapterMethod, build_method
 from .sources import FactorSource, HyperSource, build_source
+from .transfer import initialize_from, resolve_adapter_dir
 
 
 def _step_index(global_step: Any) -> int:
@@ -366,7 +367,13 @@ def wrap(model: nn.Module, config: AdapterConfig, calibration: Any = None) -> Ad
 
     Raises:
         ValueError: ``model`` is already wrapped (an :class:`AdaptedModel`, or holds adapter layers).
+        FileNotFoundError: ``config.init_from`` holds no adapter.
     """
     _refuse_wrapped(model)
+    if config.init_from is not None:
+        resolve_adapter_dir(config.init_from)  # a missing source fails before any calibration or injection
     config, _ = prepare_adapter_config(model, config, calibration)
-    return AdaptedModel(model, config)
+    adapted = AdaptedModel(model, config)
+    if config.init_from is not None:
+        initialize_from(adapted, config.init_from)
+    return adapted

@@ -18,6 +18,8 @@ Training checkpoints (``hyperadalora.train.resume``) are such folders.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 from torch import nn
@@ -45,7 +47,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> AdaptedModel
     """
     config, _ = read_adapter_config(directory)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    wrapped = wrap(model, config)
+    # The saved weights replace whatever init_from would give: its source need not exist here.
+    wrapped = wrap(model, dataclasses.replace(config, init_from=None))
     try:
         load_adapter_weights(wrapped, directory)
     except BaseException:

@@ -399,6 +399,11 @@ class AdapterConfig(JsonConfig):
             name wins). Rank 0 leaves the module unadapted. Set by ``allocator.policy="sensitivity"``
             before the wrap, and saved with the adapter so that loading and export rebuild the
             same shapes. ``None``: every module has rank ``r``.
+        init_from: A saved adapter folder, or a run folder holding ``adapter/``, whose trained
+            factors (``direct``) or hypernetworks and factor states (``hyper``) initialise this
+            adapter (transfer from a source task; :mod:`hyperadalora.transfer`). Method, source,
+            hypernetwork shape and ranks must match; the allocator state, the saved heads
+            (``modules_to_save``) and the step count start fresh. ``None``: initialise as ``init`` says.
     """
 
     _nested: ClassVar[dict[str, type]] = {"allocator": AllocatorConfig, "hyper": HyperConfig}
@@ -417,10 +422,13 @@ class AdapterConfig(JsonConfig):
     seed: int | None = None
     init: str = "default"
     rank_pattern: dict[str, int] | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
         self._check_rank_pattern(owner)
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise TypeError(f"{owner}.init_from must be a folder path (a saved adapter or a run), got {self.init_from!r}")
         check_choice(owner, "method", self.method, METHODS)
         check_choice(owner, "init", self.init, INITS)
         if self.init not in self.method_class.inits:

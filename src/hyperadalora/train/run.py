@@ -19,6 +19,7 @@ from ..tasks import HUB, make_task, resolve_data, task_spec
 from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
 from .evaluate import evaluate_rows
+from ..transfer import resolve_adapter_dir
 from .resume import (check_checkpoint_config, check_resume_config, data_fingerprint, load_training_checkpoint,
                      prepare_resume, prune_checkpoints, save_training_checkpoint, set_aside_after, truncate_log)
 from .rng import rng_snapshot
@@ -148,6 +149,8 @@ class Run:
         if self.resume_dir is not None:  # checked before anything is loaded: a bad run directory fails fast
             saved, self.resume_from = prepare_resume(self.resume_dir)
         check_writable(self.resume_dir if self.resume_dir is not None else self.config.output_dir)
+        if self.config.adapter.init_from is not None:  # before the data and model are loaded
+            resolve_adapter_dir(self.config.adapter.init_from)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._load_data()  # data first (fast, and the most common mistake), then the model
