@@ -201,11 +201,13 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
 
 
 def staging_dir(target: str | os.PathLike) -> Path:
-    """A new empty temporary folder beside ``target`` (same file system, so it can be renamed into
-    place); its parents are created. Pair it with :func:`publish_dir`, or remove it on failure."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    """A new empty temporary folder on ``target``'s file system, to be renamed into place by
+    :func:`publish_dir` (or removed on failure). It lies beside ``target``, or beside its nearest
+    existing ancestor, so that a failed write creates no folder (not even ``target``'s parents)."""
+    anchor = Path(target).absolute().parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    return Path(tempfile.mkdtemp(dir=anchor, prefix=f".{Path(target).name}.", suffix=".tmp"))
 
 
 def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, last: str | None = None,
@@ -222,6 +224,7 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, last: str 
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         if target.exists():
             target.rmdir()
+        target.parent.mkdir(parents=True, exist_ok=True)
         replace_dir(tmp, target)
         return
     names = sorted(p.name for p in tmp.iterdir())

@@ -128,4 +128,5 @@ def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32,
 
 
 __all__ = ["HEADS_KEPT_UNQUANTIZED", "PRECISIONS", "QUANTIZED_LAYER_TYPES", "QUANTIZE_CHOICES", "QuantizedMergeError", "autocast",
-           "bnb_config", "dequantize_model_", "dequantized_weight", "is_quantized", "precision_dtype", "upcast_trainable_"]
+           "bnb_config", "dequantize_model_", "dequantized_weight", "is_quantized", "precision_dtype",
+           "upcast_trainable_"]

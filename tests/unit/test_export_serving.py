@@ -367,3 +367,22 @@ def test_cli_dequantize_writes_a_full_precision_model(cli_run, tmp_path, capsys)
     quantized, _ = load_trained(load_run(run, ["quantize=4bit"]), run / "adapter")  # the adapter on the 4-bit base
     batch = inputs(bert_batch)
     torch.testing.assert_close(logits(loaded, batch), logits(quantized, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_bf16_base_keeps_its_dtype_and_matches_peft_merge(tmp_path):
+    base = tiny_bert().to(torch.bfloat16)
+    model = ha.wrap(copy.deepcopy(base), ha.AdapterConfig(method="dora", r=4, lora_alpha=8, target_modules=BERT_TARGETS,
+                                                          modules_to_save=("classifier",)))
+    with torch.no_grad():
+        for layer in model.adapted_layers.values():
+            layer.factors["B"].normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    export_merged(model, tmp_path / "merged")
+    export_peft_lora(model, tmp_path / "peft")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert loaded.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    # Reference: peft's own merge into the bf16 weights (the same rounding of W0 + dW).
+    reference = load_peft(base, tmp_path / "peft").merge_and_unload()
+    batch = inputs(bert_batch)
+    torch.testing.assert_close(logits(loaded, batch), logits(reference, batch))  # bf16 default tolerances
+    assert (logits(loaded, batch).float() - logits(base, batch).float()).abs().max() > 1e-3
