@@ -303,7 +303,8 @@ def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_
             model's ``config._name_or_path`` when set).
         pad_rank: Pad every module to this rank with zeros (outputs unchanged), for servers with
             one maximum LoRA rank (vLLM's ``max_lora_rank``); the config then holds a single
-            ``r`` / ``lora_alpha`` (no ``rank_pattern``) when the modules share one scale.
+            ``r`` / ``lora_alpha`` and no ``rank_pattern`` / ``alpha_pattern`` (differing
+            scales are folded into ``B``).
 
     Returns:
         The directory path.
