@@ -14,6 +14,7 @@ from .adapted_model import AdaptedModel, wrap
 from .checkpoint import load_adapter
 from .config import AdapterConfig, AllocatorConfig, HyperConfig
 from .export import export_peft_lora
+from .export_merged import export_merged
 from .layers import AdaptedLinear
 from .version import __version__
 
@@ -24,6 +25,7 @@ __all__ = [
     "AllocatorConfig",
     "HyperConfig",
     "__version__",
+    "export_merged",
     "export_peft_lora",
     "load_adapter",
     "wrap",

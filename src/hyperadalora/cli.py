@@ -7,6 +7,8 @@ Examples::
     hyperadalora eval runs/<run>                       # the run's task, its saved adapter
     hyperadalora eval runs/<run> task=humaneval eval_rows=20
     hyperadalora export runs/<run> --out runs/<run>/peft   # a plain peft LoRA adapter
+    hyperadalora export runs/<run> --out peft16 --pad-rank 16   # every module at rank 16 (vLLM max_lora_rank)
+    hyperadalora export runs/<run> --merged runs/<run>/merged   # a plain transformers model (adapter folded in)
     hyperadalora presets
     hyperadalora bench convergence --data-dir ../shared/data   # a paper experiment (bench: the list)
     hyperadalora bench commands                        # every registered command (what `make bench` runs)
@@ -93,14 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter directory (default: RUN_DIR/adapter for a run directory)")
     p.add_argument("--out", help="results JSON path (predictions go next to it)")
 
-    p = sub.add_parser("export", help="export a run's adapter as a plain peft LoRA adapter", formatter_class=raw,
+    p = sub.add_parser("export", help="export a run's adapter as a plain peft LoRA adapter or a merged model",
+                       formatter_class=raw,
                        description="Loads the run's base model and adapter and writes a peft LoRA adapter "
-                                   "(PeftModel.from_pretrained(base, OUT) loads it).")
+                                   "(PeftModel.from_pretrained(base, OUT) loads it) and / or, with --merged, a full "
+                                   "transformers model with the adapter folded into its weights "
+                                   "(AutoModelFor<Task>.from_pretrained(DIR) loads it, without hyperadalora or "
+                                   "peft). Each output is written aside and moved in when complete.")
     p.add_argument("items", nargs="*", metavar="RUN_DIR [key=value ...]", help="run directory, then overrides")
     p.add_argument("--adapter", help="adapter directory (default: RUN_DIR/adapter)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/peft_lora); must not lie inside the run's "
-                   "adapter/ or checkpoints/, and must be empty unless --force")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing its files)")
+    p.add_argument("--out", help="peft adapter directory (default: RUN_DIR/peft_lora, unless only --merged is "
+                   "given); must not lie inside the run's adapter/ or checkpoints/, and must be empty unless --force")
+    p.add_argument("--merged", metavar="DIR", help="also (or, without --out, only) write the merged model "
+                   "(config, safetensors weights, tokenizer) to DIR; same rules as --out")
+    p.add_argument("--dequantize", action="store_true", help="with --merged on a quantised run (quantize=4bit / "
+                   "8bit): dequantise the base to its compute dtype and write a full-precision merged model "
+                   "(without it such a run is refused)")
+    p.add_argument("--pad-rank", type=int, metavar="N", help="pad every module of the peft adapter to rank N with "
+                   "zeros (same outputs; one r for servers with a maximum LoRA rank, e.g. vLLM's max_lora_rank); "
+                   "refused, before anything is written, if a module's rank exceeds N")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out / --merged folder "
+                   "(replacing its files of the same names)")
 
     sub.add_parser("presets", help="list the shipped presets")
 
@@ -184,8 +199,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_outputs(args: argparse.Namespace, run_dir: Path, quantize: str | None) -> tuple[Path | None, Path | None]:
+    """``(peft_out, merged_out)``, checked before the model loads."""
+    from .export import check_export_dir
+
+    if args.dequantize and args.merged is None:
+        raise ValueError("--dequantize applies to --merged (the peft adapter serves on the quantised base as it is)")
+    if args.pad_rank is not None and args.pad_rank < 1:
+        raise ValueError(f"--pad-rank must be a positive rank (the server's maximum LoRA rank), got {args.pad_rank}")
+    if args.pad_rank is not None and args.merged is not None and args.out is None:
+        raise ValueError("--pad-rank pads the peft adapter: give --out too (a merged model has no rank)")
+    if args.merged is not None and quantize is not None and not args.dequantize:
+        raise ValueError(f"this run's base is quantised (quantize={quantize}): a merged model cannot be written "
+                         "into packed weights; pass --dequantize to write a full-precision merged model, or export "
+                         "the peft adapter (--out) and serve it on the quantised base")
+    adapter = Path(args.adapter or run_dir / "adapter")
+    peft_out = Path(args.out) if args.out is not None else (None if args.merged else run_dir / "peft_lora")
+    merged_out = Path(args.merged) if args.merged is not None else None
+    if peft_out is not None and merged_out is not None and peft_out.absolute() == merged_out.absolute():
+        raise ValueError(f"--out and --merged are the same folder {peft_out}: give two folders")
+    for out in (peft_out, merged_out):
+        if out is not None:
+            check_export_dir(out, protected=[adapter, run_dir / "adapter", run_dir / "checkpoints"],
+                             force=args.force)
+    return peft_out, merged_out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_export_dir, export_peft_lora
+    from .export import export_peft_lora
+    from .export_merged import export_merged
+    from .models import resolve_model_path
     from .train import load_run, load_trained
 
     target, overrides = _split_items(args.items, "export")
@@ -193,15 +236,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"export: {target!r} is not a run directory (a folder with config.yaml, as "
                                 "`hyperadalora train` writes)")
     config = load_run(target, overrides)
-    adapter = Path(args.adapter or Path(target) / "adapter")
-    out = Path(args.out or Path(target) / "peft_lora")
-    check_export_dir(out, protected=[adapter, Path(target) / "adapter", Path(target) / "checkpoints"],
-                     force=args.force)  # before the model loads
-    model, _ = load_trained(config, adapter)
-    from .models import resolve_model_path
-
-    export_peft_lora(model, out, base_model_name_or_path=str(resolve_model_path(config.model)))
-    print(json.dumps({"peft_adapter": str(out)}))
+    peft_out, merged_out = _export_outputs(args, Path(target), config.quantize)  # before the model loads
+    model, tokenizer = load_trained(config, Path(args.adapter or Path(target) / "adapter"))
+    written = {}
+    if peft_out is not None:
+        export_peft_lora(model, peft_out, base_model_name_or_path=str(resolve_model_path(config.model)),
+                         pad_rank=args.pad_rank)
+        written["peft_adapter"] = str(peft_out)
+    if merged_out is not None:
+        export_merged(model, merged_out, tokenizer=tokenizer, dequantize=args.dequantize)
+        written["merged_model"] = str(merged_out)
+    print(json.dumps(written))
     return 0
 
 
@@ -231,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
                "plan": cmd_plan}[args.command]
+    from .quant import QuantizedMergeError
     from .train.rundir import OutputWriteError, RunDirBusyError
 
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
-            OutputWriteError, RunDirBusyError) as exc:
+            OutputWriteError, RunDirBusyError, QuantizedMergeError) as exc:
         print(f"hyperadalora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

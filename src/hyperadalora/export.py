@@ -23,6 +23,12 @@ factors as the evaluation forward uses them); each method's ``to_lora`` does its
 * Hyper source: the generated factors (the model is put in eval mode and the factors are
   generated once under ``no_grad``, exactly as the evaluation forward caches them).
 
+``pad_rank=N`` pads every module to rank N with zeros (``B A`` unchanged; differing scales are
+folded into ``B``), so the adapter has one ``r`` and one ``lora_alpha`` for servers with a single
+maximum LoRA rank (vLLM's ``max_lora_rank``); a module above N is refused before anything is
+written. The files go into a temporary sibling folder that is moved in when complete
+(:func:`~hyperadalora.fileio.publish_dir`).
+
 ``target_modules`` is the list of exact adapted module names; if peft's suffix matching would
 also catch another module of the model, an anchored regex of exactly those names is written
 instead. ``modules_to_save`` lists the full names of the saved modules, whose tensors are stored
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -41,7 +48,7 @@ from torch import nn
 
 from .adapted_model import AdaptedModel
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
-from .fileio import write_json, write_tensors
+from .fileio import publish_dir, staging_dir, write_json, write_tensors
 from .methods import LoraExport
 
 PEFT_PREFIX = "base_model.model."
@@ -155,6 +162,37 @@ def _exported_modules(model: AdaptedModel, lora: dict[str, LoraExport]) -> list[
     return list(lora)
 
 
+def _check_pad_rank_value(pad_rank: int | None) -> None:
+    if pad_rank is not None and (isinstance(pad_rank, bool) or not isinstance(pad_rank, int) or pad_rank < 1):
+        raise ValueError(f"pad_rank must be a positive int (the server's maximum LoRA rank), got {pad_rank!r}")
+
+
+def check_pad_rank(lora: dict[str, LoraExport], exported: list[str], pad_rank: int) -> None:
+    """Raises (naming the module and its rank) if a module's rank exceeds ``pad_rank``."""
+    over = sorted((n for n in exported if lora[n].rank > pad_rank), key=lambda n: -lora[n].rank)
+    if over:
+        raise ValueError(f"cannot pad to rank {pad_rank}: module {over[0]!r} has rank {lora[over[0]].rank} "
+                         f"({len(over)} module(s) exceed it); pass a pad rank of at least "
+                         f"{lora[over[0]].rank} (and raise the server's maximum LoRA rank to match)")
+
+
+def pad_to_rank(lora: dict[str, LoraExport], exported: list[str], pad_rank: int) -> None:
+    """Pads every exported module to rank ``pad_rank`` with zero rows of ``A`` / zero columns of
+    ``B`` (the product ``B A`` is unchanged). If the modules' scales differ (mixed ranks with one
+    alpha), each scale is folded into ``B`` and a common scale of 1 is used, so the adapter needs
+    one ``r`` and one ``lora_alpha`` (``alpha / r`` = the scale) and no per-module patterns, which
+    some servers ignore."""
+    scales = {lora[n].scale for n in exported}
+    common = scales.pop() if len(scales) == 1 else 1.0
+    for name in exported:
+        e = lora[name]
+        extra = pad_rank - e.rank
+        b = e.b if e.scale == common else e.b * (e.scale / common)
+        e.a = torch.cat([e.a, e.a.new_zeros(extra, e.a.shape[1])], dim=0)  # (pad_rank, d_in)
+        e.b = torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)  # (d_out, pad_rank)
+        e.scale, e.alpha = common, common * pad_rank
+
+
 def _peft_tensors(lora: dict[str, LoraExport], exported: list[str]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name in exported:
@@ -174,14 +212,16 @@ def _target_modules(model: AdaptedModel, exported: list[str]) -> list[str] | str
     return list(exported)
 
 
-def _ranks_and_alphas(model: AdaptedModel, lora: dict[str, LoraExport], exported: list[str]
+def _ranks_and_alphas(model: AdaptedModel, lora: dict[str, LoraExport], exported: list[str], padded: bool
                       ) -> tuple[int, float, dict[str, int], dict[str, float]]:
     """``(r, lora_alpha, rank_pattern, alpha_pattern)``: patterns list every module when ranks vary
-    by design (AdaLoRA) or differ; ``r`` / ``lora_alpha`` then hold the largest rank and its alpha."""
+    by design (AdaLoRA, unless padded to one rank) or differ; ``r`` / ``lora_alpha`` then hold the
+    largest rank and its alpha."""
     ranks = {n: lora[n].rank for n in exported}
     alphas = {n: lora[n].alpha for n in exported}
     first = exported[0]
-    if not model.method.varies_rank and len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1:
+    if len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1 and (
+            padded or not model.method.varies_rank):
         return ranks[first], alphas[first], {}, {}
     r = max(ranks.values())
     keys = dict(zip(exported, exported))
@@ -191,8 +231,8 @@ def _ranks_and_alphas(model: AdaptedModel, lora: dict[str, LoraExport], exported
 
 
 def _peft_config(model: AdaptedModel, lora: dict[str, LoraExport], exported: list[str], saved: list[str],
-                 base_model_name_or_path: str | None) -> dict:
-    r, lora_alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(model, lora, exported)
+                 base_model_name_or_path: str | None, padded: bool = False) -> dict:
+    r, lora_alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(model, lora, exported, padded)
     fan_in_fan_out = any(type(model.adapted_layers[n].base_layer).__name__ == "Conv1D" for n in exported)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
@@ -245,39 +285,55 @@ def check_export_dir(directory: str | os.PathLike, *, protected: list[str | os.P
                               "--force to replace its files")
 
 
-def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+def export_peft_lora(model, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                     pad_rank: int | None = None) -> Path:
     """Writes ``model``'s adapter as a standard peft LoRA adapter to ``directory``.
 
     Load it with ``peft.PeftModel.from_pretrained(base_model, directory)`` on a fresh copy of
     the base model; its outputs (and those of ``merge_and_unload()``) equal this model's in eval
-    mode. The model's training mode is restored afterwards.
+    mode. The model's training mode is restored afterwards. The files are written into a
+    temporary sibling folder first and moved in only when all are complete, so a failure leaves
+    ``directory`` as it was.
 
     Args:
         model: A trained :class:`~hyperadalora.AdaptedModel` (any method, any source).
         directory: Output directory (created if needed); existing files of the same names are
-            replaced atomically.
+            replaced, other files are kept.
         base_model_name_or_path: Recorded in ``adapter_config.json`` (default: the wrapped
             model's ``config._name_or_path`` when set).
+        pad_rank: Pad every module to this rank with zeros (outputs unchanged), for servers with
+            one maximum LoRA rank (vLLM's ``max_lora_rank``); the config then holds a single
+            ``r`` / ``lora_alpha`` and no ``rank_pattern`` / ``alpha_pattern`` (differing
+            scales are folded into ``B``).
 
     Returns:
         The directory path.
 
     Raises:
         TypeError: If ``model`` is not an :class:`~hyperadalora.AdaptedModel`.
-        ValueError: If the model is merged (call ``model.unmerge()`` first), or an adapted module
-            lies inside a ``modules_to_save`` module (peft cannot express that).
+        ValueError: If the model is merged (call ``model.unmerge()`` first), an adapted module
+            lies inside a ``modules_to_save`` module (peft cannot express that), or a module's
+            rank exceeds ``pad_rank`` (checked before anything is written).
         RuntimeError: If an AdaLoRA model was trained without ``after_step`` ever running.
     """
     saved = _saved_modules(model) if isinstance(model, AdaptedModel) else []
     _check_exportable(model, saved)
+    _check_pad_rank_value(pad_rank)
+    path = Path(directory)
+    check_export_dir(path, force=True)
     lora, mts_tensors = _collect(model, saved)
     _warn_dropped(lora)
     exported = _exported_modules(model, lora)
+    if pad_rank is not None:
+        check_pad_rank(lora, exported, pad_rank)
+        pad_to_rank(lora, exported, pad_rank)
     tensors = {**_peft_tensors(lora, exported), **mts_tensors}
-    config = _peft_config(model, lora, exported, saved, base_model_name_or_path)
-    path = Path(directory)
-    check_export_dir(path, force=True)
-    path.mkdir(parents=True, exist_ok=True)
-    write_tensors(path / WEIGHTS_NAME, tensors)
-    write_json(path / CONFIG_NAME, config)  # last: a directory with a config is a complete adapter
+    config = _peft_config(model, lora, exported, saved, base_model_name_or_path, padded=pad_rank is not None)
+    tmp = staging_dir(path)
+    try:
+        write_tensors(tmp / WEIGHTS_NAME, tensors)
+        write_json(tmp / CONFIG_NAME, config)
+        publish_dir(tmp, path, last=CONFIG_NAME)  # last: a directory with a config is a complete adapter
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -198,3 +198,44 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     fsync_dir(target.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def staging_dir(target: str | os.PathLike) -> Path:
+    """A new empty temporary folder on ``target``'s file system, to be renamed into place by
+    :func:`publish_dir` (or removed on failure). It lies beside ``target``, or beside its nearest
+    existing ancestor, so that a failed write creates no folder (not even ``target``'s parents)."""
+    anchor = Path(target).absolute().parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    return Path(tempfile.mkdtemp(dir=anchor, prefix=f".{Path(target).name}.", suffix=".tmp"))
+
+
+def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, last: str | None = None,
+                stale: tuple[str, ...] = ()) -> None:
+    """Moves the complete folder ``tmp`` (flat: files only) in as ``target``.
+
+    An absent or empty ``target`` is replaced by one rename (:func:`replace_dir`). Into a
+    non-empty ``target`` each file is renamed over its namesake (``last`` moved last, so its
+    presence marks a complete folder), files matching a ``stale`` glob that this write did not
+    produce are removed (an earlier export's leftovers that would mislead a loader), and other
+    files are kept. ``tmp`` is gone afterwards.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        if target.exists():
+            target.rmdir()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp, target)
+        return
+    names = sorted(p.name for p in tmp.iterdir())
+    if last in names:
+        names.remove(last)
+        names.append(last)
+    for pattern in stale:
+        for old in target.glob(pattern):
+            if old.is_file() and old.name not in names:
+                old.unlink()
+    for name in names:
+        os.replace(tmp / name, target / name)
+    tmp.rmdir()
+    fsync_dir(target)

@@ -75,6 +75,12 @@ class AdaptedLinear(nn.Module):
         """The frozen weight as ``(d_out, d_in)``."""
         return linear_weight(self.base_layer)
 
+    def base_layer_replaced(self) -> None:
+        """Re-reads what depends on the base layer's kind after it was swapped in place (e.g. a
+        bitsandbytes layer dequantised by :func:`~hyperadalora.quant.dequantize_model_`)."""
+        self.quantized = is_quantized(self.base_layer)
+        self._row_sqnorm = None
+
     @property
     def base_bias(self) -> torch.Tensor | None:
         """The frozen bias, or ``None``."""

@@ -48,6 +48,33 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return weight.data.float() * (scb.float()[:, None] / 127.0)
 
 
+def dequantize_model_(model: nn.Module) -> torch.dtype:
+    """Dequantises every bitsandbytes layer of a transformers model in place (transformers'
+    ``model.dequantize``, which also drops ``config.quantization_config``), to the compute dtype:
+    a 4-bit config's ``bnb_4bit_compute_dtype``, else the model's ``config.dtype``.
+
+    Returns:
+        The dtype of the dequantised weights.
+
+    Raises:
+        QuantizedMergeError: The model was not quantised through a transformers
+            ``quantization_config`` (no ``hf_quantizer``), so there is no supported way back.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or not hasattr(model, "dequantize"):
+        raise QuantizedMergeError(
+            f"{type(model).__name__} holds bitsandbytes layers but was not loaded with a transformers "
+            "quantization_config, so it cannot be dequantised: load the base model unquantised instead")
+    qc = quantizer.quantization_config
+    dtype = getattr(qc, "bnb_4bit_compute_dtype", None) if getattr(qc, "load_in_4bit", False) else None
+    if dtype is None:
+        dtype = getattr(model.config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model.dequantize(dtype=dtype)
+    return dtype
+
+
 def precision_dtype(precision: str) -> torch.dtype:
     """The torch dtype of a precision name (``fp32``, ``bf16``, ``fp16``)."""
     if precision not in PRECISIONS:
@@ -101,4 +128,5 @@ def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32,
 
 
 __all__ = ["HEADS_KEPT_UNQUANTIZED", "PRECISIONS", "QUANTIZED_LAYER_TYPES", "QUANTIZE_CHOICES", "QuantizedMergeError", "autocast",
-           "bnb_config", "dequantized_weight", "is_quantized", "precision_dtype", "upcast_trainable_"]
+           "bnb_config", "dequantize_model_", "dequantized_weight", "is_quantized", "precision_dtype",
+           "upcast_trainable_"]
