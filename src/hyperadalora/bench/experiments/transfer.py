@@ -1,0 +1,189 @@
+"""Issue 20 item 2: amortised hypernetworks. Does a HyperAdaLoRA started from another task's
+hypernetworks reach a tuned AdaLoRA's target sooner than AdaLoRA, from scratch or started alike?
+
+Protocol (the convergence experiment's, ``convergence.BASE``; MiniLM):
+
+* Source: SST-2, 200 steps, seed 0, each method at its own best lr of ``convergence.json``
+  (AdaLoRA 3e-3, HyperAdaLoRA 1e-3); the run folders are kept.
+* Target (``--target``, MRPC by default): four arms, ``adalora`` and ``hyperadalora`` from scratch
+  and ``...-from-sst2`` started from the source run of the same method (``adapter.init_from``:
+  the trained factors, or the hypernetworks with their factor states; the task head, the
+  allocator and the schedule start fresh).
+* Every arm gets its own lr sweep (``--lrs``, seed 0); its best lr (lowest final smoothed loss)
+  must lie inside the grid, else the table says so. Then ``--seeds`` seeds at that lr.
+* Target loss: AdaLoRA-from-scratch's mean final smoothed loss at its best lr. Steps to target
+  per seed, paired by seed against AdaLoRA from scratch: mean ratio, 95% t interval of the
+  difference, paired t-test (a seed that never reaches the target counts as ``steps + 1``,
+  censored, and the table says how many did not).
+
+Usage::
+
+    hyperadalora bench transfer --data-dir ../shared/data [--target mrpc] [--seeds 5] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+from ..curves import best_lr, first_reach, smoothed_final
+from ..experiment import Command, experiment
+from ..report import fmt, markdown_table, plot_curve_groups
+from ..runner import RunSpec, run_specs
+from . import convergence as conv
+from .common import result_path, write_results
+
+SOURCE_LRS = {"adalora": 3e-3, "hyperadalora": 1e-3}  # convergence.json: best on SST-2 / MiniLM
+TARGETS = {"mrpc": {"steps": 200, "max_length": 128}, "cola": {"steps": 200, "max_length": 64},
+           "rte": conv.TASKS["rte"]}
+ARMS = ("adalora", "adalora-from-sst2", "hyperadalora", "hyperadalora-from-sst2")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The experiment's options."""
+    p = argparse.ArgumentParser(prog="hyperadalora bench transfer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--target", default="mrpc", choices=sorted(TARGETS))
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="each arm's lr grid (seed 0)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work-dir", default="runs/bench/transfer")
+    p.add_argument("--name", default="transfer")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.seeds < 2:
+        p.error("--seeds must be at least 2 (the paired test needs two seeds)")
+    return args
+
+
+def method_of(arm: str) -> str:
+    """``adalora-from-sst2`` -> ``adalora``."""
+    return arm.split("-from-")[0]
+
+
+def source_spec(method: str) -> RunSpec:
+    """The kept SST-2 run an arm ``<method>-from-sst2`` starts from."""
+    base = conv.spec("sst2", "minilm", method, SOURCE_LRS[method], 0, conv.TASKS)
+    return RunSpec(key=f"source-{base.key}", config=base.config, overrides=base.overrides, keep_run_dir=True,
+                   tags={**base.tags, "role": "source"})
+
+
+def target_spec(arm: str, target: str, lr: float, seed: int, sources: dict[str, dict]) -> RunSpec:
+    """One target run of ``arm``."""
+    extra = {}
+    if arm != method_of(arm):
+        extra["adapter.init_from"] = sources[method_of(arm)]["run_dir"]
+    base = conv.spec(target, "minilm", method_of(arm), lr, seed, TARGETS, extra)
+    return RunSpec(key=f"{target}-minilm-{arm}-lr{lr:g}-s{seed}", config=base.config, overrides=base.overrides,
+                   tags={**base.tags, "arm": arm})
+
+
+def paired_steps(ours: list[int | None], reference: list[int | None], budget: int) -> dict:
+    """Steps to target of an arm against the reference, paired by seed (``None``: never, censored at budget + 1).
+
+    Returns:
+        ``mean_ratio`` (mean of per-seed ours / reference), ``diff_mean`` and its 95% t interval
+        ``diff_ci`` (ours - reference, steps), ``p_value`` of the paired t-test (``None`` when the
+        differences are all equal), and ``never`` (seeds of ours that never reached it).
+    """
+    from scipy import stats  # the benchmark's only use of scipy
+
+    a = [budget + 1 if s is None else s for s in ours]
+    b = [budget + 1 if s is None else s for s in reference]
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else math.nan
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    p_value = None if n < 2 or sd == 0 else float(stats.ttest_rel(a, b).pvalue)
+    return {"mean_ratio": statistics.fmean(x / y for x, y in zip(a, b)), "diff_mean": mean,
+            "diff_ci": [mean - half, mean + half], "p_value": p_value, "never": sum(s is None for s in ours)}
+
+
+def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict) -> tuple[dict[str, float], list[dict]]:
+    """Every arm's lr sweep (seed 0; all arms first, so a stopped run still has every best lr)."""
+    specs = [target_spec(arm, args.target, lr, 0, sources) for lr in lrs for arm in ARMS]
+    swept = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads, only_cached=args.report_only)
+    runs = {arm: [swept[s.key] for s in specs if s.tags["arm"] == arm and s.key in swept] for arm in ARMS}
+    missing = [arm for arm, rs in runs.items() if best_lr(rs) is None]
+    if missing:
+        raise SystemExit(f"transfer: no finished sweep run for {missing} in {args.work_dir}")
+    return {arm: best_lr(rs) for arm, rs in runs.items()}, [swept[s.key] for s in specs if s.key in swept]
+
+
+def seed_runs(args: argparse.Namespace, lrs: dict[str, float], sources: dict) -> dict[str, list[dict]]:
+    """Every arm's seeds at its best lr, seed-major (a stopped run leaves the arms equally far)."""
+    specs = [target_spec(arm, args.target, lrs[arm], seed, sources) for seed in range(args.seeds) for arm in ARMS]
+    done = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads, only_cached=args.report_only)
+    return {arm: sorted((done[s.key] for s in specs if s.tags["arm"] == arm and s.key in done),
+                        key=lambda r: r["seed"]) for arm in ARMS}
+
+
+def arm_rows(arm: str, lr: float, runs: list[dict], target_loss: float, lrs: list[float]) -> dict:
+    """The per-seed figures of one arm at its best lr."""
+    steps = [first_reach(r["losses"], r["step_times"], target_loss)[0] for r in runs]
+    metric = [r["final_metrics"].get("f1", r["final_metrics"].get("accuracy")) for r in runs]
+    return {"arm": arm, "lr": lr, "lr_inside_grid": min(lrs) < lr < max(lrs), "seeds": [r["seed"] for r in runs],
+            "steps_to_target": steps, "final_smoothed": [smoothed_final(r["losses"]) for r in runs],
+            "dev_metric": metric}
+
+
+@experiment("transfer", section="## 10. Amortised hypernetworks: transfer from SST-2 (issue 20 item 2)",
+            title="10. a HyperAdaLoRA started from SST-2's hypernetworks vs AdaLoRA, from scratch and started alike",
+            parse_args=parse_args, render=lambda result: render(result),
+            commands=[Command("transfer", ("--target", "mrpc", "--seeds", "5", "--workers", "1"), group="pending")])
+def main(argv: list[str] | None = None) -> int:
+    """Runs the sources, each arm's sweep and seeds, and writes ``results/<name>.*``."""
+    args = parse_args(argv)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    sources = run_specs([source_spec(m) for m in SOURCE_LRS], args.work_dir, args.data_dir, args.workers,
+                        args.threads, only_cached=args.report_only)
+    sources = {r["tags"]["method"]: r for r in sources.values()}
+    lrs_found, swept = best_lrs(args, lrs, sources)
+    found = seed_runs(args, lrs_found, sources)
+    target_loss = statistics.fmean(smoothed_final(r["losses"]) for r in found["adalora"])
+    budget = TARGETS[args.target]["steps"]
+    rows = [arm_rows(arm, lrs_found[arm], runs, target_loss, lrs) for arm, runs in found.items()]
+    reference = dict(zip(rows[0]["seeds"], rows[0]["steps_to_target"]))
+    for row in rows[1:]:  # paired by seed, over the seeds both have
+        pairs = [(s, reference[seed]) for seed, s in zip(row["seeds"], row["steps_to_target"]) if seed in reference]
+        if len(pairs) >= 2:
+            row["vs_adalora"] = paired_steps([a for a, _ in pairs], [b for _, b in pairs], budget)
+    sweeps = [{"arm": r["tags"]["arm"], "lr": r["lr"], "final_smoothed": smoothed_final(r["losses"])} for r in swept]
+    result = {"name": args.name, "config": {**vars(args), "source_lrs": SOURCE_LRS, "budget": budget},
+              "target_loss": target_loss, "rows": rows, "sweep": sweeps,
+              "sources": {m: {"lr": r["lr"], "final_smoothed": r["final_smoothed"]} for m, r in sources.items()}}
+    plot_curve_groups({arm: [r["losses"] for r in runs] for arm, runs in found.items()},
+                      result_path(args.name), f"{args.target} / MiniLM: smoothed task loss, each arm at its best lr",
+                      target=target_loss)
+    write_results(args.name, result, render(result))
+    return 0
+
+
+def render(result: dict) -> list[str]:
+    """The markdown of a transfer result."""
+    header = ["arm", "lr", "lr inside grid", "seeds", "final loss (mean)", "dev metric (mean)", "steps to target",
+              "steps / AdaLoRA's (mean)", "diff, 95% CI", "paired p", "never"]
+    table = []
+    for row in result["rows"]:
+        vs = row.get("vs_adalora")
+        steps = " / ".join("never" if s is None else str(s) for s in row["steps_to_target"])
+        table.append([row["arm"], f"{row['lr']:g}", "yes" if row["lr_inside_grid"] else "**no (edge)**",
+                      len(row["seeds"]), fmt(statistics.fmean(row["final_smoothed"])),
+                      fmt(statistics.fmean(row["dev_metric"]), ".3f"), steps,
+                      fmt(vs["mean_ratio"], ".2f") if vs else "1 (reference)",
+                      f"{vs['diff_mean']:+.1f} [{vs['diff_ci'][0]:+.1f}, {vs['diff_ci'][1]:+.1f}]" if vs else "",
+                      fmt(vs["p_value"], ".3g", "n/a") if vs else "", vs["never"] if vs else
+                      sum(s is None for s in row["steps_to_target"])])
+    sweep = [[s["arm"], f"{s['lr']:g}", fmt(s["final_smoothed"])] for s in result["sweep"]]
+    return [f"Target loss: AdaLoRA-from-scratch's mean final smoothed loss at its best lr, "
+            f"{result['target_loss']:.4f}; budget {result['config']['budget']} steps (a seed that never reaches "
+            "it counts as budget + 1 in the paired test).", "",
+            *markdown_table(header, table), "", "lr sweep (seed 0):", "",
+            *markdown_table(["arm", "lr", "final smoothed loss"], sweep)]
+
+
+__all__ = ["ARMS", "main", "paired_steps", "parse_args", "render"]

@@ -1,0 +1,42 @@
+"""The transfer experiment's pure parts: the paired comparison and the run specs."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from hyperadalora.bench.experiments import transfer
+
+
+def test_paired_steps_matches_a_hand_computed_t_test_with_censoring():
+    # ours never reaches it on the third seed: censored at budget + 1 = 41
+    got = transfer.paired_steps([10, 20, None], [20, 20, 30], budget=40)
+    diffs = [10 - 20, 20 - 20, 41 - 30]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    se = sd / math.sqrt(3)
+    t = mean / se
+    # Student t with 2 degrees of freedom has closed forms: two-sided p = 1 - |t| / sqrt(t^2 + 2),
+    # and the q-quantile is (2q - 1) / sqrt(2q(1 - q)) (4.3027 at q = 0.975, as the tables give).
+    assert got["p_value"] == pytest.approx(1 - abs(t) / math.sqrt(t * t + 2), rel=1e-9)
+    quantile = (2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)
+    assert quantile == pytest.approx(4.3027, abs=1e-4)
+    half = quantile * se
+    assert got["diff_ci"] == pytest.approx([mean - half, mean + half], rel=1e-9)
+    assert got["mean_ratio"] == pytest.approx((10 / 20 + 20 / 20 + 41 / 30) / 3)
+    assert got["never"] == 1 and got["diff_mean"] == pytest.approx(1 / 3)
+
+
+def test_identical_arms_have_no_p_value():
+    assert transfer.paired_steps([5, 6], [5, 6], budget=10)["p_value"] is None
+
+
+def test_started_arms_point_at_their_own_methods_source_run():
+    sources = {"adalora": {"run_dir": "/s/ada"}, "hyperadalora": {"run_dir": "/s/hyp"}}
+    spec = transfer.target_spec("hyperadalora-from-sst2", "mrpc", 1e-3, 2, sources)
+    assert spec.overrides["adapter.init_from"] == "/s/hyp" and spec.overrides["adapter.source"] == "hyper"
+    assert spec.overrides["task"] == "mrpc" and spec.overrides["seed"] == 2
+    scratch = transfer.target_spec("adalora", "mrpc", 1e-3, 2, sources)
+    assert "adapter.init_from" not in scratch.overrides and scratch.key != spec.key
+    assert transfer.source_spec("hyperadalora").keep_run_dir
