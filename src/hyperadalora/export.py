@@ -63,10 +63,20 @@ _TASK_SUFFIXES = (
 )
 
 
-def _task_type(model: nn.Module) -> str | None:
+# Heads peft adds to modules_to_save by itself for these task types (and then expects in the file).
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _task_type(model: nn.Module, saved: list[str]) -> str | None:
+    """peft's task type for ``model``; ``None`` for a head task whose head the adapter did not save
+    (peft would add the head to modules_to_save and fail to find its weights in the file)."""
     name = type(model).__name__
     for suffix, task in _TASK_SUFFIXES:
         if name.endswith(suffix):
+            heads = _PEFT_TASK_HEADS.get(task, ())
+            if heads and not any(s == h or s.endswith("." + h) for s in saved for h in heads):
+                return None
             return task
     return None
 
@@ -238,7 +248,7 @@ def _peft_config(model: AdaptedModel, lora: dict[str, LoraExport], exported: lis
         base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
     return {
         "peft_type": "LORA",
-        "task_type": _task_type(model.model),
+        "task_type": _task_type(model.model, saved),
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,

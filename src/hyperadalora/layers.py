@@ -179,7 +179,7 @@ class AdaptedLinear(nn.Module):
         if self.quantized:
             raise QuantizedMergeError(
                 f"cannot {what} the quantised base weight of {type(self.base_layer).__name__}: re-quantising "
-                "would round the update away. Export the adapter (ha.export_peft / save_adapter) and use it on the "
+                "would round the update away. Export the adapter (ha.export_peft_lora / save_adapter) and use it on the "
                 "quantised base, or load the base in bf16 / fp32 and merge there. PiSSA, which replaces W0 by "
                 "a residual, needs an unquantised base for the same reason.")
 

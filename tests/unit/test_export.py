@@ -238,3 +238,13 @@ def test_rejects_merged_and_non_adapted_models(tmp_path):
     cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "org/tiny-bert"
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_sequence_classifier_without_a_saved_head_loads_in_peft(tmp_path):
+    """A SEQ_CLS task type makes peft add the head to modules_to_save and look for its weights in the
+    file; an adapter that did not train the head has none, so the export must not claim SEQ_CLS."""
+    base = tiny_bert()
+    model = ha.wrap(copy.deepcopy(base), config("lora", "direct", BERT_TARGETS, ()))
+    train_steps(model, STEPS, bert_batch)
+    cfg, _ = check_peft_matches(base, model, bert_batch, tmp_path / "peft")
+    assert cfg["modules_to_save"] is None
