@@ -34,9 +34,11 @@ def test_identical_arms_have_no_p_value():
 
 def test_started_arms_point_at_their_own_methods_source_run():
     sources = {"adalora": {"run_dir": "/s/ada"}, "hyperadalora": {"run_dir": "/s/hyp"}}
-    spec = transfer.target_spec("hyperadalora-from-sst2", "mrpc", 1e-3, 2, sources)
+    assert transfer.arms("cola") == ("adalora", "adalora-from-cola", "hyperadalora", "hyperadalora-from-cola")
+    spec = transfer.target_spec("hyperadalora-from-cola", "sst2", 1e-3, 2, sources)
     assert spec.overrides["adapter.init_from"] == "/s/hyp" and spec.overrides["adapter.source"] == "hyper"
-    assert spec.overrides["task"] == "mrpc" and spec.overrides["seed"] == 2
-    scratch = transfer.target_spec("adalora", "mrpc", 1e-3, 2, sources)
+    assert spec.overrides["task"] == "sst2" and spec.overrides["seed"] == 2
+    scratch = transfer.target_spec("adalora", "sst2", 1e-3, 2, sources)
     assert "adapter.init_from" not in scratch.overrides and scratch.key != spec.key
-    assert transfer.source_spec("hyperadalora").keep_run_dir
+    source = transfer.source_spec("cola", "hyperadalora")
+    assert source.keep_run_dir and source.overrides["task"] == "cola"
