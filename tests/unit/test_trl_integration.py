@@ -275,3 +275,51 @@ def test_checkpoint_resume_continues_identically(tmp_path):
     assert model.rank_pattern == full_model.rank_pattern
     a, b = model.allocator, full_model.allocator
     assert (a.budget, a.steps_seen, a.last_step) == (b.budget, b.steps_seen, b.last_step)
+
+
+def test_two_processes_count_the_regulariser_once(tmp_path):
+    """torchrun, 2 ranks (gloo): SFTTrainer multiplies each rank's token loss by the number of
+    processes before DDP averages; gamma * R must not be, so 2 ranks x 1 row equal 1 process x 2 rows
+    (losses, pruning, parameters), and the ranks stay identical (hypernetwork dL/dF averaged)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    here = Path(__file__).resolve().parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = ([str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"])
+    cmd += ["--standalone", "--nproc_per_node", "2", str(here / "trl_ddp_worker.py"), str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(here.parents[1] / "src"), str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(here),
+                            start_new_session=True)  # a session of its own: a timeout ends the workers too
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 600 s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert proc.returncode == 0, f"torchrun failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["checksums"] == ranks[1]["checksums"], "the ranks diverged"
+
+    config = run_config(tmp_path, "adalora", "hyper")
+    losses, model, _ = sft_run(tmp_path, config)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(torch.tensor(res["losses"], dtype=torch.float64),
+                                   torch.tensor(losses, dtype=torch.float64), rtol=0, atol=1e-5)
+        assert res["rank_pattern"] == model.rank_pattern and res["budget"] == model.allocator.budget
+        assert res["steps_taken"] == STEPS
+        saved = load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors"))
+        assert saved.keys() == params.keys()
+        for name, p in params.items():
+            torch.testing.assert_close(saved[name], p, rtol=0, atol=1e-5, msg=name)
