@@ -12,6 +12,11 @@ checkpointing. Every method x source trains 10 steps; AdaLoRA prunes during them
 Loss averaging: SFTTrainer averages the token loss over the whole optimizer step, the run averages
 the micro-batch means; with gradient accumulation the comparison uses rows whose micro-batches
 all have the same number of label tokens (checked), where both definitions agree.
+
+Also: resuming from a checkpoint continues identically; 2 processes (torchrun, gloo;
+tests/unit/trl_ddp_worker.py) equal 1 process with the whole batch; SFTTrainer's own
+tokenisation with packing and activation checkpointing keeps the contract; refused options fail
+before any work.
 """
 
 from __future__ import annotations
