@@ -22,10 +22,12 @@ before any work.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 from trl import SFTConfig
 
 import hyperadalora as ha
@@ -35,6 +37,7 @@ from hyperadalora.train import RunConfig
 from hyperadalora.train.build import batch_order, build_model
 from hyperadalora.train.run import Run
 from tiny_models import LLAMA_TARGETS, tiny_llama
+from torchrun_helper import torchrun_two_ranks
 
 STEPS, BATCH, LR, SEED = 10, 2, 3e-3, 3
 METHODS = ["lora", "dora", "dylora", "adalora"]
@@ -286,32 +289,7 @@ def test_two_processes_count_the_regulariser_once(tmp_path):
     """torchrun, 2 ranks (gloo): SFTTrainer multiplies each rank's token loss by the number of
     processes before DDP averages; gamma * R must not be, so 2 ranks x 1 row equal 1 process x 2 rows
     (losses, pruning, parameters), and the ranks stay identical (hypernetwork dL/dF averaged)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import torch.distributed as dist
-    from safetensors.torch import load_file
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    here = Path(__file__).resolve().parent
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = ([str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"])
-    cmd += ["--standalone", "--nproc_per_node", "2", str(here / "trl_ddp_worker.py"), str(tmp_path / "ddp")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(here.parents[1] / "src"), str(here), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(here),
-                            start_new_session=True)  # a session of its own: a timeout ends the workers too
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 600 s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    assert proc.returncode == 0, f"torchrun failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    torchrun_two_ranks([str(Path(__file__).resolve().parent / "trl_ddp_worker.py"), str(tmp_path / "ddp")])
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["checksums"] == ranks[1]["checksums"], "the ranks diverged"
