@@ -11,8 +11,10 @@ that ``resume_from_checkpoint`` restores with the allocator state, DDP preparati
 * Fused LM head. ``SFTTrainer`` replaces the forward of the model it is given by one that runs the
   backbone and scores only the label tokens (``fused_lm_head=True``, no full logits). On an
   ``AdaptedModel`` that forward would call the backbone directly, past the adapted model's own
-  forward (no hypernetwork generation, no training-forward bookkeeping). :class:`AdaptedSFTTrainer`
-  moves the patch onto the wrapped model, so every forward goes through the ``AdaptedModel`` first.
+  forward: the hypernetworks would not generate fresh factors for the forward (with gradient
+  accumulation or activation checkpointing the hyper source then fails in the backward), and the
+  training-forward bookkeeping would be skipped. :class:`AdaptedSFTTrainer` moves the patch onto
+  the wrapped model, so every forward goes through the ``AdaptedModel`` first.
 * Loss. ``SFTTrainer`` computes the loss from the per-token log-probabilities, not from the model's
   ``.loss``, so the AdaLoRA orthogonality regulariser is not in it. :class:`AdaptedSFTTrainer` adds
   ``gamma * R`` so that it counts once per optimizer step: ``gamma * R / grad_accum`` per
@@ -23,7 +25,8 @@ Loss averaging: ``SFTTrainer`` divides the summed token loss by the number of la
 whole optimizer step, over all micro-batches and processes (``num_items_in_batch``);
 ``hyperadalora train`` (:func:`~hyperadalora.train.step.optimizer_step`) averages each micro-batch's
 own token mean. The two agree with ``gradient_accumulation_steps=1``, or when every micro-batch has
-the same number of label tokens; otherwise ``SFTTrainer`` weights long responses more.
+the same number of label tokens; otherwise every token of the step weighs the same in
+``SFTTrainer`` (a micro-batch with more label tokens weighs more).
 
 Use::
 
@@ -153,13 +156,15 @@ class AdaptedSFTTrainer(AdaptedTrainerMixin, SFTTrainer):
     a ``.jinja`` ``chat_template_path``, ``eos_token`` / ``pad_token``, evaluation, checkpoints and
     ``resume_from_checkpoint``, DDP (``torchrun``). Compared step for step with
     ``hyperadalora train`` (tests/unit/test_trl_integration.py): tokenised features, gradient
-    accumulation, clipping, fp32 without activation checkpointing, and resuming from a checkpoint;
-    prompt-completion rows with packing and activation checkpointing are checked for the contract
-    (after_step once per step, pruning, trained hypernetworks); DDP, fp16 / bf16 and ``dft`` are
-    not tested here (they go through the same code as with ``AdaptedTrainer``). To
-    reproduce a ``hyperadalora train`` run, put the rows in the run's order
-    (:func:`~hyperadalora.train.build.batch_order`), set ``train_sampling_strategy="sequential"``,
-    ``shuffle_dataset=False``, and the run's optimizer and learning-rate schedule.
+    accumulation, clipping, fp32 without activation checkpointing, resuming from a checkpoint, and
+    two processes (torchrun) against one; prompt-completion rows with packing and activation
+    checkpointing are checked for the contract (after_step once per step, pruning, trained
+    hypernetworks); fp16 / bf16 and ``loss_type="dft"`` are not tested. To reproduce a
+    ``hyperadalora train`` run, put the rows in the run's order
+    (:func:`~hyperadalora.train.build.batch_order`), set ``train_sampling_strategy="sequential"``
+    and ``shuffle_dataset=False``, and use the same AdamW settings and learning-rate schedule (the
+    tests use a constant rate: ``lr_scheduler_type="constant"`` against ``warmup_steps=0``,
+    ``min_lr_ratio=1``).
 
     Refused with a ``ValueError`` before any work (:func:`check_sft_setup`): ``peft_config``
     (the model is already adapted), ``compute_loss_func`` and ``label_smoothing_factor > 0``
