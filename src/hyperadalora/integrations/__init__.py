@@ -4,6 +4,9 @@
   training contract, and :class:`~hyperadalora.integrations.trainer.AdaptedTrainer`, a small
   ``Trainer`` subclass that also gets gradient clipping, the regulariser weight, parameter groups
   and checkpoints right).
+* :mod:`hyperadalora.integrations.sft`: TRL ``SFTTrainer``
+  (:class:`~hyperadalora.integrations.sft.AdaptedSFTTrainer`: the same contract, with SFTTrainer's
+  fused LM head and token-averaged loss; needs ``pip install hyperadalora[trl]``).
 * :mod:`hyperadalora.integrations.distributed`: multi-process data parallel (``torch.distributed``
   / DDP): keeps allocator decisions and hypernetwork states identical on every rank and checks it.
 
@@ -20,6 +23,7 @@ _EXPORTS = {
     "AdaptedModelCallback": "trainer",
     "AdaptedTrainer": "trainer",
     "AdaptedTrainerMixin": "trainer",
+    "AdaptedSFTTrainer": "sft",
     "prepare_ddp": "distributed",
     "wrap_ddp": "distributed",
     "sync_generated_gradients": "distributed",

@@ -257,24 +257,42 @@ class AdaptedTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels_taken = (self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        adapted = unwrap_adapted(model)
-        cfg = adapted.adapter_config if adapted is not None else None
-        if (cfg is not None and adapted.uses_regularizer and adapted.training and torch.is_grad_enabled()
-                and getattr(self, "current_gradient_accumulation_steps", None)):
-            model_loss = outputs.get("loss") if hasattr(outputs, "get") else None
-            # The model added gamma * R to its loss; Trainer then scaled the loss by `included`.
-            included = self._loss_scale(num_items_in_batch) if (
-                isinstance(model_loss, torch.Tensor) and not labels_taken and self.compute_loss_func is None) else 0
-            scaled_for_ga = self.loss_is_scaled_for_ga
-            if scaled_for_ga is None:  # as Trainer.training_step decides it
-                scaled_for_ga = ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                                 or self.compute_loss_func is not None)
-            # Trainer divides by the accumulation steps unless the loss is "scaled for GA"; we want
-            # gamma * R once per optimizer step in total.
-            wanted = 1.0 / self.current_gradient_accumulation_steps if scaled_for_ga else 1.0
-            if included != wanted:
-                loss = loss + (wanted - included) * cfg.gamma * adapted.regularizer()
+        model_loss = outputs.get("loss") if hasattr(outputs, "get") else None
+        # The model added gamma * R to its loss; Trainer then scaled the loss by `included`.
+        included = self._loss_scale(num_items_in_batch) if (
+            isinstance(model_loss, torch.Tensor) and not labels_taken and self.compute_loss_func is None) else 0
+        loss = self.count_regularizer_once(model, loss, included, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def count_regularizer_once(self, model, loss: torch.Tensor, included: float,
+                               num_items_in_batch=None) -> torch.Tensor:
+        """``loss`` with the regulariser ``gamma * R`` weighted so that it counts once per optimizer step.
+
+        Args:
+            model: The model ``compute_loss`` ran (an AdaptedModel, possibly wrapped).
+            loss: The micro-batch loss ``compute_loss`` returns to ``training_step``.
+            included: How many times ``gamma * R`` is already in ``loss`` (0 when the loss was not
+                taken from the adapted model's output, e.g. SFTTrainer's token log-probabilities).
+            num_items_in_batch: What ``Trainer`` passed to ``compute_loss``.
+
+        Returns:
+            ``loss`` plus the missing (or minus the surplus) ``gamma * R``; unchanged outside training
+            or for a method without regulariser.
+        """
+        adapted = unwrap_adapted(model)
+        if not (adapted is not None and adapted.uses_regularizer and adapted.training and torch.is_grad_enabled()
+                and getattr(self, "current_gradient_accumulation_steps", None)):
+            return loss
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:  # as Trainer.training_step decides it
+            scaled_for_ga = ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                             or self.compute_loss_func is not None)
+        # Trainer divides by the accumulation steps unless the loss is "scaled for GA"; we want
+        # gamma * R once per optimizer step in total.
+        wanted = 1.0 / self.current_gradient_accumulation_steps if scaled_for_ga else 1.0
+        if included != wanted:
+            loss = loss + (wanted - included) * adapted.adapter_config.gamma * adapted.regularizer()
+        return loss
 
     # -- small checkpoints: the adapter, not the frozen base model -------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
