@@ -184,6 +184,25 @@ def test_mlflow_local_store_holds_the_jsonl_values(shared, tmp_path):
     assert any((run / "mlartifacts").rglob("*.png"))  # the artifacts stay inside the run directory
 
 
+def test_mlflow_resume_keeps_one_point_per_step(shared, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from hyperadalora.train.reporting.mlflow_reporter import local_tracking_uri
+
+    overrides = ["report_to=mlflow", "steps=5", "eval_every=0", "save_every=2"]
+    run = crash_run(shared, rte_config(shared, tmp_path, *overrides), crash_step=4)  # checkpoint 2, logged to 3
+    run_id = json.loads((run / IDS_NAME).read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=local_tracking_uri(run))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3]
+    train(load_run(run), resume=run)
+    log = read_jsonl(run / "log.jsonl")
+    for key in COLUMNS:  # step 3 is not logged twice; steps 4 and 5 come from the resumed process
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"train/{key}"))
+        assert history == [(r["step"], r[key]) for r in log], key
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_a_missing_tracker_package_fails_before_anything_is_written(shared, tmp_path, monkeypatch):
     from hyperadalora.train.reporting.wandb_reporter import WandbReporter
 
@@ -198,6 +217,9 @@ def test_report_to_is_validated_and_documented():
         RunConfig(report_to="neptune")
     assert RunConfig().report_to == "none"
     assert RunConfig.from_yaml(RunConfig(report_to="mlflow").to_yaml()).report_to == "mlflow"
+    for spec in REPORTER_REGISTRY.values():  # every registered reporter has the whole interface
+        assert all(callable(getattr(spec.factory, m, None)) for m in ("log_scalars", "log_image", "flush", "close"))
+        assert isinstance(spec.factory.records, bool)
     text = fields_help()
     assert "report_to (str, default 'none')" in text and "pip install hyperadalora[<name>]" in text
 

@@ -17,10 +17,12 @@ the same records. Offline by default, inside the run directory:
   is SQLite.
 
 A missing package is reported before the run loads anything. Resuming (``--resume``) continues
-the same tracker run: TensorBoard hides the steps logged after the checkpoint by the interrupted
-process (``purge_step``) so each step shows once; wandb and MLflow see those steps again with
-the same values (see each reporter). A new tracker is one class with the :class:`Reporter`
-methods, added to :data:`REPORTER_REGISTRY`.
+the same tracker run, and a resumed run repeats the steps after its checkpoint with the same
+values: TensorBoard hides what the interrupted process logged after the checkpoint
+(``purge_step``), MLflow skips the points it already holds, so each step shows once in both;
+wandb ignores a step below the one its resumed run has reached (see each reporter). Every step
+up to a checkpoint is flushed with it, so a resume loses none. A new tracker is one class with
+the :class:`Reporter` methods, added to :data:`REPORTER_REGISTRY`.
 """
 
 from __future__ import annotations

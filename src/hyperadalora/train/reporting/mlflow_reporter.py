@@ -29,8 +29,10 @@ class MlflowReporter:
     sqlite:///RUN_DIR/mlflow.db`` shows it). The experiment is ``$MLFLOW_EXPERIMENT_NAME``, else
     ``hyperadalora``; the run is named after the run directory and its id kept in
     ``RUN_DIR/reporter_ids.json``, so a resumed run continues the same MLflow run. MLflow keeps
-    every value it receives: steps the interrupted process logged after its last checkpoint appear
-    twice in the metric history, with the same values (a resumed run repeats them exactly).
+    every value it receives, so a resumed run (from the checkpoint of step ``N``) skips the
+    ``(metric, step)`` points after ``N`` that the interrupted process already logged: a resume
+    repeats them with the same values, and each step stays once in the metric history. Images
+    are not deduplicated (a rank image of such a step may appear twice among the artifacts).
 
     Args:
         run_dir: The run directory.
@@ -57,14 +59,24 @@ class MlflowReporter:
         if resume_step is None:  # parameters are write-once in MLflow: a resume does not log them again
             params = [Param(k, str(v)) for k, v in flatten(config).items()]
             self.client.log_batch(self.run_id, params=params)
-        else:
+        self.logged: set[tuple[str, int]] = set()
+        if resume_step is not None:
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged = self._points_after(resume_step)
+
+    def _points_after(self, step: int) -> set[tuple[str, int]]:
+        """The ``(metric, step)`` points after ``step`` already in the run (logged by a process that stopped)."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {(key, m.step) for key in keys for m in self.client.get_metric_history(self.run_id, key)
+                if m.step > step}
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        metrics = [Metric(k, v, now, step) for k, v in values.items() if (k, step) not in self.logged]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_image(self, step: int, name: str, image: np.ndarray) -> None:
         self.client.log_image(self.run_id, image, key=name, step=step)

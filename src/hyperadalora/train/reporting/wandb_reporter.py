@@ -19,9 +19,9 @@ class WandbReporter:
     The mode is ``$WANDB_MODE`` when set (``online`` streams to the server), else ``offline``; the
     project is ``$WANDB_PROJECT``, else ``hyperadalora``; the run is named after the run directory.
     The wandb run id is kept in ``RUN_DIR/reporter_ids.json``, so a resumed run continues the same
-    wandb run (``resume="allow"``); wandb keeps the first value it received for a step, so steps the
-    interrupted process had already logged are not replaced (a resumed run repeats them with the
-    same values).
+    wandb run (``resume="allow"``). wandb ignores a step below the one the resumed run has reached
+    (``wandb sync`` uploads the offline folders in turn), so the steps the interrupted process
+    logged after its checkpoint keep that process's values, the same ones a resume repeats.
 
     Args:
         run_dir: The run directory.
