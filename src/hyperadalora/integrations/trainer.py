@@ -30,6 +30,8 @@ also:
 * weights the regulariser ``gamma * R`` exactly once per optimizer step whatever
   ``Trainer`` does to the loss (it does not divide a loss normalised by ``num_items_in_batch``
   by the accumulation steps, and multiplies it by the number of processes under DDP);
+* adds ``total_rank`` and the unweighted ``regularizer`` to its training logs, so the
+  ``report_to`` callbacks (TensorBoard, wandb, MLflow, ...) and ``state.log_history`` get them;
 * writes small checkpoints (the adapter, not the frozen base model; works with tied
   embeddings) and restores them, allocator state included, with ``resume_from_checkpoint``;
 * prepares the model for DDP when launched with several processes
@@ -293,6 +295,21 @@ class AdaptedTrainerMixin:
         if included != wanted:
             loss = loss + (wanted - included) * adapted.adapter_config.gamma * adapted.regularizer()
         return loss
+
+    # -- our scalars reach every logging callback (TensorBoard, wandb, MLflow, ...) ----------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds ``total_rank`` and, with a regulariser, its unweighted ``regularizer`` to training logs.
+
+        Both are the values at the logging step (``loss`` is Trainer's mean over the logging
+        interval); evaluation logs (no ``loss`` key) are left as they are.
+        """
+        adapted = unwrap_adapted(self.model)
+        if adapted is not None and "loss" in logs:
+            logs["total_rank"] = sum(adapted.ranks.values())
+            if adapted.uses_regularizer:
+                with torch.no_grad():
+                    logs["regularizer"] = float(adapted.regularizer())
+        super().log(logs, start_time)
 
     # -- small checkpoints: the adapter, not the frozen base model -------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -28,6 +28,7 @@ from ..allocation import POLICY_REGISTRY
 from ..methods import METHOD_REGISTRY
 from .overrides import coerce
 from ..quant import PRECISIONS, QUANTIZE_CHOICES
+from .reporting.registry import REPORT_TO
 
 TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
 
@@ -89,6 +90,11 @@ class RunConfig(JsonConfig):
         gradient_checkpointing: Recompute the base model's activations in the backward
             (transformers' non-reentrant activation checkpointing): less memory, more compute.
         compile: ``torch.compile`` the base model (the adapted layers included) before training.
+        report_to: Experiment tracker that also receives the log rows, evaluations and a per-module
+            rank image at every evaluation: ``none``, ``tensorboard`` (``RUN_DIR/tensorboard``),
+            ``wandb`` (offline, ``RUN_DIR/wandb``; ``$WANDB_MODE`` overrides) or ``mlflow``
+            (``RUN_DIR/mlflow.db``; ``$MLFLOW_TRACKING_URI`` overrides). Needs
+            ``pip install hyperadalora[<name>]``; ``log.jsonl`` stays the source of truth.
         adapter: The adapter (:class:`~hyperadalora.AdapterConfig`): ``adapter.method``,
             ``adapter.r``, ``adapter.allocator.*``, ``adapter.hyper.*``, ...
     """
@@ -127,6 +133,7 @@ class RunConfig(JsonConfig):
     quantize: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
+    report_to: str = "none"
     adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
@@ -164,6 +171,7 @@ class RunConfig(JsonConfig):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
         check_choice(owner, "precision", self.precision, tuple(PRECISIONS))
+        check_choice(owner, "report_to", self.report_to, REPORT_TO)
         if self.quantize is not None:
             check_choice(owner, "quantize", self.quantize, QUANTIZE_CHOICES)
         if self.task == "instruct" and self.data_source is None:

@@ -25,6 +25,8 @@ Run directory::
     ranks.png          rank kept per module over the steps (AdaLoRA)
     ranks.json         the same numbers (AdaLoRA)
     .lock              held (fcntl.flock) by the process running in the directory; holds its pid
+    tensorboard/ wandb/ mlflow.db mlartifacts/ reporter_ids.json
+                       what ``report_to`` writes (see :mod:`.reporting`); the same records as above
 """
 
 from __future__ import annotations

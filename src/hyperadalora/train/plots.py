@@ -126,10 +126,11 @@ def layer_and_type(name: str) -> tuple[str, str]:
     return "-", short
 
 
-def plot_rank_allocation(ranks: dict[str, int], path: str | Path, title: str) -> Path:
-    """Ranks decided before training (e.g. ``sensitivity``) as a grid: layers (rows) x module types (columns).
+def rank_allocation_figure(ranks: dict[str, int], title: str):
+    """Ranks per module as a matplotlib figure: layers (rows) x module types (columns).
 
-    A module absent from a layer is blank; rank 0 (left unadapted) shows as 0.
+    A module absent from a layer is blank; rank 0 (left unadapted) shows as 0. Close the
+    figure (``pyplot().close(fig)``) when done with it.
     """
     plt = pyplot()
     cells = {layer_and_type(n): r for n, r in ranks.items()}
@@ -151,9 +152,24 @@ def plot_rank_allocation(ranks: dict[str, int], path: str | Path, title: str) ->
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label="rank")
     ax.set_title(f"{title}\n(total rank {sum(ranks.values())} over {len(ranks)} modules)", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_rank_allocation(ranks: dict[str, int], path: str | Path, title: str) -> Path:
+    """Ranks decided before training (e.g. ``sensitivity``) as a grid (:func:`rank_allocation_figure`) in a PNG."""
+    fig = rank_allocation_figure(ranks, title)
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
     return Path(path)
+
+
+def rank_allocation_image(ranks: dict[str, int], title: str) -> np.ndarray:
+    """The grid of :func:`rank_allocation_figure` rendered as an ``(height, width, 3)`` uint8 RGB array."""
+    fig = rank_allocation_figure(ranks, title)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # (H, W, 4) -> (H, W, 3)
+    pyplot().close(fig)
+    return rgb
 
 
 def plot_loss_overlay(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,

@@ -49,10 +49,11 @@ STATE_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 #: RunConfig fields a resumed run may change: none of them alters the training math or what the
-#: run records (``output_dir`` / ``run_name`` follow the resumed directory).
+#: run records in its own files (``output_dir`` / ``run_name`` follow the resumed directory;
+#: ``report_to`` only picks which tracker also receives the records).
 RESUME_SAFE_FIELDS = frozenset({"progress", "threads", "data_dir", "output_dir", "run_name", "save_every",
                                 "keep_checkpoints", "eval_batch_size", "sandbox_timeout_s", "sandbox_memory_mb",
-                                "sandbox_workers"})
+                                "sandbox_workers", "report_to"})
 
 
 # -- optimizer state (no pickle) ---------------------------------------------------------------

@@ -23,7 +23,8 @@ from ..transfer import resolve_adapter_dir
 from .resume import (check_checkpoint_config, check_resume_config, data_fingerprint, load_training_checkpoint,
                      prepare_resume, prune_checkpoints, save_training_checkpoint, set_aside_after, truncate_log)
 from .rng import rng_snapshot
-from .plots import plot_rank_allocation
+from .plots import plot_rank_allocation, rank_allocation_image
+from .reporting import NullReporter, Reporter, numeric, open_reporter, require_reporter
 from .rundir import (OutputWriteError, RunDirLock, check_writable, info, make_run_dir, save_adapter_dir, write_json,
                      write_jsonl, write_plots, write_run_config)
 from .state import RunState
@@ -106,6 +107,7 @@ class Run:
         self.rng_after: dict[str, Any] | None = None
         self.progress = None
         self.lock: RunDirLock | None = None
+        self.reporter: Reporter = NullReporter()
         self.done = 0  # optimizer steps completed (the checkpoint's step plus those of this process)
 
     def run(self) -> RunResult:
@@ -119,10 +121,14 @@ class Run:
             self.close()
 
     def close(self) -> None:
-        """Releases the run directory's lock (the end of the run)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        """Closes the reporter and releases the run directory's lock (the end of the run)."""
+        try:
+            self.reporter.close()
+        finally:
+            self.reporter = NullReporter()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     @contextlib.contextmanager
     def disk_errors(self):
@@ -151,6 +157,7 @@ class Run:
         check_writable(self.resume_dir if self.resume_dir is not None else self.config.output_dir)
         if self.config.adapter.init_from is not None:  # before the data and model are loaded
             resolve_adapter_dir(self.config.adapter.init_from)
+        require_reporter(self.config.report_to)  # a missing tracker package fails before anything loads
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._load_data()  # data first (fast, and the most common mistake), then the model
@@ -173,6 +180,8 @@ class Run:
         self.order = batch_order(len(self.train_rows), self.config.batch_size, self.config.seed)
         if self.resume_from is not None:
             self._restore()
+        self.reporter = open_reporter(self.config.report_to, self.run_dir, self.run_dir.name, self.config.to_dict(),
+                                      resume_step=self.start if self.resume_from is not None else None)
         self._open_progress(buf.getvalue().strip())
 
     def _load_data(self) -> None:
@@ -275,6 +284,7 @@ class Run:
         smoothed = self.state.record_step(row)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
+        self.reporter.log_scalars(row["step"], numeric(row, "train/"))  # the same record as the log line
         self.done = step + 1
         self.rng_after = rng_snapshot(self.model)
         self.mid_update = False
@@ -334,9 +344,19 @@ class Run:
             metrics, self.state.last_predictions = evaluate_rows(self.task, self.model, self.eval_rows)
         row = {"step": step, **metrics}
         self.state.evals.append(row)
+        self._report_eval(step, metrics)
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         info(f"eval @ step {step}: {shown}", self.progress)
         return row
+
+    def _report_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """Sends an evaluation's metrics and the rank of every module (an image) to the reporter."""
+        self.reporter.log_scalars(step, numeric(metrics, "eval/"))
+        if self.reporter.records:  # rendering costs a moment: only for a reporter that keeps it
+            config = self.config
+            title = f"step {step}: {config.task} | {config.model} | {config.adapter.method}"
+            self.reporter.log_image(step, "ranks/per_module", rank_allocation_image(self.model.ranks, title))
+        self.reporter.flush()
 
     def save_adapter(self, step: int, reason: str) -> None:
         """Saves the adapter to ``RUN_DIR/adapter`` and records which step it is."""
@@ -352,6 +372,7 @@ class Run:
         save_training_checkpoint(self.run_dir, done, self.model, self.optimizer, self.scheduler,
                                  {**self.state.trainer_state(reason, data), "config": self.config.to_dict()},
                                  keep=self.config.keep_checkpoints, rng=rng)
+        self.reporter.flush()  # every step up to a checkpoint is on disk: a resume from it loses none
         self.last_saved = done
 
     def write_outputs(self, final: dict | None) -> None:
