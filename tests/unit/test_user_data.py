@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 datasets = pytest.importorskip("datasets")
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: offline, sockets refused
 
 from hyperadalora.cli import main  # noqa: E402
 from hyperadalora.data.classify import (LabelledText, UnseenLabelError, label_order, labelled_texts,  # noqa: E402
@@ -45,19 +45,6 @@ INSTRUCT_ROWS = [
     {"instruction": "Say \"hi\", then stop", "input": "", "output": "hi,\nbye"},
     {"instruction": "caf\u00e9 \u2028 x", "input": "007", "output": " padded "},
 ]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Offline switches set, and any socket connection fails loudly."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a network connection was attempted while offline")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def write_formats(folder: Path, rows: list[dict], stem: str = "data") -> dict[str, Path]:
