@@ -16,6 +16,7 @@ from hyperadalora.train.help import describe_fields, field_docs, fields_help
 from hyperadalora.train.plots import short_module_name, smooth
 from hyperadalora.train.presets import configs_dir, list_presets, load_run_config
 from hyperadalora.train.schedule import make_scheduler, warmup_cosine
+from hyperadalora.tasks import task_spec
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
@@ -30,8 +31,13 @@ def test_presets_are_found():
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_loads_and_round_trips(name):
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    cfg = load_run_config(name)
-    assert load_run_config(CONFIGS / f"{name}.yaml") == cfg  # by name or by path
+    extra = []
+    if task_spec(raw["task"]).needs_source:  # a preset for the user's own data: it names none itself
+        with pytest.raises(ValueError, match=f"task={raw['task']!r} needs data_source="):
+            load_run_config(name)
+        extra = ["data_source=my.jsonl"]
+    cfg = load_run_config(name, extra)
+    assert load_run_config(CONFIGS / f"{name}.yaml", extra) == cfg  # by name or by path
     for key, value in raw.items():  # what the preset sets is what the config holds
         if key != "adapter":
             assert getattr(cfg, key) == value, key

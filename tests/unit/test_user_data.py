@@ -122,6 +122,22 @@ def test_a_hub_id_offline_names_the_fix_without_trying_the_network(tmp_path):
         make_task(config, "hub").train_rows()
 
 
+def test_a_hub_id_online_is_loaded_with_the_hub_split_name(monkeypatch):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    calls = []
+
+    def load_dataset(path, split):  # stands in for the hub (the network is refused here)
+        calls.append((path, split))
+        return datasets.Dataset.from_list(CLASSIFY_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    loaded = load_user_rows("someone/reviews", "dev")
+    assert calls == [("someone/reviews", "validation")] and loaded.rows == CLASSIFY_ROWS
+    assert loaded.at(2) == "someone/reviews (hub, split validation) row 3"
+
+
 # ----------------------------------------------------------------------------------------------
 # The shipped readers' behaviour, and the same rows through datasets
 
