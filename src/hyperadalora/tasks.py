@@ -22,7 +22,8 @@ Parquet file or folder, a ``save_to_disk`` folder, or a hub id when online
 (:mod:`hyperadalora.data.user`); a single set of rows (a file) has its tail held out for
 evaluation unless ``eval_data_source`` is set (:meth:`Task.source_train_rows`). GLUE tasks read
 the hub's columns there (``sentence1`` / ``sentence2`` or ``sentence``, ``label``), ``classify``
-reads ``text`` / ``text_pair`` / ``label`` with any labels (:mod:`hyperadalora.data.classify`). Instruction tasks train a causal LM with the loss on the response only
+reads ``text`` / ``text_pair`` / ``label`` with any labels (:mod:`hyperadalora.data.classify`).
+Instruction tasks train a causal LM with the loss on the response only
 (:mod:`hyperadalora.data.instruct`) and are evaluated by greedy generation.
 """
 
@@ -558,7 +559,8 @@ class HumanEvalTask(Task):
         return {"pass@1": float(score), "num_examples": len(rows)}, predictions
 
 
-TASK_TYPES: dict[str, type[Task]] = {**{t: GlueTask for t in GLUE_TASKS}, **{t: InstructionTask for t in INSTRUCTION_TASKS},
+TASK_TYPES: dict[str, type[Task]] = {**{t: GlueTask for t in GLUE_TASKS},
+                                     **{t: InstructionTask for t in INSTRUCTION_TASKS},
                                      "humaneval": HumanEvalTask, "classify": ClassifyTask}
 
 

@@ -92,7 +92,7 @@ def test_folders_give_the_split_with_dev_aliases(tmp_path):
                           "validation": datasets.Dataset.from_list(dev)}).save_to_disk(str(saved))
     assert not is_single_set(str(saved)) and not is_single_set(str(folder))
     assert load_user_rows(str(saved), "test").rows == dev  # test -> validation
-    with pytest.raises(FileNotFoundError, match=r"the saved DatasetDict has no extra split \(its splits: train, validation\)"):
+    with pytest.raises(FileNotFoundError, match=r"DatasetDict has no extra split \(its splits: train, validation\)"):
         load_user_rows(str(saved), "extra")
 
 

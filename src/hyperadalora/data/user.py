@@ -69,7 +69,7 @@ class UserRows:
 
 
 def offline() -> str | None:
-    """The offline switch that is set (``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), else None."""
+    """The offline switch that is set (one of :data:`OFFLINE_VARS`), else None."""
     return next((v for v in OFFLINE_VARS if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")),
                 None)
 
