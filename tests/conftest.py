@@ -35,3 +35,19 @@ def gsm8k_file(tmp_path):
     from real_rows import write_gsm8k_jsonl
 
     return write_gsm8k_jsonl(tmp_path / "test.jsonl")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Offline: the Hugging Face offline switches set, and any socket connection fails loudly (so a
+    read that tried the network fails instead of passing on a machine that happens to be online)."""
+    import socket
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted while offline")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -271,7 +271,8 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         raise ValueError(f"unknown task {task!r}; allowed values: {', '.join(TASKS)}")
     path = resolve_model_path(name_or_path, cache_dir)
     local = isinstance(path, Path)
-    kwargs = {"num_labels": num_labels} if task == "sequence-classification" else {}
+    # A checkpoint's own head of another size (e.g. 2 classes, asked for 5) is replaced by a fresh one.
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if task == "sequence-classification" else {}
     if quantize is not None:
         from .quant import bnb_config
 
@@ -282,10 +283,12 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
     # The silenced load report is expected to list only the fresh task head; anything else that
     # was initialised at random (not in the checkpoint) is worth a loud warning.
     unexpected_missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_HEAD_PREFIXES))
-    if unexpected_missing or info.get("mismatched_keys"):
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    mismatched = [k for k in mismatched if not k.startswith(_HEAD_PREFIXES)]
+    if unexpected_missing or mismatched:
         warnings.warn(f"{path}: weights not in the checkpoint were initialised at random: "
                       f"{unexpected_missing[:8]}{' ...' if len(unexpected_missing) > 8 else ''}; "
-                      f"shape mismatches: {sorted(info.get('mismatched_keys') or ())[:8]}", stacklevel=2)
+                      f"shape mismatches: {mismatched[:8]}", stacklevel=2)
     return model, _padded_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=local), model)
 
 

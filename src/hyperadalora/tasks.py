@@ -12,17 +12,23 @@ task           model head          held-out rows                           prima
 ``gsm8k``      causal LM           ``gsm8k/test.jsonl``                    exact match, final number
 ``instruct``   causal LM           ``eval_data_source`` / held-out tail    ROUGE-1 (and BLEU-4)
 ``humaneval``  causal LM           ``humaneval/HumanEval.jsonl.gz``        pass@1 (evaluation only)
+``classify``   classification (n)  ``eval_data_source`` / held-out tail    accuracy (+ macro F1)
 =============  ==================  ======================================  =========================
 
 Rows come from the data directory (``--data-dir`` / ``data_dir`` / ``$HYPERADALORA_DATA_DIR``),
-else from the Hugging Face hub through ``datasets`` when it is installed and online
-(:func:`resolve_data`). Instruction tasks train a causal LM with the loss on the response only
+else from the Hugging Face hub through ``datasets`` when online (:func:`resolve_data`). Every
+task can instead read ``data_source`` (and ``eval_data_source``): a local JSON / JSONL / CSV /
+Parquet file or folder, a ``save_to_disk`` folder, or a hub id when online
+(:mod:`hyperadalora.data.user`); a single set of rows (a file) has its tail held out for
+evaluation unless ``eval_data_source`` is set (:meth:`Task.source_train_rows`). GLUE tasks read
+the hub's columns there (``sentence1`` / ``sentence2`` or ``sentence``, ``label``), ``classify``
+reads ``text`` / ``text_pair`` / ``label`` with any labels (:mod:`hyperadalora.data.classify`).
+Instruction tasks train a causal LM with the loss on the response only
 (:mod:`hyperadalora.data.instruct`) and are evaluated by greedy generation.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,13 +37,15 @@ from typing import Any
 
 import torch
 
-from .data.glue import DATA_DIR_ENV, GlueExample, read_glue, resolve_data_dir
+from .data.glue import COLUMNS, DATA_DIR_ENV, GlueExample, glue_example_from_row, read_glue, resolve_data_dir
 from .data.instruct import has_chat_template
+from .data.user import check_online, is_single_set, load_user_rows, offline
 
 GLUE_TASKS = ("rte", "wnli", "sst2", "mrpc", "cola")
 INSTRUCTION_TASKS = ("alpaca", "gsm8k", "instruct")
 EVAL_ONLY_TASKS = ("humaneval",)
-ALL_TASKS = GLUE_TASKS + INSTRUCTION_TASKS + EVAL_ONLY_TASKS
+USER_TASKS = ("classify",)
+ALL_TASKS = GLUE_TASKS + INSTRUCTION_TASKS + EVAL_ONLY_TASKS + USER_TASKS
 HUB = "hub"  # what resolve_data returns when rows come from the Hugging Face hub
 # Codex / HumanEval stop sequences: a completion ends where the next top-level block begins.
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
@@ -45,8 +53,7 @@ HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 # ends at the fence or at top-level code that would run on import (tests, prints).
 HUMANEVAL_CHAT_STOPS = ("\n```", "\nif __name__", "\nprint(", "\nassert")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
-_HUB_GLUE_COLUMNS = {"rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
-                     "mrpc": ("sentence1", "sentence2"), "sst2": ("sentence", None), "cola": ("sentence", None)}
+HUMANEVAL_COLUMNS = ("task_id", "prompt", "test", "entry_point")
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,12 @@ class TaskSpec:
     Attributes:
         name: The task name.
         model_task: ``sequence-classification`` or ``causal-lm`` (:func:`hyperadalora.models.load_model`).
-        num_labels: Classes of the classification head (0 for causal LMs).
+        num_labels: Classes of the classification head (0 for causal LMs, and for a classifier
+            whose classes come from the data: ``RunConfig.labels``, see :func:`head_size`).
         primary_metric: The key of the headline metric in the evaluation results.
         eval_split: The name of the held-out split.
         trainable: Whether the task has training rows.
+        needs_source: Whether ``data_source`` must be given (the task has no data of its own).
     """
 
     name: str
@@ -68,6 +77,7 @@ class TaskSpec:
     primary_metric: str
     eval_split: str
     trainable: bool = True
+    needs_source: bool = False
 
 
 SPECS: dict[str, TaskSpec] = {
@@ -76,8 +86,9 @@ SPECS: dict[str, TaskSpec] = {
        for t in GLUE_TASKS},
     "alpaca": TaskSpec("alpaca", "causal-lm", 0, "rouge1", "test"),
     "gsm8k": TaskSpec("gsm8k", "causal-lm", 0, "exact_match", "test"),
-    "instruct": TaskSpec("instruct", "causal-lm", 0, "rouge1", "test"),
+    "instruct": TaskSpec("instruct", "causal-lm", 0, "rouge1", "test", needs_source=True),
     "humaneval": TaskSpec("humaneval", "causal-lm", 0, "pass@1", "test", trainable=False),
+    "classify": TaskSpec("classify", "sequence-classification", 0, "accuracy", "test", needs_source=True),
 }
 
 
@@ -88,29 +99,49 @@ def task_spec(name: str) -> TaskSpec:
     return SPECS[name]
 
 
+def head_size(config: Any) -> int:
+    """Classes of ``config.task``'s head: the spec's, or ``len(config.labels)`` for labels from the data.
+
+    Raises:
+        ValueError: A classifier whose labels come from the data, but ``config.labels`` is not
+            set yet (:meth:`Task.settle` sets it from the training rows).
+    """
+    spec = task_spec(config.task)
+    if spec.model_task == "sequence-classification" and not spec.num_labels:
+        if not config.labels:
+            raise ValueError(f"task {config.task!r}: the head's classes are not known yet; they come from the "
+                             "training rows (or set labels=[...])")
+        return len(config.labels)
+    return max(spec.num_labels, 1)
+
+
 def hub_available() -> bool:
     """Whether rows can come from the hub: ``datasets`` installed and no offline switch set."""
-    offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return not offline and importlib.util.find_spec("datasets") is not None
+    import importlib.util
+
+    return offline() is None and importlib.util.find_spec("datasets") is not None
 
 
 def no_data_message(task: str) -> str:
     return (f"no data for task {task!r}: pass --data-dir DIR (or data_dir=DIR) or set {DATA_DIR_ENV}=DIR, "
-            f"a folder with {task}/ as in ../shared/data; or, when online, install `datasets` "
-            "(pip install datasets) to read the Hugging Face hub")
+            f"a folder with {task}/ as in ../shared/data; or give your own rows with data_source=FILE; or, when "
+            "online, install `datasets` (pip install datasets) to read the Hugging Face hub")
 
 
-def resolve_data(data_dir: str | os.PathLike | None, task: str) -> Path | str:
+def resolve_data(data_dir: str | os.PathLike | None, task: str, data_source: str | None = None) -> Path | str:
     """The data directory (``data_dir``, else ``$HYPERADALORA_DATA_DIR``), else :data:`HUB`.
+
+    With ``data_source`` set (rows from the user's source) no directory is needed: :data:`HUB`
+    then stands for "no data directory", even offline.
 
     Raises:
         FileNotFoundError: The given directory does not exist.
-        ValueError: No directory and no way to reach the hub (the message names both options).
+        ValueError: No directory, no ``data_source`` and no way to reach the hub (the message
+            names the options).
     """
     if data_dir is not None or os.environ.get(DATA_DIR_ENV):
         return resolve_data_dir(data_dir).resolve()
-    if hub_available():
+    if hub_available() or data_source is not None:
         return HUB
     raise ValueError(no_data_message(task))
 
@@ -120,6 +151,7 @@ def _hub_load(path: str, name: str | None, split: str, task: str):
         import datasets
     except ImportError as exc:
         raise ValueError(no_data_message(task)) from exc
+    check_online(path)
     try:
         return datasets.load_dataset(path, name, split=split)
     except Exception as exc:  # offline, unknown id, ...
@@ -132,8 +164,8 @@ def read_glue_rows(task: str, split: str, data: Path | str) -> list[GlueExample]
     if data != HUB:
         return read_glue(task, split, data)
     rows = _hub_load("nyu-mll/glue", task, {"train": "train", "dev": "validation"}[split], task)
-    a, b = _HUB_GLUE_COLUMNS[task]
-    return [GlueExample(r[a], r[b] if b else None, int(r["label"])) for r in rows]
+    return [glue_example_from_row(task, r, f"nyu-mll/glue/{task} (hub, split {split}) row {i}")
+            for i, r in enumerate(rows, start=1)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,6 +174,9 @@ def read_glue_rows(task: str, split: str, data: Path | str) -> list[GlueExample]
 
 class Task:
     """Base: rows, batches and scoring for one task (see the module table).
+
+    Rows come from the task's own data (:meth:`builtin_rows`: the data directory or the hub), or
+    from ``data_source`` / ``eval_data_source`` (:meth:`read_source`) when the config names them.
 
     Args:
         config: The :class:`~hyperadalora.train.RunConfig`.
@@ -158,13 +193,50 @@ class Task:
         """Sets the tokenizer that batches and evaluation use."""
         self.tokenizer = tokenizer
 
+    def settle(self, config: Any) -> Any:
+        """``config`` with what the data decided recorded in it (here nothing; ``classify``: its labels)."""
+        return config
+
+    def builtin_rows(self, split: str) -> list:
+        """The rows of the task's own data set (``train`` or :attr:`TaskSpec.eval_split`)."""
+        raise ValueError(f"task {self.spec.name!r} has no data of its own: set data_source=<a file, folder or hub id>")
+
+    def read_source(self, source: str, split: str) -> list:
+        """The rows of ``split`` of a user source (``data_source`` / ``eval_data_source``)."""
+        raise NotImplementedError
+
     def train_rows(self) -> list:
         """The training rows (the first ``train_rows`` of them when set)."""
-        raise NotImplementedError
+        rows = self.source_train_rows() if self.config.data_source is not None else self.builtin_rows("train")
+        return self._limit(rows, self.config.train_rows)
 
     def eval_rows(self) -> list:
         """The held-out rows (the first ``eval_rows`` of them when set)."""
-        raise NotImplementedError
+        if self.config.data_source is None and self.config.eval_data_source is None:
+            return self._limit(self.builtin_rows(self.spec.eval_split), self.config.eval_rows)
+        return self._limit(self.source_eval_rows(), self.config.eval_rows)
+
+    def source_train_rows(self) -> list:
+        """``data_source``'s training rows; a single set of rows (a file) loses its held-out tail
+        (the last ``eval_rows`` rows, 10% if null) unless ``eval_data_source`` is set."""
+        source = self.config.data_source
+        rows = self.read_source(source, "train")
+        if is_single_set(source) and self.config.eval_data_source is None:
+            rows = rows[:-self._held_out_tail(len(rows))]  # the tail is held out for evaluation
+            if not rows:
+                raise ValueError(f"{source}: too few rows to hold some out for evaluation; "
+                                 "set eval_data_source=<file> or a smaller eval_rows")
+        return rows
+
+    def source_eval_rows(self) -> list:
+        """``eval_data_source``'s rows; else the held-out tail of a single set, else ``data_source``'s eval split."""
+        config = self.config
+        if config.eval_data_source is not None:
+            return self.read_source(config.eval_data_source, self.spec.eval_split)
+        if is_single_set(config.data_source):
+            rows = self.read_source(config.data_source, "train")
+            return rows[-self._held_out_tail(len(rows)):]
+        return self.read_source(config.data_source, self.spec.eval_split)
 
     def collate(self, rows: Sequence) -> dict[str, torch.Tensor]:
         """One training micro-batch (with ``labels``) from rows."""
@@ -174,18 +246,29 @@ class Task:
         """``(metrics, per-row predictions)`` of ``model`` on ``rows``."""
         raise NotImplementedError
 
+    def _held_out_tail(self, n_rows: int) -> int:
+        return self.config.eval_rows or max(1, n_rows // 10)
+
     def _limit(self, rows: list, n: int | None) -> list:
         return rows if n is None else rows[:n]
 
 
 class GlueTask(Task):
-    """GLUE sequence(-pair) classification, scored on the dev rows with :func:`glue_metrics`."""
+    """GLUE sequence(-pair) classification, scored on the dev rows with :func:`glue_metrics`.
 
-    def train_rows(self) -> list[GlueExample]:
-        return self._limit(read_glue_rows(self.spec.name, "train", self.data), self.config.train_rows)
+    ``data_source`` rows have the hub's columns (``sentence1`` / ``sentence2`` or ``sentence``,
+    and ``label``; :func:`~hyperadalora.data.glue.glue_example_from_row`).
+    """
 
-    def eval_rows(self) -> list[GlueExample]:
-        return self._limit(read_glue_rows(self.spec.name, "dev", self.data), self.config.eval_rows)
+    def builtin_rows(self, split: str) -> list[GlueExample]:
+        return read_glue_rows(self.spec.name, split, self.data)
+
+    def read_source(self, source: str, split: str) -> list[GlueExample]:
+        loaded = load_user_rows(source, split)
+        a, b = COLUMNS[self.spec.name]
+        loaded.require([c for c in (a, b, "label") if c is not None],
+                       f"task {self.spec.name!r} reads the GLUE hub's columns (rename yours)")
+        return [glue_example_from_row(self.spec.name, row, loaded.at(i)) for i, row in enumerate(loaded.rows)]
 
     def encode(self, rows: Sequence[GlueExample]) -> dict[str, torch.Tensor]:
         a = [r.text_a for r in rows]
@@ -199,9 +282,8 @@ class GlueTask(Task):
         return batch
 
     @torch.no_grad()
-    def evaluate(self, model, rows: Sequence[GlueExample]) -> tuple[dict[str, float], list[dict]]:
-        from .eval.metrics import glue_metrics
-
+    def predict(self, model, rows: Sequence[GlueExample]) -> list[int]:
+        """The head's argmax class of every row, in row order."""
         preds: list[int] = [0] * len(rows)
         size = self.config.eval_batch_size
         # Batches of similar length pad less; predictions go back to file order.
@@ -211,11 +293,80 @@ class GlueTask(Task):
             logits = model(**self.encode([rows[i] for i in idx])).logits
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 preds[i] = int(p)
+        return preds
+
+    def score(self, preds: list[int], labels: list[int]) -> dict[str, float]:
+        """The task's metrics (GLUE's)."""
+        from .eval.metrics import glue_metrics
+
+        return {k: float(v) for k, v in glue_metrics(self.spec.name, preds, labels).items()}
+
+    def label_name(self, label: int) -> Any:
+        """How predictions name class ``label`` (here: the class id)."""
+        return label
+
+    def evaluate(self, model, rows: Sequence[GlueExample]) -> tuple[dict[str, float], list[dict]]:
+        preds = self.predict(model, rows)
         labels = [r.label for r in rows]
-        metrics = {k: float(v) for k, v in glue_metrics(self.spec.name, preds, labels).items()}
+        metrics = self.score(preds, labels)
         metrics["num_examples"] = len(rows)
-        predictions = [{"row": i, "label": lab, "prediction": p} for i, (lab, p) in enumerate(zip(labels, preds))]
+        predictions = [{"row": i, "label": self.label_name(lab), "prediction": self.label_name(p)}
+                       for i, (lab, p) in enumerate(zip(labels, preds))]
         return metrics, predictions
+
+
+class ClassifyTask(GlueTask):
+    """A user's sequence(-pair) classification: ``text`` / ``text_pair`` / ``label`` rows, any labels.
+
+    The head's classes are ``config.labels`` when set (a recorded run), else the training
+    split's labels in :func:`~hyperadalora.data.classify.label_order`; :meth:`settle` records
+    them. Reading the held-out rows raises
+    :class:`~hyperadalora.data.classify.UnseenLabelError` for a label the head lacks.
+    """
+
+    def __init__(self, config: Any, data: Path | str) -> None:
+        super().__init__(config, data)
+        self._labels: tuple[str, ...] | None = tuple(config.labels) if config.labels else None
+
+    def read_source(self, source: str, split: str) -> list:
+        from .data.classify import labelled_texts
+
+        return labelled_texts(load_user_rows(source, split))
+
+    def class_labels(self) -> tuple[str, ...]:
+        """The head's classes, in order (read from the training rows when the config has none)."""
+        if self._labels is None:
+            from .data.classify import label_order
+
+            self._labels = label_order(r.label for r in self.source_train_rows())
+        return self._labels
+
+    def settle(self, config: Any) -> Any:
+        return config if config.labels else config.replace(labels=list(self.class_labels()))
+
+    def _examples(self, rows: list, split: str) -> list[GlueExample]:
+        from .data.classify import label_order, to_examples
+
+        if self._labels is None and split == "training":
+            self._labels = label_order(r.label for r in rows)
+        fix = ("add rows with these labels to the training data, or drop them from the held-out rows"
+               if split != "training" else "these labels were recorded with the run (labels in config.yaml): "
+               "train a new run on this data")
+        return to_examples(rows, self.class_labels(), split, fix)
+
+    def train_rows(self) -> list[GlueExample]:
+        return self._limit(self._examples(self.source_train_rows(), "training"), self.config.train_rows)
+
+    def eval_rows(self) -> list[GlueExample]:
+        return self._limit(self._examples(self.source_eval_rows(), "held-out"), self.config.eval_rows)
+
+    def score(self, preds: list[int], labels: list[int]) -> dict[str, float]:
+        from .eval.metrics import accuracy, macro_f1
+
+        return {"accuracy": float(accuracy(preds, labels)), "macro_f1": float(macro_f1(preds, labels))}
+
+    def label_name(self, label: int) -> Any:
+        return self.class_labels()[label]
 
 
 class _StopOnStrings:
@@ -267,10 +418,11 @@ def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_n
 
 
 class InstructionTask(Task):
-    """Instruction tuning (Alpaca-style data, or GSM8K): response-only loss, greedy generation."""
+    """Instruction tuning (Alpaca-style data, or GSM8K): response-only loss, greedy generation.
 
-    def _source(self) -> str:
-        return self.config.data_source if self.spec.name == "instruct" else self.spec.name
+    ``data_source`` rows are read by :func:`~hyperadalora.data.instruct.read_instruction_data`
+    (``instruction`` / ``input`` / ``output`` and the other field names it accepts).
+    """
 
     def _data_dir(self) -> Path | None:
         return None if self.data == HUB else Path(self.data)
@@ -289,30 +441,11 @@ class InstructionTask(Task):
             return [example_from_row(r, f"{hub[0]} (hub, split {split}) row {i}") for i, r in enumerate(rows, start=1)]
         return read_instruction_data(source, split, self._data_dir())
 
-    def _local_file(self) -> bool:
-        return self.spec.name == "instruct" and Path(self.config.data_source).expanduser().is_file()
+    def builtin_rows(self, split: str) -> list:
+        return self._read(self.spec.name, split)
 
-    def _held_out_tail(self, n_rows: int) -> int:
-        return self.config.eval_rows or max(1, n_rows // 10)
-
-    def train_rows(self) -> list:
-        rows = self._read(self._source(), "train")
-        if self._local_file() and self.config.eval_data_source is None:
-            rows = rows[:-self._held_out_tail(len(rows))]  # the tail is held out for evaluation
-            if not rows:
-                raise ValueError(f"{self.config.data_source}: too few rows to hold some out for evaluation; "
-                                 "set eval_data_source=<file> or a smaller eval_rows")
-        return self._limit(rows, self.config.train_rows)
-
-    def eval_rows(self) -> list:
-        if self.spec.name == "instruct" and self.config.eval_data_source is not None:
-            rows = self._read(self.config.eval_data_source, "test")
-        elif self._local_file():
-            rows = self._read(self._source(), "train")
-            rows = rows[-self._held_out_tail(len(rows)):]
-        else:
-            rows = self._read(self._source(), "test")
-        return self._limit(rows, self.config.eval_rows)
+    def read_source(self, source: str, split: str) -> list:
+        return self._read(source, split)
 
     def collate(self, rows: Sequence) -> dict[str, torch.Tensor]:
         from .data.instruct import CausalLMCollator, build_causal_lm_features
@@ -387,17 +520,25 @@ class HumanEvalTask(Task):
         raise ValueError("task 'humaneval' is evaluation only (164 problems, no training split): train on "
                          "task=alpaca or task=instruct, then run `hyperadalora eval RUN_DIR task=humaneval`")
 
-    def eval_rows(self) -> list:
+    def builtin_rows(self, split: str) -> list:
         from .eval.sandbox import read_humaneval
 
         if self.data == HUB:
-            rows = _hub_load("openai/openai_humaneval", None, "test", "humaneval")
-            return self._limit([dict(r) for r in rows], self.config.eval_rows)
+            return [dict(r) for r in _hub_load("openai/openai_humaneval", None, "test", "humaneval")]
         path = Path(self.data) / "humaneval" / "HumanEval.jsonl.gz"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the data directory {self.data} has no humaneval/ "
                                     f"(set it with --data-dir DIR or {DATA_DIR_ENV}=DIR)")
-        return self._limit(list(read_humaneval(path)), self.config.eval_rows)
+        return list(read_humaneval(path))
+
+    def read_source(self, source: str, split: str) -> list:
+        loaded = load_user_rows(source, split)
+        loaded.require(HUMANEVAL_COLUMNS, "HumanEval problems have task_id, prompt, test and entry_point")
+        return loaded.rows
+
+    def source_eval_rows(self) -> list:
+        # Evaluation only: every problem of the source is held out, none trained on.
+        return self.read_source(self.config.eval_data_source or self.config.data_source, "test")
 
     @torch.no_grad()
     def evaluate(self, model, rows: Sequence) -> tuple[dict[str, float], list[dict]]:
@@ -418,16 +559,16 @@ class HumanEvalTask(Task):
         return {"pass@1": float(score), "num_examples": len(rows)}, predictions
 
 
+TASK_TYPES: dict[str, type[Task]] = {**{t: GlueTask for t in GLUE_TASKS},
+                                     **{t: InstructionTask for t in INSTRUCTION_TASKS},
+                                     "humaneval": HumanEvalTask, "classify": ClassifyTask}
+
+
 def make_task(config: Any, data: Path | str) -> Task:
-    """The :class:`Task` for ``config.task``."""
-    spec = task_spec(config.task)
-    if spec.name in GLUE_TASKS:
-        return GlueTask(config, data)
-    if spec.name in INSTRUCTION_TASKS:
-        return InstructionTask(config, data)
-    return HumanEvalTask(config, data)
+    """The :class:`Task` for ``config.task`` (:data:`TASK_TYPES`)."""
+    return TASK_TYPES[task_spec(config.task).name](config, data)
 
 
-__all__ = ["ALL_TASKS", "GLUE_TASKS", "HUB", "INSTRUCTION_TASKS", "GlueTask", "HumanEvalTask", "InstructionTask",
-           "SPECS", "Task", "TaskSpec", "generate_greedy", "humaneval_completion", "humaneval_prompt", "make_task",
-           "resolve_data", "task_spec", "truncate_at_stops"]
+__all__ = ["ALL_TASKS", "ClassifyTask", "GLUE_TASKS", "HUB", "INSTRUCTION_TASKS", "GlueTask", "HumanEvalTask",
+           "InstructionTask", "SPECS", "TASK_TYPES", "Task", "TaskSpec", "USER_TASKS", "generate_greedy", "head_size",
+           "humaneval_completion", "humaneval_prompt", "make_task", "resolve_data", "task_spec", "truncate_at_stops"]

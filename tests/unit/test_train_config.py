@@ -16,6 +16,7 @@ from hyperadalora.train.help import describe_fields, field_docs, fields_help
 from hyperadalora.train.plots import short_module_name, smooth
 from hyperadalora.train.presets import configs_dir, list_presets, load_run_config
 from hyperadalora.train.schedule import make_scheduler, warmup_cosine
+from hyperadalora.tasks import task_spec
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
@@ -30,8 +31,13 @@ def test_presets_are_found():
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_loads_and_round_trips(name):
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    cfg = load_run_config(name)
-    assert load_run_config(CONFIGS / f"{name}.yaml") == cfg  # by name or by path
+    extra = []
+    if task_spec(raw["task"]).needs_source:  # a preset for the user's own data: it names none itself
+        with pytest.raises(ValueError, match=f"task={raw['task']!r} needs data_source="):
+            load_run_config(name)
+        extra = ["data_source=my.jsonl"]
+    cfg = load_run_config(name, extra)
+    assert load_run_config(CONFIGS / f"{name}.yaml", extra) == cfg  # by name or by path
     for key, value in raw.items():  # what the preset sets is what the config holds
         if key != "adapter":
             assert getattr(cfg, key) == value, key
@@ -109,7 +115,9 @@ def test_switching_method_by_override():
     (["progress=maybe"], r"RunConfig\.progress must be a bool"),
     (["run_name=a/b"], r"run_name='a/b' must be a plain folder name"),
     (["task=instruct"], r"task='instruct' needs data_source="),
-    (["data_source=x.jsonl"], r"data_source is only used with task='instruct'"),
+    (["task=classify"], r"task='classify' needs data_source="),
+    (["labels=[neg,pos]"], r"labels is only used with task='classify'"),
+    (["task=classify", "data_source=x.csv", "labels=[pos,pos]"], r"labels must be at least two distinct"),
     (["adapter.method=vera"], r"AdapterConfig\.method='vera' is not supported; allowed values: lora, adalora"),
     (["adapter.allocator.total_step=7"], r"total_step \(7\) must equal the run's steps \(250\)"),
     (["adapter.allocator.tinit=200"], r"tinit \(200\) \+ tfinal \(50\) must be < total_step \(250\)"),

@@ -17,6 +17,10 @@ task      columns                                                     label
 ========  ==========================================================  ==============================
 
 Text fields are returned exactly as in the file (SST-2 sentences keep their trailing space).
+
+Rows from elsewhere (the hub's ``nyu-mll/glue``, or a user's file read through ``datasets``) have
+the hub's columns (:data:`COLUMNS`: ``sentence1`` / ``sentence2`` or ``sentence``, and ``label``)
+and become examples with :func:`glue_example_from_row`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,40 @@ TASKS: dict[str, _TaskFormat] = {
     "mrpc": _TaskFormat(True, 5, 3, 4, 0, _BINARY),
     "cola": _TaskFormat(False, 4, 3, None, 1, _BINARY),
 }
+
+
+# The hub's (and a user file's) columns: (first text, second text or None).
+COLUMNS: dict[str, tuple[str, str | None]] = {"rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+                                              "mrpc": ("sentence1", "sentence2"), "sst2": ("sentence", None),
+                                              "cola": ("sentence", None)}
+
+
+def glue_example_from_row(task: str, row: dict, where: str) -> GlueExample:
+    """One example from a row with the hub's columns (:data:`COLUMNS` and ``label``).
+
+    Args:
+        task: The GLUE task.
+        row: The row; ``label`` is the integer (``0`` / ``1``, also as a string) or the file's
+            label name (RTE's ``entailment`` / ``not_entailment``).
+        where: The row as messages name it.
+
+    Raises:
+        ValueError: A text that is not a string, or a label that is not one of the task's.
+    """
+    fmt, (a, b) = TASKS[task], COLUMNS[task]
+    for name in (a, b):
+        if name is not None and not isinstance(row[name], str):
+            raise ValueError(f"{where}: column {name!r} must be a string, got {type(row[name]).__name__}")
+    value, ids = row["label"], sorted(set(fmt.labels.values()))
+    if isinstance(value, str) and value.strip() in fmt.labels:
+        label = fmt.labels[value.strip()]
+    elif isinstance(value, str) and value.strip() in {str(i) for i in ids}:
+        label = int(value.strip())
+    elif isinstance(value, int) and not isinstance(value, bool) and value in ids:
+        label = value
+    else:
+        raise ValueError(f"{where}: label {value!r} is not one of {ids} or {sorted(fmt.labels)}")
+    return GlueExample(row[a], row[b] if b is not None else None, label)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:

@@ -7,9 +7,13 @@ Sources (:func:`read_instruction_data`):
   output, no input);
 * a local file: ``.jsonl`` (one JSON object per line) or ``.json`` (a JSON array of objects, as
   the original ``alpaca_data.json``; a ``.json`` file whose first character is ``{`` is read as
-  JSON Lines); a local folder is read as ``<folder>/<split>.jsonl`` (or ``.json``);
+  JSON Lines), read here so that errors name the file and line; a ``.csv`` or ``.parquet`` file
+  (read through ``datasets``, :mod:`hyperadalora.data.user`; errors name the row);
+* a local folder: ``<folder>/<split>.jsonl`` (or ``.json``), else a ``save_to_disk`` folder or
+  ``<split>.csv`` / ``.parquet`` (through ``datasets``);
 * anything else is taken as a Hugging Face hub dataset id and loaded with
-  ``datasets.load_dataset(source, split=split)`` (needs ``datasets`` and network access).
+  ``datasets.load_dataset(source, split=split)`` (needs network access: with
+  ``HF_DATASETS_OFFLINE`` set it raises a ``ValueError`` naming the local alternatives).
 
 The data directory is ``data_dir``, else ``$HYPERADALORA_DATA_DIR`` (see
 :func:`hyperadalora.data.glue.resolve_data_dir`).
@@ -48,6 +52,7 @@ from typing import Any
 import torch
 
 from hyperadalora.data.glue import DATA_DIR_ENV, resolve_data_dir
+from hyperadalora.data.user import check_online, load_user_rows, names_a_file
 
 IGNORE_INDEX = -100  # the label that torch's cross-entropy (and transformers' LM loss) skips
 KNOWN_SOURCES: dict[str, tuple[str, ...]] = {"alpaca": ("train", "test"), "gsm8k": ("train", "test")}
@@ -127,15 +132,27 @@ def read_instruction_data(source: str, split: str = "train",
         return _read_known(source, split, data_dir)
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_file(path)
+        return _read_file(path) if path.suffix in (".jsonl", ".json") else _read_table(source, split)
     if path.is_dir():
         for suffix in (".jsonl", ".json"):
             if (path / f"{split}{suffix}").is_file():
                 return _read_file(path / f"{split}{suffix}")
-        raise FileNotFoundError(f"{path} holds neither {split}.jsonl nor {split}.json")
-    if path.suffix in (".jsonl", ".json"):  # clearly meant as a file, so never a hub id
+        try:
+            return _read_table(source, split)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{path} holds neither {split}.jsonl nor {split}.json ({exc})") from exc
+    if names_a_file(source):  # clearly meant as a file, so never a hub id
         raise FileNotFoundError(f"instruction data file {path} not found")
     return _read_hub(source, split)
+
+
+def _read_table(source: str, split: str) -> list[InstructionExample]:
+    """A CSV / Parquet file or a ``save_to_disk`` folder, read through ``datasets``."""
+    loaded = load_user_rows(source, split)
+    examples = [example_from_row(row, loaded.at(i)) for i, row in enumerate(loaded.rows)]
+    if not examples:
+        raise ValueError(f"{loaded.where}: no examples")
+    return examples
 
 
 def _read_known(source: str, split: str, data_dir: str | os.PathLike | None) -> list[InstructionExample]:
@@ -257,6 +274,7 @@ def _read_hub(source: str, split: str) -> list[InstructionExample]:
     except ImportError as exc:
         raise ValueError(f"{advice}, but the `datasets` package is not installed (pip install datasets; "
                          "loading from the hub also needs network access)") from exc
+    check_online(source)
     try:
         loaded = datasets.load_dataset(source, split=split)
     except Exception as exc:  # offline, no such dataset or split, ...: all are the same to the caller

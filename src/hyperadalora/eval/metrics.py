@@ -133,6 +133,18 @@ def f1_binary(predictions: Sequence, labels: Sequence, positive: Any = 1) -> flo
     return 2 * tp / denominator if denominator else 0.0
 
 
+def macro_f1(predictions: Sequence, labels: Sequence) -> float:
+    """Unweighted mean of every class's F1 (:func:`f1_binary` of that class), over the classes that
+    occur in ``labels`` or ``predictions`` (``sklearn``'s ``f1_score(average="macro")``).
+
+    Raises:
+        ValueError: On mismatched lengths or empty input.
+    """
+    preds, golds = _paired(predictions, labels)
+    classes = set(preds) | set(golds)
+    return sum(f1_binary(preds, golds, positive=c) for c in classes) / len(classes)
+
+
 def glue_metrics(task: str, predictions: Sequence, labels: Sequence) -> dict[str, float]:
     """The metrics GLUE reports for ``task``.
 

@@ -13,7 +13,7 @@ import torch
 from ..adapted_model import AdaptedModel, wrap
 from ..inject import prepare_adapter_config
 from ..quant import precision_dtype, upcast_trainable_
-from ..tasks import make_task, task_spec
+from ..tasks import head_size, make_task, task_spec
 from .config import RunConfig
 from .schedule import make_scheduler
 
@@ -51,7 +51,7 @@ def load_base_model(config: RunConfig):
     from ..models import load_model
 
     spec = task_spec(config.task)
-    return load_model(config.model, task=spec.model_task, num_labels=max(spec.num_labels, 1),
+    return load_model(config.model, task=spec.model_task, num_labels=head_size(config),
                       dtype=precision_dtype(config.precision), quantize=config.quantize)
 
 
@@ -150,7 +150,7 @@ def build_model(config: RunConfig, base_model=None, tokenizer=None, calibration:
 
 def calibration_rows(config: RunConfig, train_rows: Sequence, data: Path | str) -> Sequence:
     """The rows ``adapter.allocator.calibration`` names: the run's training rows (``train``), or the
-    training rows of a data directory in ``data_dir``'s layout (a data file for ``task=instruct``).
+    training rows of a data directory in ``data_dir``'s layout, or those of a data file (read as ``data_source``).
 
     Args:
         config: The run.
@@ -163,13 +163,12 @@ def calibration_rows(config: RunConfig, train_rows: Sequence, data: Path | str) 
     path = Path(source).expanduser()
     if path.is_dir():
         return make_task(config.replace(data_dir=str(path), train_rows=None), path).train_rows()
-    if path.is_file() and config.task == "instruct":
+    if path.is_file():
         # eval_data_source set: every row of the file is a training row, none held out.
         other = config.replace(data_source=str(path), eval_data_source=str(path), train_rows=None)
         return make_task(other, data).train_rows()
-    raise FileNotFoundError(f"adapter.allocator.calibration={source!r} is not a data directory"
-                            f"{' or a data file' if config.task == 'instruct' else ''}: use 'train' or a directory "
-                            "laid out as data_dir")
+    raise FileNotFoundError(f"adapter.allocator.calibration={source!r} is not a data directory or a data file: "
+                            "use 'train', a directory laid out as data_dir, or a file laid out as data_source")
 
 
 def calibration_batches(config: RunConfig, tokenizer: Any, train_rows: Sequence, data: Path | str

@@ -28,9 +28,10 @@ from ..allocation import POLICY_REGISTRY
 from ..methods import METHOD_REGISTRY
 from .overrides import coerce
 from ..quant import PRECISIONS, QUANTIZE_CHOICES
+from ..tasks import SPECS
 from .reporting.registry import REPORT_TO
 
-TASK_NAMES = ("rte", "wnli", "sst2", "mrpc", "cola", "alpaca", "gsm8k", "instruct", "humaneval")
+TASK_NAMES = tuple(SPECS)
 
 
 @dataclass(frozen=True)
@@ -41,18 +42,26 @@ class RunConfig(JsonConfig):
         task: What to train and evaluate: a GLUE task (``rte``, ``wnli``, ``sst2``, ``mrpc``,
             ``cola``; dev accuracy, MCC for CoLA, F1 for MRPC), ``alpaca`` (instruction tuning,
             BLEU-4 / ROUGE-1 of greedy generations), ``gsm8k`` (exact match of the final number),
-            ``instruct`` (any instruction data set, see ``data_source``) or ``humaneval``
-            (pass@1 in a sandbox; evaluation only).
+            ``instruct`` (any instruction data set, see ``data_source``), ``humaneval``
+            (pass@1 in a sandbox; evaluation only) or ``classify`` (a sequence classifier on
+            ``data_source``'s ``text`` / ``text_pair`` / ``label`` columns, any labels; accuracy
+            and macro F1).
         model: ``minilm``, ``mpnet``, ``smollm2`` (the packaged real checkpoints), a local
             Hugging Face model folder, or a hub id ``owner/name`` when online.
         data_dir: Data directory holding ``rte/``, ``sst2/``, ``alpaca/``, ... (as
             ``../shared/data``); ``null``: ``$HYPERADALORA_DATA_DIR``, else the Hugging Face hub
             through ``datasets`` when online.
-        data_source: ``task=instruct`` only: a local ``.jsonl`` / ``.json`` file of
-            ``instruction`` / ``input`` / ``output`` rows, or a hub data set id.
-        eval_data_source: ``task=instruct`` only: the held-out rows (a file or hub id);
-            ``null``: the ``test`` split of a hub data set, or, for a local file, its last
-            ``eval_rows`` rows (10% if ``eval_rows`` is null), which are then not trained on.
+        data_source: Your own rows instead of the task's data set (needed by ``instruct`` and
+            ``classify``): a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a folder
+            (``save_to_disk``, or ``train.<ext>`` / ``test.<ext>`` files), or a hub data set id
+            when online; read through ``datasets``. Columns: ``instruction`` / ``input`` /
+            ``output`` (instruction tasks), ``text`` / ``text_pair`` / ``label`` (``classify``),
+            the GLUE hub's (GLUE tasks).
+        eval_data_source: The held-out rows (a file, folder or hub id); ``null``: the eval split
+            of a folder or hub data set, or, for a single file, its last ``eval_rows`` rows (10%
+            if ``eval_rows`` is null), which are then not trained on.
+        labels: ``classify`` only: the head's classes in order; ``null``: the training split's
+            labels, sorted (numerically when all are integers), recorded here by the run.
         output_dir: Folder in which the run directory is created.
         run_name: Name of the run directory; ``null``: ``<task>-<model>-<method>[-hyper]-<time>``.
         seed: Seed of the adapter initialisation, the data order and dropout.
@@ -104,6 +113,7 @@ class RunConfig(JsonConfig):
     data_dir: str | None = None
     data_source: str | None = None
     eval_data_source: str | None = None
+    labels: tuple[str, ...] | None = None
     output_dir: str = "runs"
     run_name: str | None = None
     seed: int = 0
@@ -174,13 +184,23 @@ class RunConfig(JsonConfig):
         check_choice(owner, "report_to", self.report_to, REPORT_TO)
         if self.quantize is not None:
             check_choice(owner, "quantize", self.quantize, QUANTIZE_CHOICES)
-        if self.task == "instruct" and self.data_source is None:
-            raise ValueError(f"{owner}: task='instruct' needs data_source=<a .jsonl/.json file or a hub data set id>")
-        if self.task != "instruct":
-            for name in ("data_source", "eval_data_source"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{owner}.{name} is only used with task='instruct', not {self.task!r}")
+        self._check_data()
         object.__setattr__(self, "adapter", resolve_adapter(self.adapter, self.steps))
+
+    def _check_data(self) -> None:
+        owner, spec = "RunConfig", SPECS[self.task]
+        if spec.needs_source and self.data_source is None:
+            raise ValueError(f"{owner}: task={self.task!r} needs data_source=<a .jsonl/.json/.csv/.parquet file, a "
+                             "folder or a hub data set id>")
+        if self.labels is None:
+            return
+        if spec.model_task != "sequence-classification" or spec.num_labels:
+            raise ValueError(f"{owner}.labels is only used with task='classify' (its classes come from the data), "
+                             f"not {self.task!r}; drop it")
+        labels = tuple(str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in self.labels)
+        if len(labels) < 2 or not all(isinstance(v, str) and v for v in labels) or len(set(labels)) != len(labels):
+            raise ValueError(f"{owner}.labels must be at least two distinct non-empty label names, got {self.labels!r}")
+        object.__setattr__(self, "labels", labels)
 
     @property
     def effective_warmup_steps(self) -> int:

@@ -66,9 +66,10 @@ def evaluate_run(config: RunConfig, model=None, tokenizer=None, adapter_dir: str
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     spec = task_spec(config.task)
-    data = resolve_data(config.data_dir, config.task)
+    data = resolve_data(config.data_dir, config.task, config.data_source)
     task = make_task(config, data)
     rows = task.eval_rows()
+    config = task.settle(config)
     if model is None:
         if adapter_dir is not None:
             model, tokenizer = load_trained(config, adapter_dir)

@@ -188,12 +188,13 @@ class Run:
         self.spec = task_spec(self.config.task)
         if not self.spec.trainable:
             make_task(self.config, HUB).train_rows()  # raises the evaluation-only message
-        data = resolve_data(self.config.data_dir, self.config.task)
+        data = resolve_data(self.config.data_dir, self.config.task, self.config.data_source)
         if data != HUB:
             self.config = self.config.replace(data_dir=str(data))
         self.task = make_task(self.config, data)
         self.train_rows = self.task.train_rows()
-        self.eval_rows = self.task.eval_rows()
+        self.eval_rows = self.task.eval_rows()  # read before the model loads: its errors come first
+        self.config = self.task.settle(self.config)  # e.g. classify's labels, recorded in config.yaml
 
     def _calibration(self, config: RunConfig, tokenizer: Any):
         """Calibration batches for a policy that decides ranks before the wrap (the task's batches)."""
