@@ -5,7 +5,9 @@
   ``Trainer`` subclass that also gets gradient clipping, the regulariser weight, parameter groups
   and checkpoints right).
 * :mod:`hyperadalora.integrations.distributed`: multi-process data parallel (``torch.distributed``
-  / DDP): keeps allocator decisions and hypernetwork states identical on every rank and checks it.
+  / DDP): keeps allocator decisions and hypernetwork states identical on every rank and checks it;
+  and fully sharded training (FSDP2, ``shard``; implemented in
+  :mod:`hyperadalora.integrations.fsdp`), with whole-adapter saving and exact resuming.
 
 The submodules are imported on demand (``import hyperadalora.integrations.trainer``), so that
 importing one does not pull in the other's dependencies.
@@ -25,6 +27,9 @@ _EXPORTS = {
     "sync_generated_gradients": "distributed",
     "assert_in_sync": "distributed",
     "state_checksums": "distributed",
+    "shard": "fsdp",
+    "save_checkpoint": "fsdp",
+    "load_checkpoint": "fsdp",
 }
 
 __all__ = sorted(_EXPORTS)
