@@ -38,10 +38,11 @@ from hyperadalora.integrations.distributed import (  # noqa: E402
     shard,
     state_checksums,
 )
-from hyperadalora.integrations.fsdp import load_checkpoint, save_checkpoint  # noqa: E402
+from hyperadalora.integrations.fsdp import clip_grad_norm_, load_checkpoint, save_checkpoint  # noqa: E402
 from hyperadalora.sharding import is_sharded  # noqa: E402
 
 STEPS, PER_RANK_BATCH, LR = 20, 4, 3e-3
+MAX_GRAD_NORM = 0.3  # below the early norms (about 0.4 on tiny_bert): clipping is active
 RESUME_AT = 9  # resume:<config> runs stop after this many steps (mid budget schedule) and continue
 SMALL_HYPER = dict(hidden=24, layers=1)
 # Pruning from step 2 on (tinit=1), final budget at step 16, then fixed.
@@ -128,6 +129,7 @@ def train(model, opt, name: str, steps: range, world: int, rank: int, log: dict)
         loss = model(**batch).loss
         loss.backward()
         model.backward_hypernetworks()  # per_step: the averaged dL/dF into the hypernetworks; else a no-op
+        log["grad_norms"].append(float(clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)))
         opt.step()
         model.after_step(step)
         opt.zero_grad(set_to_none=True)
@@ -156,7 +158,7 @@ def run_config(name: str, out_dir: str, world: int = 1, rank: int = 0) -> dict:
     model, opt, seen = build(name, out_dir, world)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     sharded = sorted(n for n, p in model.named_parameters() if p.requires_grad and is_sharded(p))
-    log = {"losses": [], "regs": [], "dylora": [], "error": None}
+    log = {"losses": [], "regs": [], "dylora": [], "grad_norms": [], "error": None}
     if resume:
         train(model, opt, name, range(RESUME_AT), world, rank, log)
         folder = os.path.join(out_dir, f"resume_{name}_checkpoint")

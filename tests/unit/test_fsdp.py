@@ -68,6 +68,7 @@ def _check_equal_to_one_process(out: Path, results, ref: dict, name: str) -> Non
         _close(res["losses"], ref["losses"], f"rank {rank}: losses")
         if ref["regs"][0] is not None:
             _close(res["regs"], ref["regs"], f"rank {rank}: regulariser")
+        _close(res["grad_norms"], ref["grad_norms"], f"rank {rank}: gradient norms (clip_grad_norm_)")
         assert res["rank_pattern"] == ref["rank_pattern"], f"rank {rank} pruned differently from 1 process"
         assert res["budget"] == ref["budget"]
         assert res["dylora"] == ref["dylora"], f"rank {rank} sampled other DyLoRA ranks"
@@ -99,6 +100,7 @@ def test_two_sharded_ranks_equal_one_process_with_the_whole_batch(fsdp_run, refe
         assert sum(not keep for row in ref["rank_pattern"].values() for keep in row) > 0, "the run must prune"
     if method == "dylora":
         assert len(set(ref["dylora"])) > 1, "DyLoRA must sample several ranks"
+    assert max(ref["grad_norms"]) > worker.MAX_GRAD_NORM, "clipping must be active"
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed")
@@ -230,6 +232,19 @@ def test_one_rank_shard_trains_exactly_as_no_shard(one_rank_group, tmp_path, nam
     assert any(not k for row in runs[0][1].values() for k in row)
     a, b = (load_file(str(tmp_path / f"sharded{s}" / "adapter_model.safetensors")) for s in (False, True))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_grad_norm_is_torchs_on_whole_tensors():
+    from hyperadalora.integrations.fsdp import clip_grad_norm_
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    assert torch.equal(clip_grad_norm_(ours, 0.5), torch.nn.utils.clip_grad_norm_(theirs, 0.5))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
 
 
 # -- DeepSpeed ZeRO (not installed here): a fake partitioned parameter, as DeepSpeed leaves it --------------

@@ -30,6 +30,7 @@ _EXPORTS = {
     "shard": "fsdp",
     "save_checkpoint": "fsdp",
     "load_checkpoint": "fsdp",
+    "clip_grad_norm_": "fsdp",
 }
 
 __all__ = sorted(_EXPORTS)

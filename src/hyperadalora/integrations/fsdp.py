@@ -40,7 +40,7 @@ from ..quant import is_quantized, precision_dtype
 from .common import require_adapted
 from .grad_sync import install_grad_sync
 
-__all__ = ["load_checkpoint", "save_adapter", "save_checkpoint", "shard", "transformer_blocks"]
+__all__ = ["clip_grad_norm_", "load_checkpoint", "save_adapter", "save_checkpoint", "shard", "transformer_blocks"]
 
 OPTIMIZER_NAME = "optimizer.safetensors"  # the names train/resume.py uses, in the same layout
 OPTIMIZER_META_NAME = "optimizer.json"
@@ -249,3 +249,36 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
     if meta["dylora_rank"] is not None:  # the rank sampled for the next step (as train/resume.py restores it)
         for layer in adapted.adapted_layers.values():
             layer.dylora_b = meta["dylora_rank"]
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a sharded model, whose gradients may be a mix of
+    ``DTensor`` shards and whole tensors (the hypernetworks kept out of sharding with
+    ``generate="per_step"``), which torch's own refuses ("got mixed torch.Tensor and DTensor").
+
+    The shards' norm is reduced across the ranks; the whole tensors' gradients are identical on
+    every rank, so their norm is taken locally. Every rank gets the same total norm (the norm
+    of one process's gradients on the whole batch) and scales alike; a collective.
+
+    Args:
+        parameters: The parameters (an iterable; those without ``.grad`` are skipped).
+        max_norm: The largest total norm kept.
+        norm_type: The norm (2 by default; ``inf`` for the largest entry).
+
+    Returns:
+        The total norm before clipping (a plain 0-d tensor).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [g for g in grads if sharding.is_sharded(g)]
+    whole = [g for g in grads if not sharding.is_sharded(g)]
+    groups = [g for g in (sharded, whole) if g]  # torch's foreach kernels take no mix of DTensors and tensors
+    if not groups:
+        return torch.tensor(0.0)
+    parts = [sharding.full(torch.nn.utils.get_total_norm(g, norm_type)).float().cpu() for g in groups]
+    total = torch.linalg.vector_norm(torch.stack(parts), norm_type)
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # torch's float32 clip coefficient
+    if coef < 1.0:
+        for group in groups:
+            torch._foreach_mul_(group, coef)
+    return total
