@@ -59,6 +59,7 @@ CONFIGS = {
     "dora_hyper": ("dora", "hyper", {}, None),
     "dylora_direct": ("dylora", "direct", {}, None),
     "dylora_hyper": ("dylora", "hyper", {}, None),
+    "sensitivity_lora": ("lora", "direct", {}, "sensitivity"),  # ranks chosen at wrap from calibration batches
 }
 QLORA = ("qlora_lora", "qlora_adalora")  # a 4-bit (NF4) tiny Llama base
 BF16 = "adalora_direct_bf16"  # adalora_direct sharded with precision="bf16" (MixedPrecisionPolicy)
@@ -70,7 +71,8 @@ def config(name: str) -> ha.AdapterConfig:
         alloc = {"allocator": ha.AllocatorConfig(**ALLOC)} if method == "adalora" else {}
         return ha.AdapterConfig(method=method, r=4, seed=7, gamma=0.1, target_modules=LLAMA_TARGETS, **alloc)
     method, source, hyper, policy = CONFIGS[name.removesuffix("_bf16")]
-    alloc = {"allocator": ha.AllocatorConfig(policy=policy, **ALLOC)} if policy else {}
+    settings = {} if policy == "sensitivity" else ALLOC
+    alloc = {"allocator": ha.AllocatorConfig(policy=policy, **settings)} if policy else {}
     return ha.AdapterConfig(method=method, source=source, r=4, seed=7, gamma=0.1, target_modules=BERT_TARGETS,
                             modules_to_save=("classifier",), hyper=ha.HyperConfig(**{**SMALL_HYPER, **hyper}),
                             **alloc)
@@ -108,7 +110,8 @@ def global_batch(name: str, step: int) -> dict[str, torch.Tensor]:
 def build(name: str, out_dir: str, world: int) -> tuple[ha.AdaptedModel, torch.optim.Optimizer, dict]:
     """The wrapped (and, with ``world > 1``, sharded) model, its AdamW, and a dict a forward
     pre-hook fills with the dtypes of a layer's factors and base weight as FSDP gathered them."""
-    model = ha.wrap(base_model(name, out_dir), config(name))  # same seeds on every rank
+    # Same seeds on every rank; Sensitivity-LoRA: the same calibration batches on every rank too.
+    model = ha.wrap(base_model(name, out_dir), config(name), calibration=[bert_batch(200 + i) for i in range(3)])
     seen: dict[str, str] = {}
     first = next(iter(model.adapted_layers.values()))
     first.register_forward_pre_hook(lambda m, _: seen.update(

@@ -2,8 +2,8 @@
 
 tests/unit/fsdp_worker.py shards tiny_bert with ``shard`` (``fully_shard`` per BertLayer and
 on the root) and trains every method x source (AdaLoRA with the peft and sigma-grad policies,
-hyper per_forward and per_step; LoRA, DoRA, DyLoRA direct and hyper) for 20 steps, pruning
-from step 2; a 4-bit (NF4, bitsandbytes) tiny Llama base with LoRA and AdaLoRA; and AdaLoRA
+hyper per_forward and per_step; LoRA, DoRA, DyLoRA direct and hyper; LoRA at Sensitivity-LoRA's
+calibrated ranks) for 20 steps, pruning from step 2; a 4-bit (NF4, bitsandbytes) tiny Llama base with LoRA and AdaLoRA; and AdaLoRA
 in bf16 mixed precision. Against a single process on the whole global batch: losses and
 regulariser values within 1e-5, the same rank pattern, budget and DyLoRA ranks, every state
 hash equal on both ranks at every step (``assert_in_sync``), and the adapter saved by rank 0
@@ -96,7 +96,9 @@ def test_two_sharded_ranks_equal_one_process_with_the_whole_batch(fsdp_run, refe
     else:  # per_forward: the hypernetworks are sharded in the root group
         assert any(n.startswith("source.nets.") for n in sharded)
     assert any(n.startswith("model.classifier.") for n in sharded)
-    if policy is not None:
+    if policy == "sensitivity":  # ranks decided before sharding, from the same calibration batches
+        assert len({len(row) for row in ref["rank_pattern"].values()}) > 1, "the modules must get different ranks"
+    elif policy is not None:
         assert sum(not keep for row in ref["rank_pattern"].values() for keep in row) > 0, "the run must prune"
     if method == "dylora":
         assert len(set(ref["dylora"])) > 1, "DyLoRA must sample several ranks"

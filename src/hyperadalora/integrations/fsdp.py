@@ -179,7 +179,9 @@ def _is_writer(rank: int, group: Any) -> bool:
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike,
                     rank: int = 0, group: Any = None) -> Path:
     """Saves what a sharded run needs to continue exactly: the whole adapter (with the allocator
-    state), the whole optimizer state and the training counters; a collective, written by ``rank``.
+    state), the whole optimizer state, the training counters and torch's generators (dropout);
+    a collective, written by ``rank``. The data position is the caller's (``model.steps_taken``
+    optimizer steps were done).
 
     The optimizer state is ``optimizer.state_dict()`` with every shard gathered, so the folder is
     the same whatever the number of ranks (and loads into an unsharded run too).
@@ -204,7 +206,11 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
         write_tensors(path / OPTIMIZER_NAME, tensors)
         write_json(path / OPTIMIZER_META_NAME, meta, sort_keys=False)
         rng = adapted.rng_state()
-        write_tensors(path / STATE_NAME, {} if rng is None else {"method_rng": rng})
+        # torch's generators (dropout): the same seed and draws on every rank, so rank 0's stand for all.
+        generators = {"torch_cpu_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            generators["torch_cuda_rng"] = torch.cuda.get_rng_state()
+        write_tensors(path / STATE_NAME, {**generators, **({} if rng is None else {"method_rng": rng})})
         # A fixed-rank policy's step counters (an adaptive one's are in the adapter's allocator_state.json).
         write_json(path / STATE_META_NAME, {"steps_taken": adapted.steps_taken, "dylora_rank": adapted.dylora_rank,
                                             "allocator": adapted.allocator.meta_dict()})
@@ -239,9 +245,12 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
     saved["state"] = {i: {k: sharding.like(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                           for k, v in entry.items()} for i, entry in saved["state"].items()}
     optimizer.load_state_dict(saved)
-    rng = load_file(str(path / STATE_NAME)).get("method_rng")
-    if rng is not None:
-        adapted.set_rng_state(rng)
+    generators = load_file(str(path / STATE_NAME))
+    if "method_rng" in generators:
+        adapted.set_rng_state(generators["method_rng"])
+    torch.set_rng_state(generators["torch_cpu_rng"])
+    if "torch_cuda_rng" in generators and torch.cuda.is_available():
+        torch.cuda.set_rng_state(generators["torch_cuda_rng"])
     meta = json.loads((path / STATE_META_NAME).read_text())
     adapted.restore_steps_taken(meta["steps_taken"])
     if not adapted.allocator.adaptive:
