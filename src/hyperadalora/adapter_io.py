@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import sharding
 from .config import AdapterConfig
 from .fileio import write_json, write_tensors
 from .version import __version__
@@ -55,8 +56,11 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model, directory: str | os.PathLike) -> Path:
+def save_adapter(model, directory: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes ``model``'s adapter to ``directory`` (created if needed).
+
+    ``tensors`` replaces :func:`adapter_state_dict` (a sharded model's save passes the gathered
+    whole tensors, see :func:`hyperadalora.integrations.distributed.save_adapter`).
 
     Files of an earlier save into the same folder that this save does not write (an AdaLoRA
     save's ``allocator_state.*`` under a LoRA save) are removed, so the folder holds one adapter.
@@ -72,7 +76,7 @@ def save_adapter(model, directory: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     modules = {name: {"in_features": layer.in_features, "out_features": layer.out_features, "r": layer.r}
                for name, layer in model.adapted_layers.items()}
-    write_tensors(path / WEIGHTS_NAME, adapter_state_dict(model))
+    write_tensors(path / WEIGHTS_NAME, adapter_state_dict(model) if tensors is None else tensors)
     if model.allocator.adaptive:
         write_tensors(path / ALLOC_TENSORS_NAME, model.allocator.state_dict())
         write_json(path / ALLOC_META_NAME, model.allocator.meta_dict())
@@ -141,7 +145,7 @@ def load_adapter_weights(model, directory: str | os.PathLike) -> None:
     for name, layer in model.adapted_layers.items():
         model.method.before_load(layer, {k: tensors[f"{name}.{k}"] for k in model.method.state_tensors(layer)})
     for key, target in own.items():
-        target.data.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+        sharding.copy_(target.data, tensors[key].to(dtype=target.dtype))  # a sharded target: this rank's shard
     _load_allocator_state(model, Path(directory))
     model.source.invalidate()
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import sharding
 from .allocation.compaction import slice_parameter_
 from .hyper.network import KindHypernetwork
 from .hyper.tokens import TokenLayout, from_rank_width, rank_width_shape, to_rank_width
@@ -117,12 +118,20 @@ class DirectSource:
 
     def values_and_grads(self, kind, idx):
         params = [self.layer_list[i].factors[kind] for i in idx]
-        values = torch.stack([p.detach() for p in params])
-        grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        # Sharded (FSDP2): whole values and gradients on every rank, so every rank scores alike.
+        values = torch.stack([sharding.full(p.detach()) for p in params])
+        grads = torch.stack([sharding.full(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype,
+                             device=p.device) for p in params])
         return values, grads
 
     def check_gradients(self) -> None:
-        if all(p.grad is None for layer in self.layer_list for p in layer.factors.values()):
+        params = [p for layer in self.layer_list for p in layer.factors.values()]
+        if all(p.grad is None for p in params):
+            if any(sharding.is_deepspeed_managed(p) for p in params):
+                raise sharding.PartitionedParameterError(
+                    "after_step() found no gradients on the adapter factors, which DeepSpeed manages: ZeRO-2/3 keep "
+                    "gradients in DeepSpeed's own partitioned buffers, where the rank allocator cannot score them. "
+                    "Use FSDP2 (hyperadalora.integrations.distributed.shard), DDP, or ZeRO-1")
             raise RuntimeError(
                 "after_step() found no gradients on the adapter factors: call it after optimizer.step() and "
                 "before optimizer.zero_grad() (the importance scores need this step's gradients)"
@@ -134,6 +143,10 @@ class DirectSource:
     @torch.no_grad()
     def scale_values_(self, kind, masks):
         values = [layer.factors[kind] for layer in self.layer_list]
+        if any(sharding.is_sharded(v) for v in values):  # FSDP2: each rank masks its own shard
+            for v, m in zip(values, masks):
+                sharding.mul_(v.data, m)
+            return
         torch._foreach_mul_([v.data for v in values], list(masks))  # as peft zeroes lam
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -11,13 +11,7 @@ catches it. The direct and hyper runs also go through ``AdaptedTrainer`` under t
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,41 +19,20 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import ddp_worker as worker
+from launch import run_two_ranks
 
 SYNCED = ["direct", "direct_sigma", "hyper", "hyper_per_step"]
 THROUGH_TRAINER = ["direct", "hyper"]  # the same runs through AdaptedTrainer under torchrun
-HERE = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available in this build")
 
 
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(HERE.parents[1] / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
-    cmd = _torchrun() + ["--standalone", "--nproc_per_node", "2", str(HERE / "ddp_worker.py"), str(out),
-                         ",".join(SYNCED + ["hyper_unsynced"] + [f"trainer:{n}" for n in THROUGH_TRAINER])]
-    # A session of its own, so that a timeout ends torchrun *and* its workers.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=str(HERE), start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 600 s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    yield out, [r["results"] for r in ranks]
+    names = SYNCED + ["hyper_unsynced"] + [f"trainer:{n}" for n in THROUGH_TRAINER]
+    yield out, run_two_ranks("ddp_worker.py", out, names, timeout=600)
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -122,9 +95,14 @@ def test_without_prepare_ddp_the_hyper_allocators_diverge_and_the_check_says_so(
 
 def test_single_process_helpers_are_no_ops():
     """prepare_ddp / sync / assert_in_sync work (and do nothing) without a process group."""
-    import hyperadalora as ha
-    from hyperadalora.integrations.distributed import assert_in_sync, prepare_ddp, sync_generated_gradients
     from tiny_models import tiny_bert
+
+    import hyperadalora as ha
+    from hyperadalora.integrations.distributed import (
+        assert_in_sync,
+        prepare_ddp,
+        sync_generated_gradients,
+    )
 
     model = ha.wrap(tiny_bert(), worker.config("hyper_per_step"))
     prepare_ddp(model)

@@ -8,7 +8,9 @@
   (:class:`~hyperadalora.integrations.sft.AdaptedSFTTrainer`: the same contract, with SFTTrainer's
   fused LM head and token-averaged loss; needs ``pip install hyperadalora[trl]``).
 * :mod:`hyperadalora.integrations.distributed`: multi-process data parallel (``torch.distributed``
-  / DDP): keeps allocator decisions and hypernetwork states identical on every rank and checks it.
+  / DDP): keeps allocator decisions and hypernetwork states identical on every rank and checks it;
+  and fully sharded training (FSDP2, ``shard``; implemented in
+  :mod:`hyperadalora.integrations.fsdp`), with whole-adapter saving and exact resuming.
 
 The submodules are imported on demand (``import hyperadalora.integrations.trainer``), so that
 importing one does not pull in the other's dependencies.
@@ -29,6 +31,10 @@ _EXPORTS = {
     "sync_generated_gradients": "distributed",
     "assert_in_sync": "distributed",
     "state_checksums": "distributed",
+    "shard": "fsdp",
+    "save_checkpoint": "fsdp",
+    "load_checkpoint": "fsdp",
+    "clip_grad_norm_": "fsdp",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -36,12 +36,14 @@ Use::
     opt.step(); model.after_step(step); opt.zero_grad()
     assert_in_sync(model)                      # e.g. every N steps and before saving
 
-See ``docs/distributed.md`` for several GPUs / nodes, FSDP and DeepSpeed.
+Fully sharded (FSDP2) training: :func:`~hyperadalora.integrations.fsdp.shard` (re-exported here)
+instead of ``wrap_ddp``, and :func:`~hyperadalora.integrations.fsdp.save_adapter` to save.
+
+See ``docs/distributed.md`` for several GPUs / nodes, FSDP2 and DeepSpeed.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from typing import Any
@@ -50,52 +52,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import sharding
 from .common import require_adapted
+from .fsdp import save_adapter, shard, transformer_blocks
+from .grad_sync import install_grad_sync, sync_generated_gradients, world_size
 
-__all__ = ["assert_in_sync", "prepare_ddp", "state_checksums", "sync_generated_gradients", "wrap_ddp"]
-
-
-def _world_size(group: Any = None) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
-@torch.no_grad()
-def sync_generated_gradients(model: nn.Module, group: Any = None) -> bool:
-    """Averages ``dL/dF`` of every generated factor across the ranks of ``group``.
-
-    Runs at most once per set of generated factors (a second call in the same step is a no-op),
-    so the hook may fire both before ``backward_hypernetworks`` and before allocation. Every
-    rank must call it (it is a collective); the hooks installed by :func:`prepare_ddp` make sure
-    of that, since every rank runs the same ``after_step`` / ``backward_hypernetworks`` calls.
-
-    Args:
-        model: An AdaptedModel (or a DDP / accelerate wrapper of one).
-        group: The process group (``None``: the default group).
-
-    Returns:
-        Whether anything was all-reduced (``False`` for the direct source, one process, or when
-        already done for these factors).
-    """
-    source = require_adapted(model, "sync_generated_gradients").source
-    tensors = source.generated_tensors()
-    if tensors is None or _world_size(group) == 1 or source.synced_generation is tensors:
-        return False
-    grads = []
-    for t in tensors.values():  # same order on every rank
-        if t.grad is None:  # a rank without a gradient still takes part, with zeros
-            t.grad = torch.zeros_like(t)
-        grads.append(t.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat.div_(_world_size(group))
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    source.synced_generation = tensors  # a reference (not an id), so it cannot be confused with a later dict
-    return True
+__all__ = ["assert_in_sync", "install_grad_sync", "prepare_ddp", "save_adapter", "shard", "state_checksums",
+           "sync_generated_gradients", "transformer_blocks", "wrap_ddp"]
 
 
 def _method_buffers(adapted) -> list[torch.Tensor]:
@@ -134,7 +97,7 @@ def prepare_ddp(model: nn.Module, group: Any = None) -> nn.Module:
         ``model``.
     """
     adapted = require_adapted(model, "prepare_ddp")
-    adapted.source.grad_sync = functools.partial(sync_generated_gradients, adapted, group)
+    install_grad_sync(adapted, group)
     ignore = _adapter_tensor_names(model)
     previous = list(model.__dict__.get("_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = sorted(set(previous) | set(ignore))
@@ -151,7 +114,7 @@ def wrap_ddp(model: nn.Module, group: Any = None, **ddp_kwargs: Any) -> nn.paral
 
 
 def _digest(t: torch.Tensor) -> str:
-    data = t.detach().to("cpu").contiguous()
+    data = sharding.full(t.detach()).to("cpu").contiguous()  # a sharded (FSDP2) tensor: gathered first
     h = hashlib.blake2b(digest_size=16)
     h.update(str((tuple(data.shape), str(data.dtype))).encode())
     h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -204,7 +167,7 @@ def assert_in_sync(model: nn.Module, group: Any = None, parameters: bool = True)
         RuntimeError: Naming the entries that differ and the ranks they differ on.
     """
     mine = state_checksums(model, parameters)
-    world = _world_size(group)
+    world = world_size(group)
     if world == 1:
         return mine
     gathered: list[dict[str, str] | None] = [None] * world

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import sharding
 from .base import AdapterMethod, LoraExport
 
 
@@ -73,7 +74,8 @@ class AdaLoRA(AdapterMethod):
         (HyperAdaLoRA Eq. 7).
         """
         squared = self.config.orth_reg == "paper"
-        factors = [layer.get_factors() for layer in layers]
+        # Outside the layers' forward an FSDP2-sharded P / Q is a DTensor shard: gather it (differentiably).
+        factors = [{k: sharding.full(t) for k, t in layer.get_factors().items() if k != "lam"} for layer in layers]
         p_pen = orthogonality_penalty([f["P"] for f in factors], transpose_first=True, squared=squared)
         q_pen = orthogonality_penalty([f["Q"] for f in factors], transpose_first=False, squared=squared)
         if squared:
