@@ -39,7 +39,7 @@ def test_finetune_smollm2_on_my_jsonl_then_export_loads_in_peft(tmp_path, capsys
     data = tmp_path / "my.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     code = main(["train", "instruct_smollm2_adalora", f"data_source={data}", "steps=3", "batch_size=2",
-                 "max_length=64", "eval_rows=2", "max_new_tokens=8", "lr=1e-2", "run_name=mine",
+                 "max_length=64", "eval_rows=2", "max_new_tokens=8", "lr=1e-2", "run_name=mine", "export=peft",
                  "--output-dir", str(tmp_path / "runs"), "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -51,11 +51,9 @@ def test_finetune_smollm2_on_my_jsonl_then_export_loads_in_peft(tmp_path, capsys
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert [p["reference"] for p in predictions] == [r["output"] for r in ROWS[-2:]]  # the held-out tail
 
-    assert main(["export", str(run), "--out", str(tmp_path / "peft")]) == 0, capsys.readouterr().err
-    capsys.readouterr()
-    config = load_run(run)
+    config = load_run(run)  # the one command also exported the peft adapter (export=peft)
     ours, tokenizer = load_trained(config, run / "adapter")
-    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft"))
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(run / "peft_adapter"))
     batch = tokenizer(["Give the capital of the country. Norway", "Reverse the word. sun"], padding=True,
                       return_tensors="pt")
     ours.eval()

@@ -403,3 +403,31 @@ def test_generation_stops_a_row_once_its_continuation_holds_a_stop_string():
     assert _StopOnStrings(tok, ["there"], len(prompt))(rows, None).tolist() == [True, False]
     assert _StopOnStrings(tok, ["hi", "y"], len(prompt))(rows, None).tolist() == [False, True]
     assert _StopOnStrings(tok, ["hi"], 0)(rows, None).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("export", ["peft", "merged"])
+def test_a_completed_run_exports_what_export_asks_for(shared, tmp_path, export):
+    """export=peft: peft loads RUN_DIR/peft_adapter alone; export=merged: transformers loads RUN_DIR/merged alone;
+    both give the outputs of the run's own adapter (loaded back with ha.load_adapter)."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    result = train(rte_config(shared, tmp_path, f"export={export}"))
+    run = result.run_dir
+    base = lambda: AutoModelForSequenceClassification.from_pretrained(shared["bert"])  # noqa: E731
+    ours = load_adapter(base(), run / "adapter").eval()
+    if export == "peft":
+        other = peft.PeftModel.from_pretrained(base(), str(run / "peft_adapter")).eval()
+        assert not (run / "merged").exists()
+    else:
+        other = AutoModelForSequenceClassification.from_pretrained(run / "merged").eval()
+        assert (run / "merged" / "tokenizer_config.json").is_file() and not (run / "peft_adapter").exists()
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 7, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]])}
+    with torch.no_grad():
+        torch.testing.assert_close(other(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_export_merged_is_refused_on_a_quantised_base_before_the_run(shared, tmp_path):
+    with pytest.raises(ValueError, match="export=merged on a quantize=4bit base"):
+        rte_config(shared, tmp_path, "export=merged", "quantize=4bit")
+    assert not (tmp_path / "run").exists()

@@ -32,6 +32,7 @@ from ..tasks import SPECS
 from .reporting.registry import REPORT_TO
 
 TASK_NAMES = tuple(SPECS)
+EXPORTS = ("none", "peft", "merged")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class RunConfig(JsonConfig):
             ``wandb`` (offline, ``RUN_DIR/wandb``; ``$WANDB_MODE`` overrides) or ``mlflow``
             (``RUN_DIR/mlflow.db``; ``$MLFLOW_TRACKING_URI`` overrides). Needs
             ``pip install hyperadalora[<name>]``; ``log.jsonl`` stays the source of truth.
+        export: What a completed run also writes beside ``adapter/``: ``none``, ``peft`` (a
+            standard peft LoRA adapter in ``RUN_DIR/peft_adapter``, as ``hyperadalora export RUN
+            --out`` writes it) or ``merged`` (a transformers model folder with the adapter folded
+            in and the tokenizer, ``RUN_DIR/merged``; not on a quantised base).
         adapter: The adapter (:class:`~hyperadalora.AdapterConfig`): ``adapter.method``,
             ``adapter.r``, ``adapter.allocator.*``, ``adapter.hyper.*``, ...
     """
@@ -144,6 +149,7 @@ class RunConfig(JsonConfig):
     gradient_checkpointing: bool = False
     compile: bool = False
     report_to: str = "none"
+    export: str = "none"
     adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
@@ -182,6 +188,11 @@ class RunConfig(JsonConfig):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
         check_choice(owner, "precision", self.precision, tuple(PRECISIONS))
         check_choice(owner, "report_to", self.report_to, REPORT_TO)
+        check_choice(owner, "export", self.export, EXPORTS)
+        if self.export == "merged" and self.quantize is not None:
+            raise ValueError(f"{owner}: export=merged on a quantize={self.quantize} base would write dequantised "
+                             "weights; use export=peft, or afterwards `hyperadalora export RUN --merged OUT "
+                             "--dequantize`")
         if self.quantize is not None:
             check_choice(owner, "quantize", self.quantize, QUANTIZE_CHOICES)
         self._check_data()

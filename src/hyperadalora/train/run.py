@@ -19,6 +19,8 @@ from ..tasks import HUB, make_task, resolve_data, task_spec
 from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
 from .evaluate import evaluate_rows
+from ..export import export_peft_lora
+from ..export_merged import export_merged
 from ..transfer import resolve_adapter_dir
 from .resume import (check_checkpoint_config, check_resume_config, data_fingerprint, load_training_checkpoint,
                      prepare_resume, prune_checkpoints, save_training_checkpoint, set_aside_after, truncate_log)
@@ -165,6 +167,7 @@ class Run:
             self.lock = RunDirLock(self.resume_dir).acquire()
         built = build(self.config, self._base_model, self._tokenizer, calibration=self._calibration)
         self.model, tokenizer, self.config = built.model, built.tokenizer, built.config
+        self.tokenizer = tokenizer
         self.task.bind(tokenizer)
         self._open_run_dir(saved)
         if built.allocation is not None:
@@ -364,6 +367,13 @@ class Run:
         save_adapter_dir(self.model, self.run_dir)
         self.state.checkpoint = {"step": step, "reason": reason}
 
+    def export_final(self) -> None:
+        """``RunConfig.export``: the peft adapter or the merged model of the completed run, beside ``adapter/``."""
+        if self.config.export == "peft":
+            export_peft_lora(self.model, self.run_dir / "peft_adapter")
+        elif self.config.export == "merged":
+            export_merged(self.model, self.run_dir / "merged", tokenizer=self.tokenizer)
+
     def save_training(self, done: int, reason: str, rng: dict[str, Any] | None = None) -> None:
         """Writes the training checkpoint of step ``done`` (``rng``: the generators' snapshot to record)."""
         with open(self.run_dir / "log.jsonl", "rb") as fh:  # the log lines up to the checkpoint are on disk too
@@ -401,6 +411,7 @@ class Run:
                 self.save_training(done, "final")
             final = self.evaluate(done)
             self.save_adapter(done, "final")
+            self.export_final()
         elif self.status == "interrupted":
             self._finish_interrupted(done)
         else:
