@@ -18,4 +18,5 @@ from . import nlg  # noqa: F401
 from . import generality  # noqa: F401
 from . import plan_calibrate  # noqa: F401
 from . import plan_scale  # noqa: F401
+from . import tuned  # noqa: F401
 from . import publish  # noqa: F401
