@@ -50,12 +50,12 @@ from .tuned_report import plot, render, rows_of, summarize
 #: The lrs a sweep may grow into, in order.
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 _LORA = {"adapter.method": "lora", "adapter.r": 8}
-_SENSITIVITY = {**_LORA, "adapter.allocator.policy": "sensitivity"}
+_SENSITIVITY = {**_LORA, "adapter.allocator.policy": "sensitivity"}  # AdaLoRA's schedule fields: unused
 #: method -> overrides on the convergence protocol's AdaLoRA base (r 12 -> 8).
 METHODS = {
     "adalora": {"adapter.source": "direct"},
     "sensitivity": {**_SENSITIVITY, "adapter.source": "direct"},
-    "lora": {**_LORA, "adapter.source": "direct"},
+    "lora": {**_LORA, "adapter.allocator": None, "adapter.source": "direct"},  # plain LoRA takes no allocator
     "hyperadalora": {"adapter.source": "hyper"},
     "hypersensitivity": {**_SENSITIVITY, "adapter.source": "hyper"},
 }
@@ -134,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/bench/tuned")
     p.add_argument("--name", default="tuned")
-    p.add_argument("--report-only", action="store_true", help="rebuild from the cached runs; run nothing")
+    p.add_argument("--report-only", action="store_true", help="rebuild from the cached runs; train nothing (the "
+                   "step costs are measured unless cached)")
     args = p.parse_args(argv)
     args.method_list = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.method_list if m not in METHODS]
@@ -173,8 +174,8 @@ def measured_costs(args: argparse.Namespace, results: dict, best: dict) -> dict:
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cached.get("key") == key:
         return cached["cost"]
-    if args.report_only or args.cost_steps <= 0 or BASELINE not in runs:
-        return cached.get("cost", {}) if args.report_only else {}
+    if args.cost_steps <= 0 or BASELINE not in runs:
+        return {}
     from .tuned_cost import measure_costs
 
     cost = measure_costs(runs, args.cost_steps, args.cost_seq_len, args.threads)
