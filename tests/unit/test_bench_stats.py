@@ -110,3 +110,22 @@ def test_tuned_rows_and_summary_against_hand_computation():
                              "sweep": sweep, "summary": summary}))
     assert "| Sensitivity-LoRA | 0.001 (0.001, 0.003) edge | 3 |" in text
     assert "| +0.0400 (n 3, p " in text and "| 0.2000 * w | 0.9000 |  | 1 |" in text
+
+
+def test_the_sweep_grows_each_grid_until_its_best_lr_is_inside_or_the_growth_budget_is_spent():
+    from hyperadalora.bench.experiments.tuned import sweep
+
+    # Final loss |log10(lr / optimum)|: AdaLoRA's optimum 3e-2 lies above the starting grid, LoRA's 3e-3 inside.
+    optimum = {"adalora": 3e-2, "lora": 3e-3}
+    ran = []
+
+    def run(specs):
+        ran.extend(s.key for s in specs)
+        return {s.key: {"lr": s.tags["lr"], "diverged": False,
+                        "losses": [abs(math.log10(s.tags["lr"] / optimum[s.tags["method"]]))] * 3} for s in specs}
+
+    results, grids = sweep("sst2", ["adalora", "lora"], [1e-3, 3e-3, 1e-2], 2, run)
+    assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2]}
+    assert len(ran) == len(set(ran)) == 8  # every run once
+    _, grids = sweep("sst2", ["adalora"], [1e-3, 3e-3, 1e-2], 1, run)
+    assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2]}  # budget spent: the best stays at the edge
