@@ -129,3 +129,23 @@ def test_the_sweep_grows_each_grid_until_its_best_lr_is_inside_or_the_growth_bud
     assert len(ran) == len(set(ran)) == 8  # every run once
     _, grids = sweep("sst2", ["adalora"], [1e-3, 3e-3, 1e-2], 1, run)
     assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2]}  # budget spent: the best stays at the edge
+
+
+def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_specs_run(tmp_path):
+    from hyperadalora.bench.experiments.tuned import import_runs, parse_args, spec
+    from hyperadalora.bench.runner import load_cached
+
+    curve = {"key": "sst2-minilm-adalora-lr0.003-s1", "task": "sst2", "model": "minilm", "method": "adalora",
+             "lr": 3e-3, "seed": 1, "losses": [0.7, 0.5, 0.4], "step_times": [1.0, 2.0, 3.0], "diverged": False,
+             "final_metrics": {"accuracy": 0.8}, "total_rank": [432, 400, 288]}
+    other = {**curve, "key": "sst2-mpnet-adalora-lr0.003-s1", "model": "mpnet"}  # another model: not this protocol
+    source = tmp_path / "convergence.json"
+    source.write_text(__import__("json").dumps({"curves": [curve, other]}))
+    args = parse_args(["--methods", "adalora,lora", "--work-dir", str(tmp_path / "cache")])
+    assert import_runs(str(source), args) == ["sst2-minilm-adalora-lr0.003-s1"]
+    cached = load_cached(spec("sst2", "adalora", 3e-3, 1), args.work_dir)  # the config check passes
+    assert cached["losses"] == curve["losses"] and cached["seconds"] == 6.0
+    assert cached["final_smoothed"] == pytest.approx((0.7 * 0.81 + 0.5 * 0.9 + 0.4) * 0.1 / (1 - 0.9 ** 3))
+    assert import_runs(str(source), args) == []  # cached already: left alone
+    with pytest.raises(FileNotFoundError, match="--import-runs"):
+        import_runs(str(tmp_path / "missing.json"), args)

@@ -40,9 +40,9 @@ from pathlib import Path
 
 from ...fileio import write_json
 from ...tasks import task_spec
-from ..curves import best_lr
+from ..curves import best_lr, smoothed_final
 from ..experiment import Command, experiment
-from ..runner import RunSpec, run_specs
+from ..runner import RunSpec, load_cached, run_specs, spec_config
 from .common import write_results
 from .convergence import BASE, MODELS, TASKS
 from .tuned_report import plot, render, rows_of, summarize
@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/bench/tuned")
     p.add_argument("--name", default="tuned")
+    p.add_argument("--import-runs", default="", help="a convergence result JSON whose runs of the same protocol "
+                   "(same key: task, model, method, lr, seed) fill the cache instead of running again")
     p.add_argument("--report-only", action="store_true", help="rebuild from the cached runs; train nothing (the "
                    "step costs are measured unless cached)")
     args = p.parse_args(argv)
@@ -146,6 +148,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--lrs {args.lrs!r}: give numbers such as 1e-3,3e-3,1e-2")
     return args
+
+
+def import_runs(path: str, args: argparse.Namespace) -> list[str]:
+    """Caches the runs of a :mod:`.convergence` result (``curves``) that are runs of this protocol.
+
+    A curve is taken when its key is the key :func:`spec` gives its tags (same task, model,
+    method, lr and seed; :mod:`.convergence`'s ``spec`` builds the same config from the same
+    base): its cache entry gets this spec's config and says where it came from. Runs cached already
+    are left alone. Returns the keys imported.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"--import-runs {path}: no such result file (e.g. benchmarks/results/convergence.json)")
+    done = []
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    for c in json.loads(source.read_text())["curves"]:
+        if (c.get("task"), c.get("model"), c.get("method")) not in {(args.task, MODEL, m) for m in args.method_list}:
+            continue
+        s = spec(args.task, c["method"], c["lr"], c["seed"])
+        if s.key != c["key"] or load_cached(s, args.work_dir) is not None:
+            continue
+        write_json(Path(args.work_dir) / f"{s.key}.json", {
+            "key": s.key, "tags": s.tags, "status": "completed", "diverged": c["diverged"], "lr": c["lr"],
+            "seed": c["seed"], "steps": len(c["losses"]), "losses": c["losses"], "step_times": c["step_times"],
+            "total_rank": c.get("total_rank"), "final_metrics": c["final_metrics"],
+            "final_smoothed": None if c["diverged"] else smoothed_final(c["losses"]),
+            "seconds": round(sum(c["step_times"]), 2), "config": spec_config(s), "run_dir": None,
+            "imported_from": source.name})
+        done.append(s.key)
+    return done
 
 
 def run_all(args: argparse.Namespace) -> tuple[dict, dict, dict]:
@@ -213,6 +245,8 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
+    if args.import_runs:
+        print(f"tuned: imported {len(import_runs(args.import_runs, args))} runs from {args.import_runs}")
     results, grids, best = run_all(args)
     cost = measured_costs(args, results, best)
     result = build_result(args, results, grids, best, cost)
