@@ -127,6 +127,7 @@ def test_the_sweep_grows_each_grid_until_its_best_lr_is_inside_or_the_growth_bud
     results, grids = sweep("sst2", ["adalora", "lora"], [1e-3, 3e-3, 1e-2], 2, run)
     assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2]}
     assert len(ran) == len(set(ran)) == 8  # every run once
+    assert sorted(results) == sorted(ran)
     _, grids = sweep("sst2", ["adalora"], [1e-3, 3e-3, 1e-2], 1, run)
     assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2]}  # budget spent: the best stays at the edge
 
