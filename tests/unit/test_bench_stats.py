@@ -124,12 +124,17 @@ def test_the_sweep_grows_each_grid_until_its_best_lr_is_inside_or_the_growth_bud
         return {s.key: {"lr": s.tags["lr"], "diverged": False,
                         "losses": [abs(math.log10(s.tags["lr"] / optimum[s.tags["method"]]))] * 3} for s in specs}
 
-    results, grids = sweep("sst2", ["adalora", "lora"], [1e-3, 3e-3, 1e-2], 2, run)
+    start = [1e-3, 3e-3, 1e-2]
+    results, grids = sweep("sst2", ["adalora", "lora"], {"adalora": start, "lora": start}, 2, run)
     assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2]}
     assert len(ran) == len(set(ran)) == 8  # every run once
     assert sorted(results) == sorted(ran)
-    _, grids = sweep("sst2", ["adalora"], [1e-3, 3e-3, 1e-2], 1, run)
+    _, grids = sweep("sst2", ["adalora"], {"adalora": start}, 1, run)
     assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2]}  # budget spent: the best stays at the edge
+    # A run missing (--report-only, or a stopped benchmark): that grid does not grow.
+    _, grids = sweep("sst2", ["adalora"], {"adalora": start}, 2, lambda specs: run([s for s in specs
+                                                                                     if s.tags["lr"] != 1e-3]))
+    assert grids == {"adalora": start}
 
 
 def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_specs_run(tmp_path):
@@ -150,3 +155,14 @@ def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_spe
     assert import_runs(str(source), args) == []  # cached already: left alone
     with pytest.raises(FileNotFoundError, match="--import-runs"):
         import_runs(str(tmp_path / "missing.json"), args)
+
+
+def test_method_lrs_give_a_method_its_own_starting_grid_and_bad_ones_are_refused(capsys):
+    from hyperadalora.bench.experiments.tuned import parse_args
+
+    args = parse_args(["--methods", "adalora,hyperadalora", "--method-lrs", "hyperadalora:1e-3,hyperadalora:3e-4"])
+    assert args.grids == {"adalora": [1e-3, 3e-3, 1e-2], "hyperadalora": [3e-4, 1e-3]}
+    for bad in (["--methods", "adalora", "--method-lrs", "lora:1e-3"], ["--method-lrs", "adalora:fast"], ["--methods", "lora"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert "--method" in capsys.readouterr().err

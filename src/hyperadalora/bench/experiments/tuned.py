@@ -88,13 +88,14 @@ def extend(grid: list[float], best: float | None) -> float | None:
     return None
 
 
-def sweep(task: str, methods: list[str], lrs: list[float], max_extend: int, run) -> tuple[dict, dict]:
-    """Seed-0 sweep of every method, grown at the ends (see the module docstring).
+def sweep(task: str, methods: list[str], lrs: dict[str, list[float]], max_extend: int, run) -> tuple[dict, dict]:
+    """Seed-0 sweep of every method from its starting grid ``lrs[method]``, grown at the ends
+    (see the module docstring). A grid with a run missing (``--report-only``) does not grow.
 
     Returns:
         ``({key: result}, {method: sorted grid})``.
     """
-    grids = {m: sorted(lrs) for m in methods}
+    grids = {m: sorted(lrs[m]) for m in methods}
     results: dict = {}
     grown = {m: 0 for m in methods}
     while True:
@@ -102,7 +103,10 @@ def sweep(task: str, methods: list[str], lrs: list[float], max_extend: int, run)
                             if lr in grids[m] and spec(task, m, lr, 0).key not in results]))
         more = False
         for m in methods:
-            best = best_lr(results[k] for k in (spec(task, m, lr, 0).key for lr in grids[m]) if k in results)
+            keys = [spec(task, m, lr, 0).key for lr in grids[m]]
+            if not all(k in results for k in keys):
+                continue
+            best = best_lr(results[k] for k in keys)
             nxt = extend(grids[m], best) if grown[m] < max_extend else None
             if nxt is not None:
                 grids[m] = sorted([*grids[m], nxt])
@@ -125,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="sst2", choices=sorted(TASKS))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="starting lr grid of every method (seed 0)")
+    p.add_argument("--method-lrs", default="", help="a method's own starting grid, as method:lr pairs (e.g. "
+                   "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3); the others start from --lrs")
     p.add_argument("--max-extend", type=int, default=2, help="lrs a method's grid may grow by")
     p.add_argument("--seeds", type=int, default=5, help="seeds at each method's best lr")
     p.add_argument("--cost-steps", type=int, default=20, help="interleaved timed steps per method (0: none)")
@@ -145,8 +151,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--methods {args.methods!r}: give methods of {list(METHODS)}, including {BASELINE!r} (the baseline)")
     try:
         args.lr_list = [float(x) for x in args.lrs.split(",") if x]
+        pairs = [(m, float(lr)) for m, _, lr in (x.partition(":") for x in args.method_lrs.split(",") if x)]
     except ValueError:
-        p.error(f"--lrs {args.lrs!r}: give numbers such as 1e-3,3e-3,1e-2")
+        p.error(f"--lrs {args.lrs!r} / --method-lrs {args.method_lrs!r}: give numbers such as 1e-3,3e-3,1e-2 and "
+                "method:lr pairs such as hyperadalora:3e-4,hyperadalora:1e-3")
+    if any(m not in args.method_list for m, _ in pairs):
+        p.error(f"--method-lrs {args.method_lrs!r} names a method that is not among --methods {args.method_list}")
+    args.grids = {m: sorted({lr for n, lr in pairs if n == m}) or args.lr_list for m in args.method_list}
     return args
 
 
@@ -184,7 +195,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Sweep, then seeds at each best lr: ``(results, grids, best)``."""
     run = lambda specs: run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,
                                   only_cached=args.report_only)
-    results, grids = sweep(args.task, args.method_list, args.lr_list, args.max_extend, run)
+    results, grids = sweep(args.task, args.method_list, args.grids, args.max_extend, run)
     best = {m: best_lr(results[k] for k in (spec(args.task, m, lr, 0).key for lr in grids[m]) if k in results)
             for m in args.method_list}
     more = [spec(args.task, m, best[m], s) for s in range(1, args.seeds) for m in args.method_list
@@ -225,7 +236,7 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
              for m in grids for lr in grids[m] if (r := results.get(spec(args.task, m, lr, 0).key))]
     steps = TASKS[args.task]["steps"]
     config = {"task": args.task, "model": MODEL, "methods": args.method_list, "labels": {m: LABELS[m] for m in grids},
-              "metric": metric, "start_lrs": args.lr_list, "max_extend": args.max_extend, "seeds": args.seeds,
+              "metric": metric, "start_lrs": args.grids, "max_extend": args.max_extend, "seeds": args.seeds,
               "steps": steps, "batch_size": BASE["batch_size"], "cost_steps": args.cost_steps,
               "cost_seq_len": args.cost_seq_len, "workers": args.workers, "threads_per_run": args.threads,
               "target_loss": rows[0]["target_loss"] if rows else None, "base_config": BASE, "method_overrides":

@@ -63,7 +63,8 @@ def summarize(rows: list[dict], sweep: list[dict], grids: dict, cost: dict) -> d
     time to target and in all, memory, the sweep's best lr, whether it is inside the grid, the good-lr window."""
     out = {}
     ada_cost = (cost.get("adalora") or {}).get("step_s")
-    for m, grid in grids.items():
+    for m in grids:
+        grid = sorted(s["lr"] for s in sweep if s["method"] == m)  # the lrs that ran
         mine = [r for r in rows if r["method"] == m]
         reached = [r["steps_to_target"] for r in mine if r["steps_to_target"] is not None]
         calib = [r["calibration_s"] for r in mine if r["calibration_s"] is not None]
@@ -75,7 +76,8 @@ def summarize(rows: list[dict], sweep: list[dict], grids: dict, cost: dict) -> d
         best = next((s["lr"] for s in sweep if s["method"] == m and s["best"]), None)
         total = (mine[0]["steps"] * step_s + calib_mean) if mine and step_s else None
         out[m] = {
-            "n": len(mine), "lr": best, "grid": grid, "best_inside_grid": best is not None and min(grid) < best < max(grid),
+            "n": len(mine), "lr": best, "grid": grid,
+            "best_inside_grid": best is not None and min(grid) < best < max(grid),
             "good_lr_window": good_lr_window(finals, TOLERANCE),
             "final_loss": _ci(r["final_smoothed_loss"] for r in mine if r["final_smoothed_loss"] is not None),
             "dev_metric": _ci(r["dev_metric"] for r in mine if r["dev_metric"] is not None),
