@@ -205,14 +205,18 @@ def run_all(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 
 def measured_costs(args: argparse.Namespace, results: dict, best: dict) -> dict:
-    """The methods' step costs and memory (:func:`.tuned_cost.measure_costs`), cached in the work dir."""
+    """The methods' step costs and memory (:func:`.tuned_cost.measure_costs`), cached in the work dir.
+
+    Each method's model is its seed-0 run's at its best lr, or at another lr where that has not run:
+    the lr changes neither the step's work nor its memory (Sensitivity-LoRA's ranks depend on the seed).
+    """
     runs = {}
     for m in args.method_list:  # AdaLoRA first: the reference of the step ratios
-        r = results.get(spec(args.task, m, best[m], 0).key) if best[m] is not None else None
-        if r is not None:
-            runs[m] = {"config": r["config"], "rank_pattern": (r.get("allocation") or {}).get("ranks")}
-    key = {"runs": sorted(spec(args.task, m, best[m], 0).key for m in runs), "steps": args.cost_steps,
-           "seq_len": args.cost_seq_len, "threads": args.threads}
+        seed0 = [results[k] for k in (spec(args.task, m, lr, 0).key for lr in [best[m], *LADDER] if lr)
+                 if k in results]
+        if seed0:
+            runs[m] = {"config": seed0[0]["config"], "rank_pattern": (seed0[0].get("allocation") or {}).get("ranks")}
+    key = {"methods": list(runs), "steps": args.cost_steps, "seq_len": args.cost_seq_len, "threads": args.threads}
     path = Path(args.work_dir) / "cost.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cached.get("key") == key:
