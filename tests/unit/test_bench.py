@@ -106,6 +106,18 @@ def test_kept_run_dir_is_rerun_when_it_was_removed(tiny, tmp_path):
     assert run_specs([spec], tmp_path, str(tiny["data"]))["kept"]["losses"] == res["losses"]  # same seed, same run
 
 
+def test_a_calibrated_run_keeps_its_calibration_record_in_the_cache(tiny, tmp_path):
+    # Sensitivity-LoRA decides its ranks before the wrap: the cache keeps what allocation.json said
+    # (the run directory itself is dropped), so a benchmark can report the calibration seconds.
+    spec = dataclasses.replace(tiny_spec(tiny, "sens", **{"adapter.allocator.policy": "sensitivity"}),
+                               keep_run_dir=True)
+    res = run_specs([spec], tmp_path, str(tiny["data"]))["sens"]
+    record = json.loads((tmp_path / "runs" / "sens" / "allocation.json").read_text())
+    assert res["allocation"] == {k: record[k] for k in ("policy", "rows", "tokens", "seconds", "total_rank", "ranks")}
+    assert res["allocation"]["policy"] == "sensitivity" and res["allocation"]["seconds"] > 0
+    assert "allocation" not in run_specs([tiny_spec(tiny, "plain")], tmp_path, str(tiny["data"]))["plain"]
+
+
 def test_in_processes_runs_every_call_in_spawned_workers_and_keeps_the_indices():
     import operator
     import os

@@ -86,6 +86,11 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
         "seconds": round(time.perf_counter() - started, 2), "threads": threads,
         "config": config.to_dict(), "run_dir": str(run_dir) if spec.keep_run_dir else None,
     }
+    # A policy that decides ranks before the wrap leaves its calibration record (seconds, ranks) there.
+    allocation = run_dir / "allocation.json"
+    if allocation.is_file():
+        record = json.loads(allocation.read_text())
+        out["allocation"] = {k: record.get(k) for k in ("policy", "rows", "tokens", "seconds", "total_rank", "ranks")}
     if not math.isfinite(out["final_smoothed"]):
         out["final_smoothed"] = None
     if not spec.keep_run_dir:

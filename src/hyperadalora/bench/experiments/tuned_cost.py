@@ -1,0 +1,69 @@
+"""The per-step cost of the ``tuned`` experiment's methods: step time interleaved, peak memory.
+
+Each method's model is the one its run trained: the run's own config (from the run cache) built
+by :func:`hyperadalora.train.build.build`, with Sensitivity-LoRA's ranks taken from the run's
+calibration record (``rank_pattern``), so no calibration is repeated. The step is the library's
+training step (:func:`.step_model.make_step`); the methods take turns step by step
+(:func:`.step_model.time_interleaved`), so machine noise hits them alike. Memory: peak resident
+growth over a few steps in a fresh subprocess (:func:`.step_model.measure_memory`, which calls
+:func:`build` of this module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from .step_model import (
+    load_base,
+    make_batch,
+    make_step,
+    measure_memory,
+    time_interleaved,
+)
+
+__all__ = ["build", "load_base", "make_batch", "measure_costs"]
+
+
+def build(method: str, base: torch.nn.Module, run: dict) -> tuple[Callable, int, Callable]:
+    """:func:`.step_model.make_step` of ``method`` as its run ``run`` trained it.
+
+    Args:
+        method: The method name (a label only).
+        base: MiniLM (copied, never changed).
+        run: ``{"config": the run's config dict, "rank_pattern": its calibrated ranks or None}``.
+    """
+    from ...train import load_run_config
+    from ...train.build import build as build_run
+
+    overrides = {"adapter.rank_pattern": run["rank_pattern"]} if run.get("rank_pattern") else {}
+    config = load_run_config(run["config"], overrides)
+    model = build_run(config, copy.deepcopy(base)).model
+    return make_step(model, method)
+
+
+def measure_costs(runs: dict[str, dict], steps: int, seq_len: int, threads: int, memory_steps: int = 3) -> dict:
+    """``{method: {"step_s", "step_ratio", "trainable", "peak_mib"}}`` (``step_ratio``: to the first method).
+
+    Args:
+        runs: ``{method: run}`` as :func:`build` takes it; the first is the reference.
+        steps: Timed steps per method (after 3 untimed ones).
+        seq_len: Tokens per row of the random batch (batch size: the runs' own).
+        threads: torch threads (here and in the memory subprocesses).
+        memory_steps: Steps of each memory subprocess.
+    """
+    torch.set_num_threads(threads)
+    batch_size = next(iter(runs.values()))["config"]["batch_size"]
+    base = load_base()
+    built = {m: build(m, base, r) for m, r in runs.items()}
+    times = time_interleaved({m: b[0] for m, b in built.items()}, make_batch(batch_size, seq_len), steps, warmup=3)
+    median = {m: statistics.median(t) for m, t in times.items()}
+    ref = median[next(iter(runs))]
+    mem_args = argparse.Namespace(threads=threads, batch_size=batch_size, accumulate=1, seq_len=seq_len,
+                                  memory_steps=memory_steps)
+    return {m: {"step_s": median[m], "step_ratio": median[m] / ref, "trainable": built[m][1],
+                "peak_mib": measure_memory(m, mem_args, runs[m], module="tuned_cost")} for m in runs}

@@ -1,0 +1,168 @@
+"""The benchmark statistics (``hyperadalora.bench.stats``) and the tuned experiment's grid growth,
+against hand computations and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hyperadalora.bench.experiments.tuned import LADDER, extend
+from hyperadalora.bench.stats import good_lr_window, mean_ci, paired_test, verdict
+
+# Student t quantile t_{0.975, 4} from a printed table (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
+T_975_DF4 = 2.776
+
+
+def test_mean_ci_is_the_t_interval_written_out():
+    mean, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    sd = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (4 - 3) ** 2 + (5 - 3) ** 2) / 4)  # sqrt(2.5)
+    assert mean == 3.0
+    assert half == pytest.approx(T_975_DF4 * sd / math.sqrt(5), abs=1e-3)  # 1.963
+    # Wider at 99% than at 95%; no spread to estimate from one value; nothing from none.
+    assert mean_ci([1.0, 2.0, 3.0, 4.0, 5.0], 0.99)[1] > half
+    assert mean_ci([0.7]) == (0.7, None)
+    assert mean_ci([]) == (None, None)
+    with pytest.raises(ValueError, match="confidence"):
+        mean_ci([1.0, 2.0], confidence=95)
+
+
+def test_paired_test_pairs_by_seed_and_matches_the_closed_form_for_two_degrees_of_freedom():
+    # Differences 1, 2, 3 on seeds 0..2 (seed 7 only in `a`: left out). t = 2 / (1 / sqrt 3);
+    # for 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t^2)).
+    a = {2: 3.0, 0: 1.0, 1: 2.0, 7: 100.0}
+    b = {0: 0.0, 1: 0.0, 2: 0.0}
+    test = paired_test(a, b)
+    t = 2 / (1 / math.sqrt(3))
+    p = 2 * (1 - (0.5 + t / (2 * math.sqrt(2 + t * t))))
+    assert (test.n, test.mean_diff) == (3, 2.0)
+    assert test.t == pytest.approx(t) and test.p == pytest.approx(p)  # p = 0.0742
+    assert not test.significant() and test.significant(alpha=0.1)
+    assert verdict(test, higher_is_better=True) == "n.s."
+    assert verdict(test, higher_is_better=True, alpha=0.1) == "better"
+    assert verdict(test, higher_is_better=False, alpha=0.1) == "worse"
+    assert paired_test({0: 1.0}, {0: 2.0, 1: 3.0}) is None and verdict(None, True) == "n/a"
+
+
+def test_good_lr_window_keeps_the_lrs_within_two_percent_of_the_best_loss():
+    losses = {1e-3: 0.40, 3e-3: 0.392, 1e-2: 0.3998, 3e-2: 0.41, 1e-4: None, 1e-1: math.inf}
+    # best 0.392; bound 0.392 * 1.02 = 0.39984: 0.3998 is in, 0.40 is out.
+    assert good_lr_window(losses) == [3e-3, 1e-2]
+    assert good_lr_window(losses, tolerance=0.05) == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert good_lr_window({1e-3: None}) == []
+    with pytest.raises(ValueError, match="tolerance"):
+        good_lr_window(losses, tolerance=-0.1)
+
+
+def test_a_best_lr_at_an_end_of_the_grid_grows_it_by_the_next_ladder_lr():
+    grid = [1e-3, 3e-3, 1e-2]
+    assert extend(grid, 1e-2) == 3e-2  # best at the top: one step up
+    assert extend(grid, 1e-3) == 3e-4  # at the bottom: one step down
+    assert extend(grid, 3e-3) is None  # strictly inside: done
+    assert extend(grid, None) == 3e-4  # every run diverged: go down
+    assert extend([LADDER[-2], LADDER[-1]], LADDER[-1]) is None  # nothing left to try
+
+
+def fake_run(method, lr, seed, loss, acc, calibration=None):
+    """A cached run whose smoothed loss is ``loss`` throughout (a constant curve)."""
+    return {"key": f"sst2-minilm-{method}-lr{lr:g}-s{seed}", "lr": lr, "seed": seed, "diverged": False,
+            "tags": {"task": "sst2", "model": "minilm", "method": method, "lr": lr, "seed": seed},
+            "losses": [loss] * 4, "step_times": [0.5] * 4, "final_smoothed": loss,
+            "final_metrics": {"accuracy": acc}, "allocation": None if calibration is None else {"seconds": calibration}}
+
+
+def test_tuned_rows_and_summary_against_hand_computation():
+    from hyperadalora.bench.experiments.tuned_report import render, rows_of, summarize
+
+    runs = [fake_run("adalora", 3e-3, s, loss, acc) for s, loss, acc in ((0, 0.40, 0.80), (1, 0.30, 0.82),
+                                                                           (2, 0.35, 0.81))]
+    runs += [fake_run("sensitivity", 1e-3, s, loss, acc, calibration=2.0)
+             for s, loss, acc in ((0, 0.20, 0.84), (1, 0.40, 0.85), (2, 0.25, 0.86))]
+    runs.append(fake_run("sensitivity", 3e-3, 0, 0.9, 0.5))  # another lr: not a row
+    rows = rows_of(runs, "sst2", "minilm", {"adalora": 3e-3, "sensitivity": 1e-3}, "accuracy")
+    assert len(rows) == 6 and all(r["target_loss"] == pytest.approx(0.35) for r in rows)  # mean of AdaLoRA finals
+    # Constant curves: a run reaches the target at step 1 or never (0.40 > 0.35).
+    assert [r["steps_to_target"] for r in rows] == [None, 1, 1, 1, None, 1]
+    sweep = [{"method": "adalora", "lr": lr, "final_smoothed_loss": v, "best": lr == 3e-3, "diverged": False}
+             for lr, v in ((1e-3, 0.6), (3e-3, 0.40), (1e-2, 0.405))]
+    sweep += [{"method": "sensitivity", "lr": lr, "final_smoothed_loss": v, "best": lr == 1e-3, "diverged": False}
+              for lr, v in ((1e-3, 0.20), (3e-3, 0.9))]
+    cost = {"adalora": {"step_s": 0.4, "peak_mib": 100.0, "trainable": 10},
+            "sensitivity": {"step_s": 0.2, "peak_mib": 80.0, "trainable": 8}}
+    summary = summarize(rows, sweep, {"adalora": [1e-3, 3e-3, 1e-2], "sensitivity": [1e-3, 3e-3]}, cost)
+    ada, sens = summary["adalora"], summary["sensitivity"]
+    assert ada["best_inside_grid"] and not sens["best_inside_grid"]
+    assert ada["good_lr_window"] == [3e-3, 1e-2] and sens["good_lr_window"] == [1e-3]  # 0.405 <= 0.408
+    assert sens["dev_metric"]["mean"] == pytest.approx(0.85)
+    assert sens["dev_metric"]["ci95"] == pytest.approx(4.303 * 0.01 / math.sqrt(3), abs=1e-4)  # t_{.975,2} = 4.303
+    assert sens["steps_to_target"] == {"mean": 1, "ci95": 0.0, "reached": 2}
+    # Interleaved time: steps x step time + calibration; all 4 steps in total.
+    assert sens["time_to_target_s"] == pytest.approx(1 * 0.2 + 2.0)
+    assert sens["total_time_s"] == pytest.approx(4 * 0.2 + 2.0) and ada["total_time_s"] == pytest.approx(1.6)
+    assert sens["step_ratio_to_adalora"] == pytest.approx(0.5)
+    acc_test = sens["vs_adalora"]["dev_metric"]  # differences 0.04, 0.03, 0.05 paired by seed
+    assert acc_test["n"] == 3 and acc_test["mean_diff"] == pytest.approx(0.04)
+    assert acc_test["t"] == pytest.approx(0.04 / (0.01 / math.sqrt(3))) and acc_test["verdict"] == "better"
+    assert sens["vs_adalora"]["steps_to_target"] is None  # only seed 1 reached with both: no test
+    text = "\n".join(render({"config": {"task": "sst2", "model": "minilm", "steps": 4, "batch_size": 16,
+                                        "target_loss": 0.35, "cost_steps": 20, "cost_seq_len": 32, "metric": "accuracy",
+                                        "labels": {"adalora": "AdaLoRA", "sensitivity": "Sensitivity-LoRA"}},
+                             "sweep": sweep, "summary": summary}))
+    assert "| Sensitivity-LoRA | 0.001 (0.001, 0.003) edge | 3 |" in text
+    assert "| +0.0400 (n 3, p " in text and "| 0.2000 * w | 0.9000 |  | 1 |" in text
+
+
+def test_the_sweep_grows_each_grid_until_its_best_lr_is_inside_or_the_growth_budget_is_spent():
+    from hyperadalora.bench.experiments.tuned import sweep
+
+    # Final loss |log10(lr / optimum)|: AdaLoRA's optimum 3e-2 lies above the starting grid, LoRA's 3e-3 inside.
+    optimum = {"adalora": 3e-2, "lora": 3e-3}
+    ran = []
+
+    def run(specs):
+        ran.extend(s.key for s in specs)
+        return {s.key: {"lr": s.tags["lr"], "diverged": False,
+                        "losses": [abs(math.log10(s.tags["lr"] / optimum[s.tags["method"]]))] * 3} for s in specs}
+
+    start = [1e-3, 3e-3, 1e-2]
+    results, grids = sweep("sst2", ["adalora", "lora"], {"adalora": start, "lora": start}, 2, run)
+    assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2]}
+    assert len(ran) == len(set(ran)) == 8  # every run once
+    assert sorted(results) == sorted(ran)
+    _, grids = sweep("sst2", ["adalora"], {"adalora": start}, 1, run)
+    assert grids == {"adalora": [1e-3, 3e-3, 1e-2, 3e-2]}  # budget spent: the best stays at the edge
+    # A run missing (--report-only, or a stopped benchmark): that grid does not grow.
+    _, grids = sweep("sst2", ["adalora"], {"adalora": start}, 2, lambda specs: run([s for s in specs
+                                                                                     if s.tags["lr"] != 1e-3]))
+    assert grids == {"adalora": start}
+
+
+def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_specs_run(tmp_path):
+    from hyperadalora.bench.experiments.tuned import import_runs, parse_args, spec
+    from hyperadalora.bench.runner import load_cached
+
+    curve = {"key": "sst2-minilm-adalora-lr0.003-s1", "task": "sst2", "model": "minilm", "method": "adalora",
+             "lr": 3e-3, "seed": 1, "losses": [0.7, 0.5, 0.4], "step_times": [1.0, 2.0, 3.0], "diverged": False,
+             "final_metrics": {"accuracy": 0.8}, "total_rank": [432, 400, 288]}
+    other = {**curve, "key": "sst2-mpnet-adalora-lr0.003-s1", "model": "mpnet"}  # another model: not this protocol
+    source = tmp_path / "convergence.json"
+    source.write_text(__import__("json").dumps({"curves": [curve, other]}))
+    args = parse_args(["--methods", "adalora,lora", "--work-dir", str(tmp_path / "cache")])
+    assert import_runs(str(source), args) == ["sst2-minilm-adalora-lr0.003-s1"]
+    cached = load_cached(spec("sst2", "adalora", 3e-3, 1), args.work_dir)  # the config check passes
+    assert cached["losses"] == curve["losses"] and cached["seconds"] == 6.0
+    assert cached["final_smoothed"] == pytest.approx((0.7 * 0.81 + 0.5 * 0.9 + 0.4) * 0.1 / (1 - 0.9 ** 3))
+    assert import_runs(str(source), args) == []  # cached already: left alone
+    with pytest.raises(FileNotFoundError, match="--import-runs"):
+        import_runs(str(tmp_path / "missing.json"), args)
+
+
+def test_method_lrs_give_a_method_its_own_starting_grid_and_bad_ones_are_refused(capsys):
+    from hyperadalora.bench.experiments.tuned import parse_args
+
+    args = parse_args(["--methods", "adalora,hyperadalora", "--method-lrs", "hyperadalora:1e-3,hyperadalora:3e-4"])
+    assert args.grids == {"adalora": [1e-3, 3e-3, 1e-2], "hyperadalora": [3e-4, 1e-3]}
+    for bad in (["--methods", "adalora", "--method-lrs", "lora:1e-3"], ["--method-lrs", "adalora:fast"], ["--methods", "lora"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert "--method" in capsys.readouterr().err
