@@ -57,3 +57,8 @@ def test_adopt_cached_takes_only_results_of_the_same_config(tmp_path):
     write_json(tmp_path / "theirs" / f"{other.key}.json", {"key": other.key, "config": stale, "losses": [2.0]})
     assert adopt_cached([same, other], tmp_path / "theirs", tmp_path / "ours") == [same.key]
     assert load_cached(same, tmp_path / "ours")["losses"] == [1.0] and load_cached(other, tmp_path / "ours") is None
+
+
+def test_neighbour_lrs_walk_the_1_3_10_ladder():
+    assert [transfer.neighbour_lr(x, True) for x in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
+    assert [transfer.neighbour_lr(x, False) for x in (1e-3, 3e-3, 3e-2)] == [3e-4, 1e-3, 1e-2]

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="sst2", choices=sorted(TASKS))
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="each arm's lr grid (seed 0)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--max-extend", type=int, default=1,
+                   help="how many times an arm's grid grows by one lr past an edge best")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/bench/transfer")
@@ -126,21 +128,36 @@ def paired_steps(ours: list[int | None], reference: list[int | None], budget: in
             "diff_ci": [mean - half, mean + half], "p_value": p_value, "never": sum(s is None for s in ours)}
 
 
-def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict) -> tuple[dict[str, float], list[dict]]:
-    """Every arm's lr sweep (seed 0; all arms first, so a stopped run still has every best lr).
+def neighbour_lr(lr: float, up: bool) -> float:
+    """The next lr of the 1-3-10 ladder above (``up``) or below ``lr``."""
+    step = 3 if f"{lr:e}".startswith("1") == up else 10 / 3  # 1e-3 -> 3e-3 -> 1e-2
+    return float(f"{(lr * step if up else lr / step):.3g}")
+
+
+def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
+             ) -> tuple[dict[str, float], dict[str, list[float]], list[dict]]:
+    """Every arm's lr sweep (seed 0), grown by one ladder step past an edge best (``--max-extend`` times).
 
     Returns:
-        ``({arm: best lr}, [{"arm", "lr", "final_smoothed"} of every sweep run]``.
+        ``({arm: best lr}, {arm: its grid}, [{"arm", "lr", "final_smoothed"} of every sweep run])``.
     """
-    specs = [target_spec(arm, args.target, lr, 0, sources) for lr in lrs for arm in arms(args.source)]
-    swept = run(args, specs)
-    runs = {arm: [swept[s.key] for s in specs if s.tags["arm"] == arm and s.key in swept] for arm in arms(args.source)}
-    missing = [arm for arm, rs in runs.items() if best_lr(rs) is None]
-    if missing:
-        raise SystemExit(f"transfer: no finished sweep run for {missing} in {args.work_dir}")
+    grids = {arm: sorted(lrs) for arm in arms(args.source)}
+    for round_ in range(args.max_extend + 1):
+        specs = [target_spec(arm, args.target, lr, 0, sources) for arm, grid in grids.items() for lr in grid]
+        swept = run(args, specs)
+        runs = {arm: [swept[s.key] for s in specs if s.tags["arm"] == arm and s.key in swept] for arm in grids}
+        missing = [arm for arm, rs in runs.items() if best_lr(rs) is None]
+        if missing:
+            raise SystemExit(f"transfer: no finished sweep run for {missing} in {args.work_dir}")
+        best = {arm: best_lr(rs) for arm, rs in runs.items()}
+        edges = {arm: best[arm] == grid[-1] for arm, grid in grids.items() if best[arm] in (grid[0], grid[-1])}
+        if not edges or round_ == args.max_extend or args.report_only:
+            break
+        for arm, top in edges.items():
+            grids[arm] = sorted({*grids[arm], neighbour_lr(best[arm], top)})
     table = [{"arm": s.tags["arm"], "lr": s.tags["lr"], "final_smoothed": smoothed_final(swept[s.key]["losses"])}
              for s in specs if s.key in swept]
-    return {arm: best_lr(rs) for arm, rs in runs.items()}, table
+    return best, grids, table
 
 
 def seed_runs(args: argparse.Namespace, lrs: dict[str, float], sources: dict) -> dict[str, list[dict]]:
@@ -171,18 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     lrs = [float(x) for x in args.lrs.split(",")]
     sources = run(args, [source_spec(args.source, m) for m in METHOD_NAMES])
     sources = {r["tags"]["method"]: r for r in sources.values()}
-    lrs_found, swept = best_lrs(args, lrs, sources)
+    lrs_found, grids, swept = best_lrs(args, lrs, sources)
     found = seed_runs(args, lrs_found, sources)
     target_loss = statistics.fmean(smoothed_final(r["losses"]) for r in found["adalora"])
     budget = TASKS[args.target]["steps"]
     shown = [a for m in METHOD_NAMES for a in (m, f"{m}-from-{args.source}")]  # AdaLoRA from scratch first
-    rows = [arm_rows(arm, lrs_found[arm], found[arm], target_loss, lrs) for arm in shown]
+    rows = [arm_rows(arm, lrs_found[arm], found[arm], target_loss, grids[arm]) for arm in shown]
     reference = dict(zip(rows[0]["seeds"], rows[0]["steps_to_target"]))
     for row in rows[1:]:  # paired by seed, over the seeds both have
         pairs = [(s, reference[seed]) for seed, s in zip(row["seeds"], row["steps_to_target"]) if seed in reference]
         if len(pairs) >= 2:
             row["vs_adalora"] = paired_steps([a for a, _ in pairs], [b for _, b in pairs], budget)
-    result = {"name": args.name, "config": {**vars(args), "source_lrs": SOURCE_LRS, "budget": budget},
+    result = {"name": args.name, "config": {**vars(args), "source_lrs": SOURCE_LRS, "budget": budget, "grids": grids},
               "target_loss": target_loss, "rows": rows, "sweep": swept,
               "sources": {m: {"lr": r["lr"], "final_smoothed": r["final_smoothed"]} for m, r in sources.items()}}
     plot_curve_groups({arm: [r["losses"] for r in found[arm]] for arm in shown}, result_path(args.name),
