@@ -34,11 +34,31 @@ def test_identical_arms_have_no_p_value():
 
 def test_started_arms_point_at_their_own_methods_source_run():
     sources = {"adalora": {"run_dir": "/s/ada"}, "hyperadalora": {"run_dir": "/s/hyp"}}
-    assert transfer.arms("cola") == ("adalora", "adalora-from-cola", "hyperadalora", "hyperadalora-from-cola")
+    assert transfer.arms("cola") == ("adalora-from-cola", "hyperadalora-from-cola", "adalora", "hyperadalora")
     spec = transfer.target_spec("hyperadalora-from-cola", "sst2", 1e-3, 2, sources)
     assert spec.overrides["adapter.init_from"] == "/s/hyp" and spec.overrides["adapter.source"] == "hyper"
     assert spec.overrides["task"] == "sst2" and spec.overrides["seed"] == 2
     scratch = transfer.target_spec("adalora", "sst2", 1e-3, 2, sources)
-    assert "adapter.init_from" not in scratch.overrides and scratch.key != spec.key
+    assert "adapter.init_from" not in scratch.overrides and scratch.key == "sst2-minilm-adalora-lr0.001-s2"
     source = transfer.source_spec("cola", "hyperadalora")
     assert source.keep_run_dir and source.overrides["task"] == "cola"
+
+
+def test_adopt_cached_takes_only_results_of_the_same_config(tmp_path):
+    from hyperadalora.bench.runner import adopt_cached, load_cached, spec_config
+    from hyperadalora.fileio import write_json
+
+    sources = {"adalora": {"run_dir": "/s/ada"}, "hyperadalora": {"run_dir": "/s/hyp"}}
+    same = transfer.target_spec("adalora", "sst2", 1e-3, 0, sources)
+    other = transfer.target_spec("adalora", "sst2", 3e-3, 0, sources)
+    (tmp_path / "theirs").mkdir()
+    write_json(tmp_path / "theirs" / f"{same.key}.json", {"key": same.key, "config": spec_config(same), "losses": [1.0]})
+    stale = {**spec_config(other), "lr": 5e-3}  # made with another lr than the spec now resolves to
+    write_json(tmp_path / "theirs" / f"{other.key}.json", {"key": other.key, "config": stale, "losses": [2.0]})
+    assert adopt_cached([same, other], tmp_path / "theirs", tmp_path / "ours") == [same.key]
+    assert load_cached(same, tmp_path / "ours")["losses"] == [1.0] and load_cached(other, tmp_path / "ours") is None
+
+
+def test_neighbour_lrs_walk_the_1_3_10_ladder():
+    assert [transfer.neighbour_lr(x, True) for x in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
+    assert [transfer.neighbour_lr(x, False) for x in (1e-3, 3e-3, 3e-2)] == [3e-4, 1e-3, 1e-2]

@@ -163,6 +163,27 @@ def load_cached(spec: RunSpec, cache_dir: str | Path) -> dict | None:
     return data
 
 
+def adopt_cached(specs: list[RunSpec], other_dir: str | Path, cache_dir: str | Path) -> list[str]:
+    """Copies into ``cache_dir`` the results another benchmark's cache holds for ``specs``.
+
+    Only a result :func:`load_cached` accepts for the spec (same resolved config) is copied, so
+    two experiments sharing a protocol share its runs without running them twice.
+
+    Returns:
+        The keys copied.
+    """
+    copied = []
+    for spec in specs:
+        if load_cached(spec, cache_dir) is not None:
+            continue
+        found = load_cached(spec, other_dir)
+        if found is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(cache_dir) / f"{spec.key}.json", found)
+            copied.append(spec.key)
+    return copied
+
+
 def run_specs(specs: list[RunSpec], cache_dir: str | Path, data_dir: str | None, workers: int = 1,
               threads: int = 1, only_cached: bool = False) -> dict[str, dict]:
     """Runs every spec that has no cached result (``workers`` processes at a time).

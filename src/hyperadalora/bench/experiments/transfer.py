@@ -33,7 +33,7 @@ import statistics
 from ..curves import best_lr, first_reach, smoothed_final
 from ..experiment import Command, experiment
 from ..report import fmt, markdown_table, plot_curve_groups
-from ..runner import RunSpec, run_specs
+from ..runner import RunSpec, adopt_cached, run_specs
 from . import convergence as conv
 from .common import result_path, write_results
 
@@ -44,8 +44,9 @@ METHOD_NAMES = ("adalora", "hyperadalora")
 
 
 def arms(source: str) -> tuple[str, ...]:
-    """The four arms: each method from scratch and started from ``source``."""
-    return tuple(a for m in METHOD_NAMES for a in (m, f"{m}-from-{source}"))
+    """The four arms: each method started from ``source``, then from scratch (the started arms run
+    first: the scratch arms are usually the tuned experiment's runs, taken with ``--reuse``)."""
+    return (*(f"{m}-from-{source}" for m in METHOD_NAMES), *METHOD_NAMES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="sst2", choices=sorted(TASKS))
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="each arm's lr grid (seed 0)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--max-extend", type=int, default=1,
+                   help="how many times an arm's grid grows by one lr past an edge best")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/bench/transfer")
+    p.add_argument("--reuse", default="runs/bench/tuned",
+                   help="another benchmark's cache whose identical runs are taken, not run again (the scratch arms "
+                        "are the tuned experiment's AdaLoRA and HyperAdaLoRA runs on the same protocol)")
     p.add_argument("--name", default="transfer")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
@@ -83,13 +89,21 @@ def source_spec(source: str, method: str) -> RunSpec:
 
 
 def target_spec(arm: str, target: str, lr: float, seed: int, sources: dict[str, dict]) -> RunSpec:
-    """One target run of ``arm``."""
-    extra = {}
-    if arm != method_of(arm):
-        extra["adapter.init_from"] = sources[method_of(arm)]["run_dir"]
-    base = conv.spec(target, "minilm", method_of(arm), lr, seed, TASKS, extra)
+    """One target run of ``arm`` (a scratch arm's run is the convergence protocol's, under its key)."""
+    if arm == method_of(arm):
+        base = conv.spec(target, "minilm", arm, lr, seed, TASKS)
+        return RunSpec(key=base.key, config=base.config, overrides=base.overrides, tags={**base.tags, "arm": arm})
+    base = conv.spec(target, "minilm", method_of(arm), lr, seed, TASKS,
+                     {"adapter.init_from": sources[method_of(arm)]["run_dir"]})
     return RunSpec(key=f"transfer-{target}-minilm-{arm}-lr{lr:g}-s{seed}", config=base.config, overrides=base.overrides,
                    tags={**base.tags, "arm": arm})
+
+
+def run(args: argparse.Namespace, specs: list[RunSpec]) -> dict[str, dict]:
+    """``run_specs`` on the experiment's cache, after taking what ``--reuse`` already holds."""
+    if args.reuse and not args.report_only:
+        adopt_cached(specs, args.reuse, args.work_dir)
+    return run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads, only_cached=args.report_only)
 
 
 def paired_steps(ours: list[int | None], reference: list[int | None], budget: int) -> dict:
@@ -114,21 +128,42 @@ def paired_steps(ours: list[int | None], reference: list[int | None], budget: in
             "diff_ci": [mean - half, mean + half], "p_value": p_value, "never": sum(s is None for s in ours)}
 
 
-def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict) -> tuple[dict[str, float], list[dict]]:
-    """Every arm's lr sweep (seed 0; all arms first, so a stopped run still has every best lr)."""
-    specs = [target_spec(arm, args.target, lr, 0, sources) for lr in lrs for arm in arms(args.source)]
-    swept = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads, only_cached=args.report_only)
-    runs = {arm: [swept[s.key] for s in specs if s.tags["arm"] == arm and s.key in swept] for arm in arms(args.source)}
-    missing = [arm for arm, rs in runs.items() if best_lr(rs) is None]
-    if missing:
-        raise SystemExit(f"transfer: no finished sweep run for {missing} in {args.work_dir}")
-    return {arm: best_lr(rs) for arm, rs in runs.items()}, [swept[s.key] for s in specs if s.key in swept]
+def neighbour_lr(lr: float, up: bool) -> float:
+    """The next lr of the 1-3-10 ladder above (``up``) or below ``lr``."""
+    step = 3 if f"{lr:e}".startswith("1") == up else 10 / 3  # 1e-3 -> 3e-3 -> 1e-2
+    return float(f"{(lr * step if up else lr / step):.3g}")
+
+
+def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
+             ) -> tuple[dict[str, float], dict[str, list[float]], list[dict]]:
+    """Every arm's lr sweep (seed 0), grown by one ladder step past an edge best (``--max-extend`` times).
+
+    Returns:
+        ``({arm: best lr}, {arm: its grid}, [{"arm", "lr", "final_smoothed"} of every sweep run])``.
+    """
+    grids = {arm: sorted(lrs) for arm in arms(args.source)}
+    for round_ in range(args.max_extend + 1):
+        specs = [target_spec(arm, args.target, lr, 0, sources) for arm, grid in grids.items() for lr in grid]
+        swept = run(args, specs)
+        runs = {arm: [swept[s.key] for s in specs if s.tags["arm"] == arm and s.key in swept] for arm in grids}
+        missing = [arm for arm, rs in runs.items() if best_lr(rs) is None]
+        if missing:
+            raise SystemExit(f"transfer: no finished sweep run for {missing} in {args.work_dir}")
+        best = {arm: best_lr(rs) for arm, rs in runs.items()}
+        edges = {arm: best[arm] == grid[-1] for arm, grid in grids.items() if best[arm] in (grid[0], grid[-1])}
+        if not edges or round_ == args.max_extend or args.report_only:
+            break
+        for arm, top in edges.items():
+            grids[arm] = sorted({*grids[arm], neighbour_lr(best[arm], top)})
+    table = [{"arm": s.tags["arm"], "lr": s.tags["lr"], "final_smoothed": smoothed_final(swept[s.key]["losses"])}
+             for s in specs if s.key in swept]
+    return best, grids, table
 
 
 def seed_runs(args: argparse.Namespace, lrs: dict[str, float], sources: dict) -> dict[str, list[dict]]:
     """Every arm's seeds at its best lr, seed-major (a stopped run leaves the arms equally far)."""
     specs = [target_spec(arm, args.target, lrs[arm], seed, sources) for seed in range(args.seeds) for arm in lrs]
-    done = run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads, only_cached=args.report_only)
+    done = run(args, specs)
     return {arm: sorted((done[s.key] for s in specs if s.tags["arm"] == arm and s.key in done),
                         key=lambda r: r["seed"]) for arm in lrs}
 
@@ -151,25 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the sources, each arm's sweep and seeds, and writes ``results/<name>.*``."""
     args = parse_args(argv)
     lrs = [float(x) for x in args.lrs.split(",")]
-    sources = run_specs([source_spec(args.source, m) for m in METHOD_NAMES], args.work_dir, args.data_dir, args.workers,
-                        args.threads, only_cached=args.report_only)
+    sources = run(args, [source_spec(args.source, m) for m in METHOD_NAMES])
     sources = {r["tags"]["method"]: r for r in sources.values()}
-    lrs_found, swept = best_lrs(args, lrs, sources)
+    lrs_found, grids, swept = best_lrs(args, lrs, sources)
     found = seed_runs(args, lrs_found, sources)
     target_loss = statistics.fmean(smoothed_final(r["losses"]) for r in found["adalora"])
     budget = TASKS[args.target]["steps"]
-    rows = [arm_rows(arm, lrs_found[arm], runs, target_loss, lrs) for arm, runs in found.items()]
+    shown = [a for m in METHOD_NAMES for a in (m, f"{m}-from-{args.source}")]  # AdaLoRA from scratch first
+    rows = [arm_rows(arm, lrs_found[arm], found[arm], target_loss, grids[arm]) for arm in shown]
     reference = dict(zip(rows[0]["seeds"], rows[0]["steps_to_target"]))
     for row in rows[1:]:  # paired by seed, over the seeds both have
         pairs = [(s, reference[seed]) for seed, s in zip(row["seeds"], row["steps_to_target"]) if seed in reference]
         if len(pairs) >= 2:
             row["vs_adalora"] = paired_steps([a for a, _ in pairs], [b for _, b in pairs], budget)
-    sweeps = [{"arm": r["tags"]["arm"], "lr": r["lr"], "final_smoothed": smoothed_final(r["losses"])} for r in swept]
-    result = {"name": args.name, "config": {**vars(args), "source_lrs": SOURCE_LRS, "budget": budget},
-              "target_loss": target_loss, "rows": rows, "sweep": sweeps,
+    result = {"name": args.name, "config": {**vars(args), "source_lrs": SOURCE_LRS, "budget": budget, "grids": grids},
+              "target_loss": target_loss, "rows": rows, "sweep": swept,
               "sources": {m: {"lr": r["lr"], "final_smoothed": r["final_smoothed"]} for m, r in sources.items()}}
-    plot_curve_groups({arm: [r["losses"] for r in runs] for arm, runs in found.items()},
-                      result_path(args.name), f"{args.source} -> {args.target} / MiniLM: smoothed task loss, each arm at its best lr",
+    plot_curve_groups({arm: [r["losses"] for r in found[arm]] for arm in shown}, result_path(args.name),
+                      f"{args.source} -> {args.target} / MiniLM: smoothed task loss, each arm at its best lr",
                       target=target_loss)
     write_results(args.name, result, render(result))
     return 0
