@@ -34,6 +34,7 @@ from ..curves import best_lr, first_reach, smoothed_final
 from ..experiment import Command, experiment
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..runner import RunSpec, adopt_cached, run_specs
+from ..stats import mean_ci, paired_test
 from . import convergence as conv
 from .common import result_path, write_results
 
@@ -114,16 +115,12 @@ def paired_steps(ours: list[int | None], reference: list[int | None], budget: in
         ``diff_ci`` (ours - reference, steps), ``p_value`` of the paired t-test (``None`` when the
         differences are all equal), and ``never`` (seeds of ours that never reached it).
     """
-    from scipy import stats  # the benchmark's only use of scipy
-
     a = [budget + 1 if s is None else s for s in ours]
     b = [budget + 1 if s is None else s for s in reference]
-    diffs = [x - y for x, y in zip(a, b)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs) if n > 1 else math.nan
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
-    p_value = None if n < 2 or sd == 0 else float(stats.ttest_rel(a, b).pvalue)
+    mean, half = mean_ci([x - y for x, y in zip(a, b)])
+    test = paired_test(dict(enumerate(a)), dict(enumerate(b)))
+    p_value = None if test is None or math.isnan(test.p) else test.p
+    half = math.nan if half is None else half
     return {"mean_ratio": statistics.fmean(x / y for x, y in zip(a, b)), "diff_mean": mean,
             "diff_ci": [mean - half, mean + half], "p_value": p_value, "never": sum(s is None for s in ours)}
 
@@ -177,8 +174,8 @@ def arm_rows(arm: str, lr: float, runs: list[dict], target_loss: float, lrs: lis
             "dev_metric": metric}
 
 
-@experiment("transfer", section="## 10. Amortised hypernetworks: transfer from another task (issue 20 item 2)",
-            title="10. a HyperAdaLoRA started from CoLA's hypernetworks vs AdaLoRA on SST-2, from scratch and started alike",
+@experiment("transfer", section="## 11. Amortised hypernetworks: transfer from another task (issue 20 item 2)",
+            title="11. a HyperAdaLoRA started from CoLA's hypernetworks vs AdaLoRA on SST-2, from scratch and started alike",
             parse_args=parse_args, render=lambda result: render(result),
             commands=[Command("transfer", ("--source", "cola", "--target", "sst2", "--seeds", "5", "--workers", "1"),
                               group="pending")])
