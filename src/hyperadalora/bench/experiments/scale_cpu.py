@@ -23,8 +23,8 @@ instructions; the 4-bit settings therefore compute in fp32 here).
 Usage::
 
     hyperadalora bench scale_cpu --data-dir ../shared/data [--rounds 2] [--steps-per-round 1] [--memory-steps 1]
-        [--extra bf16:lora,peft-lora]
-    hyperadalora bench scale_cpu --smoke    # tiny random Llama, random tokens: checks the code in a minute
+        [--parallel-memory] [--extra bf16:lora,peft-lora]
+    hyperadalora bench scale_cpu --smoke    # tiny random Llama, random tokens: checks the code (minutes)
 """
 
 from __future__ import annotations
@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", choices=["smollm2"])
     p.add_argument("--settings", default="fp32,4bit_fp32,4bit_fp32_ckpt",
                    help=f"of {', '.join(scale.SETTINGS)}")
+    p.add_argument("--memory-settings", default=None,
+                   help="the settings whose memory is measured, in this order (default: --settings); with "
+                        "--parallel-memory, order them so that the timing and a memory process do not both hold "
+                        "the largest setting at once")
     p.add_argument("--variants", default=",".join(scale.VARIANTS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
@@ -95,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.setting_list = [s for s in args.settings.split(",") if s]
     args.variant_list = [v for v in args.variants.split(",") if v]
+    args.memory_list = [s for s in (args.memory_settings or args.settings).split(",") if s]
     args.extra_list = [(e.partition(":")[0], [v for v in e.partition(":")[2].split(",") if v]) for e in args.extra]
-    named_settings = args.setting_list + [s for s, _ in args.extra_list]
+    named_settings = args.setting_list + args.memory_list + [s for s, _ in args.extra_list]
     named_variants = args.variant_list + [v for _, vs in args.extra_list for v in vs]
     bad = [s for s in named_settings if s not in scale.SETTINGS] + [v for v in named_variants
                                                                     if v not in scale.VARIANTS]
@@ -164,7 +169,8 @@ def summary_rows(result: dict) -> list[dict]:
     """One dict per measured configuration: memory, times, losses, ratios against peft's twin."""
     rows = []
     c = result["config"]
-    configs = [(s, v) for s in c["settings"] for v in c["variants"]] + [(s, v) for s, vs in c["extra"] for v in vs]
+    settings = list(dict.fromkeys([*c["settings"], *c.get("memory_settings", [])]))
+    configs = [(s, v) for s in settings for v in c["variants"]] + [(s, v) for s, vs in c["extra"] for v in vs]
     for s, v in configs:
         timed = result["timing"].get(s)
         mem = result["memory"].get(s, {}).get(v)
@@ -188,7 +194,9 @@ def summary_rows(result: dict) -> list[dict]:
 def goal_rows(result: dict) -> list[list[str]]:
     """The two memory goals for each of our variants at 4-bit + checkpointing."""
     mem, out = result["memory"], []
-    ckpt = next((s for s in result["config"]["settings"] if s.startswith("4bit") and s.endswith("_ckpt")), None)
+    c = result["config"]
+    ckpt = next((s for s in [*c["settings"], *c.get("memory_settings", [])] if s.startswith("4bit") and s.endswith("_ckpt")),
+                None)
     for v in ("lora", "adalora", "hyperadalora"):
         ours = mem.get(ckpt, {}).get(v)
         qlora = mem.get(ckpt, {}).get(scale.PEFT_TWIN[v])
@@ -224,7 +232,8 @@ def render(result: dict) -> list[str]:
 @experiment("scale_cpu", section="### Training at scale on this CPU: fp32, bf16, 4-bit, 4-bit + checkpointing (issue 23, item 6)",
             title="SmolLM2 4 x 512: peak memory, step time, loss of ours vs peft in fp32 / bf16 / 4-bit / 4-bit + ckpt",
             parse_args=parse_args, render=render,
-            commands=[Command("scale_cpu", ("--rounds", "3", "--memory-steps", "2"))])
+            commands=[Command("scale_cpu", ("--settings", "fp32,4bit_fp32_ckpt,4bit_fp32", "--memory-settings",
+                                            "4bit_fp32_ckpt,fp32,4bit_fp32", "--parallel-memory", "--extra", "bf16:lora"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
     args = parse_args(argv)
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "config": {"model": args.model, "batch": args.batch, "seq": args.seq, "r": args.r,
                          "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
                          "memory_steps": args.memory_steps, "parallel_memory": args.parallel_memory, "total_step": args.total_steps, "smoke": args.smoke,
-                         "settings": args.setting_list, "variants": args.variant_list, "extra": args.extra_list, "optimizer": "AdamW lr 1e-4",
+                         "settings": args.setting_list, "memory_settings": args.memory_list, "variants": args.variant_list, "extra": args.extra_list, "optimizer": "AdamW lr 1e-4",
                          "load": round(os.getloadavg()[0], 2),
                          "memory": "peak VmHWM - VmRSS before loading, fresh process, MALLOC_MMAP_THRESHOLD_=65536",
                          "data": "random tokens" if args.smoke else "Alpaca train, packed"},
@@ -255,10 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             for s, v in configs:
                 record("memory", s, measure_memory(s, v, args, spec, tiny), v)
 
-        configs = [(s, v) for s in args.setting_list for v in args.variant_list] if args.memory_steps else []
+        configs = [(s, v) for s in args.memory_list for v in args.variant_list] if args.memory_steps else []
         extra = [(s, v) for s, vs in args.extra_list for v in vs]
-        # beside the timing, in the reverse order of the settings: the two never hold the largest at once
-        pending = beside.submit(memory_runs, configs[::-1] + extra) if args.parallel_memory else None
+        pending = beside.submit(memory_runs, configs + extra) if args.parallel_memory else None
         if pending is None:
             memory_runs(configs)
         for s in args.setting_list if args.rounds else ():
