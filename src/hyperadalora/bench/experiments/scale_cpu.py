@@ -215,7 +215,7 @@ def render(result: dict) -> list[str]:
     """The tables of a scale_cpu result."""
     c = result["config"]
     head = (f"{c['model']}, batch {c['batch']} x {c['seq']}, r {c['r']}, {c['threads']} thread(s) "
-            f"({result['machine']['device']}); memory: peak RSS over {c['memory_steps']} steps, one process per "
+            f"({result['machine']['device']}); memory: peak RSS over {c['memory_steps']} step(s), one process per "
             f"configuration, after a 1 x 8-token warm step; time: {c['rounds']} interleaved round(s) of "
             f"{c['steps_per_round']} step(s) after the same warm step, process CPU time, median over rounds; load average {c['load']} at the start.")
     table = [[r["setting"] + (" (alone)" if r.get("alone") else ""), r["variant"], cell(r["peak"]), cell(r["model"]), cell(r["peak_vs_twin"], ".3f"),
