@@ -177,8 +177,7 @@ def arm_rows(arm: str, lr: float, runs: list[dict], target_loss: float, lrs: lis
 @experiment("transfer", section="## 11. Amortised hypernetworks: transfer from another task (issue 20 item 2)",
             title="11. a HyperAdaLoRA started from CoLA's hypernetworks vs AdaLoRA on SST-2, from scratch and started alike",
             parse_args=parse_args, render=lambda result: render(result),
-            commands=[Command("transfer", ("--source", "cola", "--target", "sst2", "--seeds", "5", "--workers", "1"),
-                              group="pending")])
+            commands=[Command("transfer", ("--source", "cola", "--target", "sst2", "--seeds", "5", "--workers", "1"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs the sources, each arm's sweep and seeds, and writes ``results/<name>.*``."""
     args = parse_args(argv)
