@@ -39,7 +39,7 @@ from hyperadalora.train import RunConfig
 from hyperadalora.train.build import batch_order, build_model
 from hyperadalora.train.run import Run
 from tiny_models import LLAMA_TARGETS, tiny_llama
-from torchrun_helper import torchrun_two_ranks
+from launch import torchrun_two_ranks
 
 STEPS, BATCH, LR, SEED = 10, 2, 3e-3, 3
 METHODS = ["lora", "dora", "dylora", "adalora"]
