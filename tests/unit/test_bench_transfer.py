@@ -59,6 +59,13 @@ def test_adopt_cached_takes_only_results_of_the_same_config(tmp_path):
     assert load_cached(same, tmp_path / "ours")["losses"] == [1.0] and load_cached(other, tmp_path / "ours") is None
 
 
-def test_neighbour_lrs_walk_the_1_3_10_ladder():
-    assert [transfer.neighbour_lr(x, True) for x in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
-    assert [transfer.neighbour_lr(x, False) for x in (1e-3, 3e-3, 3e-2)] == [3e-4, 1e-3, 1e-2]
+
+def test_where_a_run_reports_or_exports_does_not_make_its_cache_stale():
+    """report_to / export (added after these runs were cached) change no result: a cached run stays valid."""
+    from hyperadalora.bench.runner import config_differences, spec_config
+
+    spec = transfer.target_spec("adalora", "sst2", 1e-3, 0, {})
+    current = spec_config(spec)
+    cached = {k: v for k, v in current.items() if k not in ("report_to", "export")}
+    assert config_differences(cached, current) == []
+    assert config_differences({**cached, "lr": 5e-3}, current) == ["lr"]
