@@ -37,6 +37,7 @@ from ..runner import RunSpec, adopt_cached, run_specs
 from ..stats import mean_ci, paired_test
 from . import convergence as conv
 from .common import result_path, write_results
+from .tuned import extend
 
 SOURCE_LRS = {"adalora": 3e-3, "hyperadalora": 1e-3}  # convergence.json: best on SST-2 / MiniLM
 TASKS = {"sst2": conv.TASKS["sst2"], "mrpc": {"steps": 200, "max_length": 128},
@@ -125,15 +126,10 @@ def paired_steps(ours: list[int | None], reference: list[int | None], budget: in
             "diff_ci": [mean - half, mean + half], "p_value": p_value, "never": sum(s is None for s in ours)}
 
 
-def neighbour_lr(lr: float, up: bool) -> float:
-    """The next lr of the 1-3-10 ladder above (``up``) or below ``lr``."""
-    step = 3 if f"{lr:e}".startswith("1") == up else 10 / 3  # 1e-3 -> 3e-3 -> 1e-2
-    return float(f"{(lr * step if up else lr / step):.3g}")
-
-
 def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
              ) -> tuple[dict[str, float], dict[str, list[float]], list[dict]]:
-    """Every arm's lr sweep (seed 0), grown by one ladder step past an edge best (``--max-extend`` times).
+    """Every arm's lr sweep (seed 0), grown by one step of the tuned experiment's ladder past an edge
+    best (:func:`.tuned.extend`, ``--max-extend`` times).
 
     Returns:
         ``({arm: best lr}, {arm: its grid}, [{"arm", "lr", "final_smoothed"} of every sweep run])``.
@@ -147,11 +143,11 @@ def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
         if missing:
             raise SystemExit(f"transfer: no finished sweep run for {missing} in {args.work_dir}")
         best = {arm: best_lr(rs) for arm, rs in runs.items()}
-        edges = {arm: best[arm] == grid[-1] for arm, grid in grids.items() if best[arm] in (grid[0], grid[-1])}
-        if not edges or round_ == args.max_extend or args.report_only:
+        grown = {arm: nxt for arm, grid in grids.items() if (nxt := extend(grid, best[arm])) is not None}
+        if not grown or round_ == args.max_extend:  # report-only: the grown lrs are read from the cache
             break
-        for arm, top in edges.items():
-            grids[arm] = sorted({*grids[arm], neighbour_lr(best[arm], top)})
+        for arm, lr in grown.items():
+            grids[arm] = sorted({*grids[arm], lr})
     table = [{"arm": s.tags["arm"], "lr": s.tags["lr"], "final_smoothed": smoothed_final(swept[s.key]["losses"])}
              for s in specs if s.key in swept]
     return best, grids, table
