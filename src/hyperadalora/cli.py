@@ -165,10 +165,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, resume=args.resume)
     except NonFiniteLossError as exc:
+        if not exc.result.main_process:
+            return EXIT_NONFINITE
         print(f"hyperadalora: {exc}", file=sys.stderr)
         print(json.dumps({"run_dir": str(exc.result.run_dir), "status": exc.result.status,
                           "steps_done": exc.result.steps_done, "checkpoint_step": exc.result.checkpoint_step}))
         return EXIT_NONFINITE
+    if not result.main_process:  # under torchrun / accelerate launch, rank 0 reports for the run
+        return 0
     metric = result.primary_metric
     value = (result.final_metrics or {}).get(metric)
     print(f"hyperadalora: done in {result.seconds:.1f} s: {config.task} {metric} "

@@ -277,7 +277,8 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         from .quant import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quantize, compute_dtype=dtype)
-        kwargs["device_map"] = "cuda:0" if torch.cuda.is_available() else "cpu"
+        # The current device: under torchrun each process has set its own (cuda:LOCAL_RANK).
+        kwargs["device_map"] = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     model, info = _quiet_from_pretrained(classes[task], path, dtype=dtype, local_files_only=local,
                                          output_loading_info=True, **kwargs)
     # The silenced load report is expected to list only the fresh task head; anything else that

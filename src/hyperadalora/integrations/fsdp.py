@@ -230,7 +230,7 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
 
     from safetensors.torch import load_file
 
-    from ..train.resume import unflatten_optimizer_state
+    from ..train.resume import load_optimizer_state
 
     adapted = require_adapted(model, "load_checkpoint")
     path = Path(directory)
@@ -239,12 +239,7 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
             raise FileNotFoundError(f"{path / name} not found: {directory} is not a checkpoint written by "
                                     "hyperadalora.integrations.fsdp.save_checkpoint")
     adapted.load_adapter_weights(str(path))
-    saved = unflatten_optimizer_state(load_file(str(path / OPTIMIZER_NAME)),
-                                      json.loads((path / OPTIMIZER_META_NAME).read_text()))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved["state"] = {i: {k: sharding.like(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                          for k, v in entry.items()} for i, entry in saved["state"].items()}
-    optimizer.load_state_dict(saved)
+    load_optimizer_state(optimizer, path)
     generators = load_file(str(path / STATE_NAME))
     if "method_rng" in generators:
         adapted.set_rng_state(generators["method_rng"])

@@ -66,7 +66,7 @@ from transformers.utils import logging
 from ..adapted_model import AdaptedModel
 from .common import require_adapted, unwrap_adapted
 
-__all__ = ["ADAPTER_SUBDIR", "AdaptedModelCallback", "AdaptedTrainer", "AdaptedTrainerMixin"]
+__all__ = ["ADAPTER_SUBDIR", "AdaptedModelCallback", "AdaptedTrainer", "AdaptedTrainerMixin", "refuse_foreign_sharding"]
 
 logger = logging.get_logger(__name__)
 
@@ -174,6 +174,26 @@ class AdaptedModelCallback(TrainerCallback):
         return control
 
 
+def refuse_foreign_sharding(trainer: Any) -> None:
+    """Refuses a ``Trainer`` whose accelerate plugin would shard the model itself (FSDP, DeepSpeed).
+
+    accelerate's FSDP wrapping does not know that the orthogonality regulariser and the allocator
+    read whole factors and gradients; :func:`~hyperadalora.integrations.fsdp.shard` does. Checked
+    when the trainer is built, before anything trains.
+
+    Raises:
+        ValueError: Naming the ways that shard correctly.
+    """
+    plugin = ("FSDP" if getattr(trainer, "is_fsdp_enabled", False) else
+              "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None)
+    if plugin is not None:
+        raise ValueError(f"{type(trainer).__name__} under accelerate's {plugin} plugin would shard the model without "
+                         "hyperadalora's gathers (the orthogonality regulariser and the allocator read whole factors "
+                         "and gradients): use `hyperadalora train ... distributed=fsdp` (also under accelerate launch "
+                         "with an FSDP config), or shard() in a plain loop (examples/fsdp_sst2.py); see "
+                         "docs/distributed.md")
+
+
 class AdaptedTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (before ``Trainer``) to train an AdaptedModel.
 
@@ -182,6 +202,7 @@ class AdaptedTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        refuse_foreign_sharding(self)
         adapted = require_adapted(self.model, type(self).__name__)
         callback = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, AdaptedModelCallback)), None)
         if callback is None:

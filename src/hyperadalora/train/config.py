@@ -31,6 +31,9 @@ from ..quant import PRECISIONS, QUANTIZE_CHOICES
 from ..tasks import SPECS
 from .reporting.registry import REPORT_TO
 
+#: ``RunConfig.distributed`` choices (see :mod:`.parallel`).
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+
 TASK_NAMES = tuple(SPECS)
 EXPORTS = ("none", "peft", "merged")
 
@@ -67,7 +70,7 @@ class RunConfig(JsonConfig):
         run_name: Name of the run directory; ``null``: ``<task>-<model>-<method>[-hyper]-<time>``.
         seed: Seed of the adapter initialisation, the data order and dropout.
         steps: Optimizer steps of the run (AdaLoRA's budget schedule is defined over them).
-        batch_size: Examples per micro-batch.
+        batch_size: Examples per micro-batch (over all processes when several share the run).
         grad_accum: Micro-batches per optimizer step (effective batch: ``batch_size * grad_accum``).
         max_length: Tokens per training example (longer ones are truncated).
         train_rows: Use only the first N training rows (``null``: all).
@@ -100,6 +103,11 @@ class RunConfig(JsonConfig):
         gradient_checkpointing: Recompute the base model's activations in the backward
             (transformers' non-reentrant activation checkpointing): less memory, more compute.
         compile: ``torch.compile`` the base model (the adapted layers included) before training.
+        distributed: How the run spreads over processes: ``auto`` (one process: ``none``; under
+            ``torchrun``: ``ddp``; under ``accelerate launch`` with an FSDP config: ``fsdp``),
+            ``none``, ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2, every parameter
+            sharded). ``batch_size`` stays the global micro-batch, split evenly over the
+            processes; rank 0 alone writes the run directory. See docs/distributed.md.
         report_to: Experiment tracker that also receives the log rows, evaluations and a per-module
             rank image at every evaluation: ``none``, ``tensorboard`` (``RUN_DIR/tensorboard``),
             ``wandb`` (offline, ``RUN_DIR/wandb``; ``$WANDB_MODE`` overrides) or ``mlflow``
@@ -148,6 +156,7 @@ class RunConfig(JsonConfig):
     quantize: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
+    distributed: str = "auto"
     report_to: str = "none"
     export: str = "none"
     adapter: AdapterConfig | None = None
@@ -188,6 +197,7 @@ class RunConfig(JsonConfig):
                 raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
         check_choice(owner, "precision", self.precision, tuple(PRECISIONS))
         check_choice(owner, "report_to", self.report_to, REPORT_TO)
+        check_choice(owner, "distributed", self.distributed, DISTRIBUTED)
         check_choice(owner, "export", self.export, EXPORTS)
         if self.export == "merged" and self.quantize is not None:
             raise ValueError(f"{owner}: export=merged on a quantize={self.quantize} base would write dequantised "

@@ -10,6 +10,9 @@ needs to continue after optimizer step ``N`` exactly as an uninterrupted run wou
                          AdamW's state_dict flattened: tensors / param groups and other values
     rng.safetensors      torch CPU (and CUDA) generator states, Python's and NumPy's Mersenne
                          Twister keys, the DyLoRA rank sampler's state
+    rng-rank<k>.safetensors
+                         the same for rank k >= 1 of a run on several processes (their dropout
+                         draws differ from rank 0's)
     trainer_state.json   step, scheduler state, loss EMA, rank history, evaluations, the data
                          position and a fingerprint of the training rows, scalar RNG state
     manifest.json        size and SHA-256 of every file above, written last
@@ -33,6 +36,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .. import sharding
+from ..adapter_io import save_adapter
 from ..checkpoint import load_adapter_weights
 from ..fileio import (CorruptCheckpointError, atomic_write, replace_dir, verify_checkpoint, write_json, write_manifest,
                       write_tensors)
@@ -44,16 +49,18 @@ CHECKPOINTS_DIR = "checkpoints"
 OPTIMIZER_NAME = "optimizer.safetensors"
 OPTIMIZER_META_NAME = "optimizer.json"
 RNG_NAME = "rng.safetensors"
+RANK_RNG_NAME = "rng-rank{rank}.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 #: RunConfig fields a resumed run may change: none of them alters the training math or what the
 #: run records in its own files (``output_dir`` / ``run_name`` follow the resumed directory;
-#: ``report_to`` only picks which tracker also receives the records).
+#: ``report_to`` only picks which tracker also receives the records; ``distributed``: the batch is global,
+#: so a run continues alike on another number of processes).
 RESUME_SAFE_FIELDS = frozenset({"progress", "threads", "data_dir", "output_dir", "run_name", "save_every",
                                 "keep_checkpoints", "eval_batch_size", "sandbox_timeout_s", "sandbox_memory_mb",
-                                "sandbox_workers", "report_to"})
+                                "sandbox_workers", "report_to", "distributed"})
 
 
 # -- optimizer state (no pickle) ---------------------------------------------------------------
@@ -101,7 +108,8 @@ def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: torch.optim.Optimizer,
                              scheduler, trainer_state: dict[str, Any], *, keep: int = 2,
-                             rng: dict[str, Any] | None = None) -> Path:
+                             rng: dict[str, Any] | None = None, adapter_tensors: dict[str, torch.Tensor] | None = None,
+                             optimizer_state: dict | None = None, rank_rngs: list[dict[str, Any]] = ()) -> Path:
     """Writes ``RUN_DIR/checkpoints/step-<step>/`` (see the module docstring) and prunes old ones.
 
     Args:
@@ -113,6 +121,11 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
         trainer_state: The loop's JSON state (loss EMA, evaluations, data position, ...).
         keep: How many complete checkpoints to keep (the newest ones; at least this one).
         rng: A :func:`~.rng.rng_snapshot` of the generators (default: taken now).
+        adapter_tensors: The whole adapter tensors to write (a sharded model's, gathered); default
+            the model's own.
+        optimizer_state: The whole ``optimizer.state_dict()`` (a sharded one, gathered); default the
+            optimizer's own.
+        rank_rngs: Snapshots of ranks 1, 2, ... of a run on several processes.
 
     Returns:
         The checkpoint folder.
@@ -124,12 +137,19 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model, optimizer: t
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_adapter(str(tmp))
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+    save_adapter(model, tmp, tensors=adapter_tensors)
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer_state or optimizer.state_dict())
     write_tensors(tmp / OPTIMIZER_NAME, opt_tensors)
     write_json(tmp / OPTIMIZER_META_NAME, opt_meta, sort_keys=False)
     rng_tensors, rng_meta = capture_rng(model, rng)
     write_tensors(tmp / RNG_NAME, rng_tensors)
+    rank_metas = []
+    for rank, snapshot in enumerate(rank_rngs, start=1):
+        tensors, meta = capture_rng(model, snapshot)
+        write_tensors(tmp / RANK_RNG_NAME.format(rank=rank), tensors)
+        rank_metas.append(meta)
+    if rank_metas:
+        trainer_state = {**trainer_state, "rank_rngs": rank_metas}
     state = {"format_version": STATE_VERSION, "step": step, **trainer_state, "rng": rng_meta,
              "scheduler": scheduler.state_dict(), "after_step_calls": model.steps_taken,
              "dylora_rank": model.dylora_rank}
@@ -179,9 +199,23 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path:
                                  first.path, first.checkpoint)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, folder: str | Path) -> None:
+    """Loads ``optimizer.safetensors`` / ``optimizer.json`` (whole tensors) into ``optimizer``; the
+    state of a sharded (FSDP2) parameter becomes this rank's shard (no communication)."""
+    folder = Path(folder)
+    saved = unflatten_optimizer_state(load_file(str(folder / OPTIMIZER_NAME)),
+                                      json.loads((folder / OPTIMIZER_META_NAME).read_text()))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved["state"] = {i: {k: sharding.like(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                          for k, v in entry.items()} for i, entry in saved["state"].items()}
+    optimizer.load_state_dict(saved)
+
+
 def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer, scheduler,
-                             verify: bool = True) -> dict[str, Any]:
+                             verify: bool = True, rank: int = 0) -> dict[str, Any]:
     """Restores a checkpoint into a freshly built model, optimizer and scheduler, and the RNGs.
+
+    A model sharded since it was built (FSDP2) gets its shards of the whole tensors stored.
 
     Args:
         folder: A ``step-<N>`` folder.
@@ -189,6 +223,8 @@ def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.O
         optimizer: Its optimizer (same parameter groups).
         scheduler: Its scheduler.
         verify: Check the manifest first (skip only when the caller just did).
+        rank: This process's rank: it takes its own generators when the checkpoint has them
+            (written by a run on as many processes or more), else rank 0's.
 
     Returns:
         The trainer state (``trainer_state.json``) for the loop's own counters.
@@ -208,10 +244,13 @@ def load_training_checkpoint(folder: str | Path, model, optimizer: torch.optim.O
     if state.get("dylora_rank") is not None:
         for layer in model.adapted_layers.values():
             layer.dylora_b = state["dylora_rank"]
-    optimizer.load_state_dict(unflatten_optimizer_state(load_file(str(folder / OPTIMIZER_NAME)),
-                                                        json.loads((folder / OPTIMIZER_META_NAME).read_text())))
+    load_optimizer_state(optimizer, folder)
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng(load_file(str(folder / RNG_NAME)), state["rng"], model)
+    own = folder / RANK_RNG_NAME.format(rank=rank)
+    if rank > 0 and own.is_file():
+        restore_rng(load_file(str(own)), state["rank_rngs"][rank - 1], model)
+    else:
+        restore_rng(load_file(str(folder / RNG_NAME)), state["rng"], model)
     return state
 
 
@@ -348,5 +387,5 @@ def truncate_log(path: str | Path, step: int) -> list[dict]:
 
 __all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "check_checkpoint_config", "check_resume_config",
            "checkpoint_dirs", "data_fingerprint", "find_resume_checkpoint", "flatten_optimizer_state",
-           "load_training_checkpoint", "prepare_resume", "prune_checkpoints", "save_training_checkpoint",
-           "set_aside_after", "truncate_log", "unflatten_optimizer_state"]
+           "load_optimizer_state", "load_training_checkpoint", "prepare_resume", "prune_checkpoints",
+           "save_training_checkpoint", "set_aside_after", "truncate_log", "unflatten_optimizer_state"]

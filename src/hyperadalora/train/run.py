@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from .. import sharding
+from ..adapter_io import adapter_state_dict
 from ..tasks import HUB, make_task, resolve_data, task_spec
 from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
@@ -29,6 +31,7 @@ from .plots import plot_rank_allocation, rank_allocation_image
 from .reporting import NullReporter, Reporter, numeric, open_reporter, require_reporter
 from .rundir import (OutputWriteError, RunDirLock, check_writable, info, make_run_dir, save_adapter_dir, write_json,
                      write_jsonl, write_plots, write_run_config)
+from .parallel import SingleProcess, start_parallel
 from .state import RunState
 from ..quant import autocast
 from .step import StepStats, optimizer_step
@@ -48,6 +51,7 @@ class RunResult:
     checkpoint_step: int | None = None
     seconds: float = 0.0
     resumed_from_step: int | None = None
+    main_process: bool = True
 
     @property
     def primary_metric(self) -> str:
@@ -67,7 +71,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    """Whether this rank's trainable parameters (its shards, when sharded) are finite."""
+    return all(bool(torch.isfinite(p.to_local() if sharding.is_sharded(p) else p).all())
+               for p in model.parameters() if p.requires_grad)
 
 
 def _progress_every(steps: int) -> int:
@@ -111,6 +117,7 @@ class Run:
         self.lock: RunDirLock | None = None
         self.reporter: Reporter = NullReporter()
         self.done = 0  # optimizer steps completed (the checkpoint's step plus those of this process)
+        self.parallel = SingleProcess(config)  # replaced in prepare() under a launcher (see .parallel)
 
     def run(self) -> RunResult:
         """Prepares, trains every remaining step and finishes (see :func:`~hyperadalora.train.train`)."""
@@ -131,6 +138,7 @@ class Run:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+            self.parallel.close()
 
     @contextlib.contextmanager
     def disk_errors(self):
@@ -156,26 +164,31 @@ class Run:
         saved = None
         if self.resume_dir is not None:  # checked before anything is loaded: a bad run directory fails fast
             saved, self.resume_from = prepare_resume(self.resume_dir)
-        check_writable(self.resume_dir if self.resume_dir is not None else self.config.output_dir)
+        self.parallel = start_parallel(self.config)  # the launch is checked before anything is loaded
+        self.config = self.config.replace(distributed=self.parallel.kind)
+        main = self.parallel.is_main
+        self.parallel.on_main(lambda: check_writable(self.resume_dir if self.resume_dir is not None
+                                                     else self.config.output_dir))
         if self.config.adapter.init_from is not None:  # before the data and model are loaded
             resolve_adapter_dir(self.config.adapter.init_from)
         require_reporter(self.config.report_to)  # a missing tracker package fails before anything loads
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self._load_data()  # data first (fast, and the most common mistake), then the model
-        if self.resume_dir is not None:  # held until the run ends: one process per run directory
+        if self.resume_dir is not None and main:  # held until the run ends: one launch per run directory
             self.lock = RunDirLock(self.resume_dir).acquire()
         built = build(self.config, self._base_model, self._tokenizer, calibration=self._calibration)
         self.model, tokenizer, self.config = built.model, built.tokenizer, built.config
         self.tokenizer = tokenizer
         self.task.bind(tokenizer)
         self._open_run_dir(saved)
-        if built.allocation is not None:
+        if built.allocation is not None and main:
             self._record_allocation(built.allocation)
         self.fingerprint = data_fingerprint(self.train_rows)
-        self.optimizer, self.scheduler, self.hyper_lr = make_optimizer(self.model, self.config)
         with contextlib.redirect_stdout(io.StringIO()) as buf:
             self.model.print_trainable_parameters()
+        self.forward = self.parallel.wrap(self.model)  # DDP wrapper, or the model sharded in place
+        self.optimizer, self.scheduler, self.hyper_lr = make_optimizer(self.model, self.config)
         self.ranks_change = self.model.allocator.adaptive
         self.modules = list(self.model.adapted_layers)
         if self.ranks_change:
@@ -183,8 +196,10 @@ class Run:
         self.order = batch_order(len(self.train_rows), self.config.batch_size, self.config.seed)
         if self.resume_from is not None:
             self._restore()
-        self.reporter = open_reporter(self.config.report_to, self.run_dir, self.run_dir.name, self.config.to_dict(),
-                                      resume_step=self.start if self.resume_from is not None else None)
+        if main:
+            self.reporter = open_reporter(self.config.report_to, self.run_dir, self.run_dir.name,
+                                          self.config.to_dict(),
+                                          resume_step=self.start if self.resume_from is not None else None)
         self._open_progress(buf.getvalue().strip())
 
     def _load_data(self) -> None:
@@ -219,25 +234,34 @@ class Run:
 
     def _open_run_dir(self, saved: RunConfig | None) -> None:
         if self.resume_dir is None:
-            self.run_dir, self.lock = make_run_dir(self.config)
+            self.run_dir = Path(self.parallel.on_main(self._make_run_dir))  # rank 0 makes it, every rank knows it
             self.config = self.config.replace(run_name=self.run_dir.name)  # the resolved config names its directory
-            write_run_config(self.run_dir, self.config)
+            if self.parallel.is_main:
+                write_run_config(self.run_dir, self.config)
         else:
             self.run_dir = self.resume_dir
             self.config = self.config.replace(output_dir=str(self.run_dir.parent), run_name=self.run_dir.name)
             check_resume_config(self.config, saved, self.run_dir)
             check_checkpoint_config(self.config, self.resume_from)
 
+    def _make_run_dir(self) -> str:
+        run_dir, self.lock = make_run_dir(self.config)
+        return str(run_dir)
+
     def _restore(self) -> None:
-        state = load_training_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler, verify=False)
+        state = load_training_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler, verify=False,
+                                         rank=self.parallel.rank)
         if state["data"]["fingerprint"] != self.fingerprint:
             raise ValueError(f"the training rows differ from those {self.run_dir} was trained on "
                              f"({len(self.train_rows)} rows now, {state['data']['train_rows']} then, or other "
                              "contents): resume with the same data (data_dir, train_rows), or start a new run")
         self.start = self.last_saved = self.done = state["step"]
-        self.state = RunState.from_checkpoint(state, truncate_log(self.run_dir / "log.jsonl", self.start))
-        set_aside_after(self.run_dir, self.start)
-        prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.resume_from)
+        main = self.parallel.is_main  # rank 0 alone rewrites the run directory
+        self.state = RunState.from_checkpoint(state, truncate_log(self.run_dir / "log.jsonl", self.start)
+                                              if main else [])
+        if main:
+            set_aside_after(self.run_dir, self.start)
+            prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.resume_from)
         for _ in range(state["data"]["batches_consumed"]):  # the same data order from here on
             next(self.order)
 
@@ -247,10 +271,15 @@ class Run:
         config = self.config
         # A bar only on a terminal: into a log file its carriage-return frames are noise (see _report_progress).
         self.progress = tqdm(total=config.steps, initial=self.start, desc=self.run_dir.name[:40], unit="step",
-                             dynamic_ncols=True, disable=not (config.progress and sys.stderr.isatty()),
-                             file=sys.stderr, mininterval=0.5)
+                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                             disable=not (config.progress and sys.stderr.isatty() and self.parallel.is_main))
+        if not self.parallel.is_main:
+            return
         what = (f"resuming run {self.run_dir} after step {self.start} ({self.resume_from})"
                 if self.resume_from is not None else f"run {self.run_dir}")
+        world = self.parallel.world_size
+        if world > 1:
+            what += f" on {world} processes ({self.parallel.kind})"
         info(f"hyperadalora: {what} | task {config.task} | model {config.model} | {len(self.train_rows)} train rows, "
              f"{len(self.eval_rows)} {self.spec.eval_split} rows | {trainable}", self.progress)
 
@@ -259,7 +288,8 @@ class Run:
     def train_steps(self) -> None:
         """The remaining optimizer steps; stops at a non-finite loss or on Ctrl-C (recorded in ``status``)."""
         self.model.train()
-        log_file = open(self.run_dir / "log.jsonl", "a" if self.resume_from is not None else "w")
+        log_file = (open(self.run_dir / "log.jsonl", "a" if self.resume_from is not None else "w")
+                    if self.parallel.is_main else None)
         try:
             for step in range(self.start, self.config.steps):
                 if not self.step(step, log_file):
@@ -268,31 +298,36 @@ class Run:
         except KeyboardInterrupt:
             self.status = "interrupted"
         finally:
-            log_file.close()
+            if log_file is not None:
+                log_file.close()
             self.progress.close()
 
     def step(self, step: int, log_file) -> bool:
         """Optimizer step ``step`` (0-based) and its log line; False when it stopped the run (non-finite)."""
-        config = self.config
-        micro_batches = (self.task.collate([self.train_rows[i] for i in next(self.order)])
+        config, parallel = self.config, self.parallel
+        micro_batches = (self._to_device(self.task.collate([self.train_rows[i]
+                                                            for i in parallel.rows(next(self.order))]))
                          for _ in range(config.grad_accum))
         stats = optimizer_step(self.model, self.optimizer, micro_batches, step_index=step,
                                max_grad_norm=config.max_grad_norm, scheduler=self.scheduler,
                                grad_accum=config.grad_accum, on_update=self._start_update,
-                               precision=config.precision)
+                               precision=config.precision, forward=self.forward,
+                               mean=parallel.mean if parallel.world_size > 1 else None,
+                               clip_grad_norm=parallel.clip_grad_norm)
         if not stats.finite:
             self.status, self.stop_message = "stopped: non-finite loss", stats.problem
             return False
         row = self._log_row(step + 1, stats)
         first_divergence = self.state.diverged_at is None
         smoothed = self.state.record_step(row)
-        log_file.write(json.dumps(row) + "\n")
-        log_file.flush()
+        if log_file is not None:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
         self.reporter.log_scalars(row["step"], numeric(row, "train/"))  # the same record as the log line
         self.done = step + 1
         self.rng_after = rng_snapshot(self.model)
         self.mid_update = False
-        if row["diverging"] and first_divergence:
+        if row["diverging"] and first_divergence and parallel.is_main:
             info(f"hyperadalora: warning: the loss is diverging at step {step + 1}: smoothed {smoothed:.4g}, over "
                  f"{smoothed / max(abs(self.state.early_loss), 1e-12):.1f}x its early value "
                  f"{self.state.early_loss:.4g}; lower lr (now {config.lr:g}; see docs/troubleshooting.md for the "
@@ -300,8 +335,17 @@ class Run:
         self._report_progress(row, smoothed)
         return True
 
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch on the process's device (under a launcher with GPUs; else as collated)."""
+        device = self.parallel.device
+        if device is None:
+            return batch
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def _report_progress(self, row: dict[str, Any], smoothed: float) -> None:
         """Updates the bar on a terminal; elsewhere (a log file, a pipe) prints a plain line now and then."""
+        if not self.parallel.is_main:
+            return
         self.progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{row['lr']:.2e}", rank=row["total_rank"],
                                   refresh=False)
         self.progress.update(1)
@@ -342,10 +386,17 @@ class Run:
 
     # -- evaluation and saving ----------------------------------------------------------------------
 
-    def evaluate(self, step: int) -> dict[str, Any]:
-        """Evaluates on the held-out rows; records and prints the metrics; returns ``{"step", **metrics}``."""
-        with autocast(self.config.precision, next(self.model.parameters()).device):
-            metrics, self.state.last_predictions = evaluate_rows(self.task, self.model, self.eval_rows)
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        """Evaluates on the held-out rows; records and prints the metrics; returns ``{"step", **metrics}``
+        (None on the ranks that do not record: every rank but 0)."""
+        parallel = self.parallel
+        if not (parallel.is_main or parallel.evaluates_on_every_rank):
+            return None
+        with parallel.evaluation(self.model), autocast(self.config.precision, next(self.model.parameters()).device):
+            metrics, predictions = evaluate_rows(self.task, self.model, self.eval_rows)
+        if not parallel.is_main:
+            return None
+        self.state.last_predictions = predictions
         row = {"step": step, **metrics}
         self.state.evals.append(row)
         self._report_eval(step, metrics)
@@ -362,9 +413,15 @@ class Run:
             self.reporter.log_image(step, "ranks/per_module", rank_allocation_image(self.model.ranks, title))
         self.reporter.flush()
 
+    def _whole_adapter(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, whole (a sharded model's gathered: a collective)."""
+        return {key: self.parallel.full(t.detach()) for key, t in adapter_state_dict(self.model).items()}
+
     def save_adapter(self, step: int, reason: str) -> None:
-        """Saves the adapter to ``RUN_DIR/adapter`` and records which step it is."""
-        save_adapter_dir(self.model, self.run_dir)
+        """Saves the adapter to ``RUN_DIR/adapter`` and records which step it is (rank 0 writes)."""
+        tensors = self._whole_adapter()
+        if self.parallel.is_main:
+            save_adapter_dir(self.model, self.run_dir, tensors)
         self.state.checkpoint = {"step": step, "reason": reason}
 
     def export_final(self) -> None:
@@ -375,19 +432,37 @@ class Run:
             export_merged(self.model, self.run_dir / "merged", tokenizer=self.tokenizer)
 
     def save_training(self, done: int, reason: str, rng: dict[str, Any] | None = None) -> None:
-        """Writes the training checkpoint of step ``done`` (``rng``: the generators' snapshot to record)."""
+        """Writes the training checkpoint of step ``done`` (``rng``: the generators' snapshot to record).
+
+        With several processes: whole tensors (gathered) and every rank's generators, written by rank 0.
+        """
+        parallel = self.parallel
+        adapter = self._whole_adapter()
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = {i: {k: parallel.full(v) if isinstance(v, torch.Tensor) else v
+                                        for k, v in entry.items()} for i, entry in optimizer_state["state"].items()}
+        rngs = parallel.gather(rng if rng is not None else rng_snapshot(self.model))
+        if parallel.is_main:
+            self._write_training_checkpoint(done, reason, adapter, optimizer_state, rngs)
+        self.reporter.flush()  # every step up to a checkpoint is on disk: a resume from it loses none
+        self.last_saved = done
+
+    def _write_training_checkpoint(self, done: int, reason: str, adapter: dict, optimizer_state: dict,
+                                   rngs: list) -> None:
         with open(self.run_dir / "log.jsonl", "rb") as fh:  # the log lines up to the checkpoint are on disk too
             os.fsync(fh.fileno())
         data = {"fingerprint": self.fingerprint, "train_rows": len(self.train_rows),
                 "batches_consumed": done * self.config.grad_accum}
         save_training_checkpoint(self.run_dir, done, self.model, self.optimizer, self.scheduler,
                                  {**self.state.trainer_state(reason, data), "config": self.config.to_dict()},
-                                 keep=self.config.keep_checkpoints, rng=rng)
-        self.reporter.flush()  # every step up to a checkpoint is on disk: a resume from it loses none
-        self.last_saved = done
+                                 keep=self.config.keep_checkpoints, rng=rngs[0], adapter_tensors=adapter,
+                                 optimizer_state=optimizer_state, rank_rngs=rngs[1:])
 
     def write_outputs(self, final: dict | None) -> None:
-        """Writes ``predictions.jsonl``, ``eval.json`` and the plots (``log.jsonl`` is written line by line)."""
+        """Writes ``predictions.jsonl``, ``eval.json`` and the plots (``log.jsonl`` is written line by line);
+        rank 0 only."""
+        if not self.parallel.is_main:
+            return
         state, spec = self.state, self.spec
         if state.last_predictions:
             write_jsonl(self.run_dir / "predictions.jsonl", state.last_predictions)
@@ -396,7 +471,8 @@ class Run:
             "primary_metric": spec.primary_metric, "status": self.status, "message": self.stop_message,
             "steps_done": self.done, "final": final, "history": state.evals, "checkpoint": state.checkpoint,
             "train_rows": len(self.train_rows), "seconds": round(time.perf_counter() - self.started, 2),
-            "mean_step_time": state.mean_step_time,
+            "mean_step_time": state.mean_step_time, "distributed": self.parallel.kind,
+            "processes": self.parallel.world_size,
         })
         write_plots(self.run_dir, self.config, state.log_rows, state.evals, self.modules, state.rank_history)
 
@@ -411,24 +487,39 @@ class Run:
                 self.save_training(done, "final")
             final = self.evaluate(done)
             self.save_adapter(done, "final")
-            self.export_final()
+            if self.parallel.is_main:
+                self.export_final()
         elif self.status == "interrupted":
             self._finish_interrupted(done)
         else:
             self._finish_stopped(done)
         self.write_outputs(final)
+        self.parallel.barrier()  # rank 0's evaluation and writes are done before any rank leaves
         checkpoint = self.state.checkpoint
         result = RunResult(run_dir=self.run_dir, config=self.config, status=self.status, steps_done=done,
                            final_metrics=final, evals=self.state.evals, log=self.state.log_rows,
                            checkpoint_step=checkpoint["step"] if checkpoint else None,
                            seconds=time.perf_counter() - self.started,
-                           resumed_from_step=self.start if self.resume_from else None)
+                           resumed_from_step=self.start if self.resume_from else None,
+                           main_process=self.parallel.is_main)
         if self.status != "completed":
             raise NonFiniteLossError(self.stop_message, result)
         return result
 
     def _finish_interrupted(self, done: int) -> None:
-        """Ctrl-C: keeps what the run made, then stops as asked (raises KeyboardInterrupt)."""
+        """Ctrl-C: keeps what the run made, then stops as asked (raises KeyboardInterrupt).
+
+        With several processes nothing more is saved: the ranks stop at different points, and a
+        gather could wait for a rank that is gone; the last training checkpoint stands."""
+        if self.parallel.world_size > 1:
+            self.stop_message = (f"interrupted after {done} of {self.config.steps} steps on {self.parallel.world_size} "
+                                 "processes; " + (f"continue from step {self.last_saved} with the same launch and "
+                                                  f"`--resume {self.run_dir}`" if self.last_saved
+                                                  else "no training checkpoint was written yet"))
+            self.write_outputs(None)
+            if self.parallel.is_main:
+                info(f"hyperadalora: {self.stop_message}")
+            raise KeyboardInterrupt(self.stop_message)
         if done > 0 and _all_finite(self.model):
             self.save_adapter(done, "interrupted")
         if not self.mid_update and self.rng_after is not None and self.last_saved != done:
@@ -445,7 +536,7 @@ class Run:
 
     def _finish_stopped(self, done: int) -> None:
         """A non-finite loss: keeps the last good adapter (if finite) and says what to change."""
-        if done > 0 and _all_finite(self.model):
+        if done > 0 and self.parallel.all_ranks(_all_finite(self.model)):
             self.save_adapter(done, "last good step before the non-finite loss")
         checkpoint, config = self.state.checkpoint, self.config
         where = (f"the last good adapter (step {checkpoint['step']}) is in {self.run_dir / 'adapter'}" if checkpoint

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..adapter_io import save_adapter
 from ..fileio import atomic_write, replace_dir
 from ..fileio import write_json as write_json_file
 from ..tasks import task_spec
@@ -138,12 +139,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def save_adapter_dir(model, run_dir: Path) -> None:
-    """Saves the adapter to ``run_dir/adapter`` as a whole: written aside, then swapped in."""
+def save_adapter_dir(model, run_dir: Path, tensors: dict | None = None) -> None:
+    """Saves the adapter to ``run_dir/adapter`` as a whole: written aside, then swapped in
+    (``tensors``: the whole adapter tensors of a sharded model, gathered; default the model's own)."""
     tmp = run_dir / ".adapter.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_adapter(str(tmp))
+    save_adapter(model, tmp, tensors=tensors)
     replace_dir(tmp, run_dir / "adapter")
 
 

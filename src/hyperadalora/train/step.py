@@ -60,24 +60,41 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _accumulate(model: torch.nn.Module, micro_batches: Iterable[Mapping[str, Any]], grad_accum: int,
-                step_index: int, precision: str) -> tuple[list[float], list, list[float], str | None, float]:
-    """Forward and backward of each micro-batch; stops at the first non-finite loss (no backward)."""
+def _mean_over_ranks(values: list[float | None], mean: Callable | None) -> list[float | None]:
+    """``values`` averaged over the ranks (the ``None`` entries, alike on every rank, stay None)."""
+    if mean is None:
+        return values
+    present = [i for i, v in enumerate(values) if v is not None]
+    reduced = mean([values[i] for i in present])
+    out = list(values)
+    for i, v in zip(present, reduced):
+        out[i] = v
+    return out
+
+
+def _accumulate(model: torch.nn.Module, forward: Callable, micro_batches: Iterable[Mapping[str, Any]],
+                grad_accum: int, step_index: int, precision: str, mean: Callable | None
+                ) -> tuple[list[float], list, list[float], str | None, float]:
+    """Forward and backward of each micro-batch; stops at the first non-finite loss (no backward).
+
+    With several ranks the recorded values are the means over the ranks, so every rank takes the
+    same decision at a non-finite loss.
+    """
     losses: list[float] = []
     task_losses: list = []
     regs: list[float] = []
     device = next(model.parameters()).device
     for micro, batch in enumerate(micro_batches):
         with autocast(precision, device):  # only the forward; the backward follows the forward's dtypes
-            loss = model(**batch).loss
-        value = float(loss.detach())
+            loss = forward(**batch).loss
+        value, task_loss, reg = _mean_over_ranks([float(loss.detach()), getattr(model, "last_task_loss", None),
+                                                  getattr(model, "last_regularizer", None)], mean)
         if not math.isfinite(value):
             return (losses, task_losses, regs,
                     f"the loss is {value} at step {step_index + 1} (micro-batch {micro + 1} of {grad_accum})", value)
         (loss / grad_accum).backward()
         losses.append(value)
-        task_losses.append(getattr(model, "last_task_loss", None))
-        reg = getattr(model, "last_regularizer", None)
+        task_losses.append(task_loss)
         if reg is not None:
             regs.append(reg)
     return losses, task_losses, regs, None, _mean(losses) if losses else float("nan")
@@ -86,7 +103,9 @@ def _accumulate(model: torch.nn.Module, micro_batches: Iterable[Mapping[str, Any
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: Iterable[Mapping[str, Any]], *, step_index: int, max_grad_norm: float,
                    scheduler: Any = None, grad_accum: int | None = None,
-                   on_update: Callable[[], None] | None = None, precision: str = "fp32") -> StepStats:
+                   on_update: Callable[[], None] | None = None, precision: str = "fp32",
+                   forward: Callable | None = None, mean: Callable | None = None,
+                   clip_grad_norm: Callable | None = None) -> StepStats:
     """Runs one optimizer step over ``micro_batches`` (see the module docstring for the order).
 
     Args:
@@ -106,6 +125,11 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         precision: ``fp32``, or ``bf16`` / ``fp16``: each forward runs under ``torch.autocast``
             of that dtype (:func:`hyperadalora.quant.autocast`); parameters and optimizer state
             keep their own dtypes (float32 master weights).
+        forward: What the forward is called on (a DDP wrapper of ``model``); default ``model``.
+        mean: With several processes, ``values -> their means over the ranks`` (a collective):
+            the recorded losses are global and a non-finite one stops every rank alike.
+        clip_grad_norm: ``(parameters, max_norm) -> total norm``; default torch's (a sharded
+            model needs :func:`hyperadalora.integrations.fsdp.clip_grad_norm_`).
 
     Returns:
         The step's :class:`StepStats`. When ``finite`` is False the optimizer did not step, the
@@ -118,13 +142,15 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     group = optimizer.param_groups[0]
     factor = group["lr"] / group.get("initial_lr", group["lr"])
     lr = group["lr"]
-    losses, task_losses, regs, problem, loss = _accumulate(model, micro_batches, grad_accum, step_index, precision)
+    losses, task_losses, regs, problem, loss = _accumulate(model, forward or model, micro_batches, grad_accum,
+                                                           step_index, precision, mean)
     grad_norm = None
     if problem is None:
         if hasattr(model, "backward_hypernetworks"):
             model.backward_hypernetworks()
         max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(optimizer), max_norm))
+        clip = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+        grad_norm = float(clip(trainable_parameters(optimizer), max_norm))
         if not math.isfinite(grad_norm):
             problem = f"the gradient norm is {grad_norm} at step {step_index + 1}"
     task_loss = _mean(task_losses) if task_losses and None not in task_losses else None
