@@ -210,6 +210,15 @@ class AdaptedModel(nn.Module):
             raise ValueError(f"restore_steps_taken(n) needs a non-negative int, got {n!r}")
         self._steps_taken = n
 
+    def set_task(self, index: int) -> None:
+        """Generates the adapter of task ``index`` from now on (multi-task hypernetworks:
+        ``HyperConfig.task_embeddings``; :mod:`hyperadalora.train.multitask`).
+
+        Raises:
+            ValueError: A direct source, no task embeddings, or an index out of range.
+        """
+        self.source.set_task(index)
+
     def rng_state(self) -> torch.Tensor | None:
         """State of the method's own generator (DyLoRA's rank sampler; ``None`` when it draws nothing)."""
         return self.method.rng_state()

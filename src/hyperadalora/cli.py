@@ -1,9 +1,11 @@
-"""The ``hyperadalora`` command line: ``train``, ``eval``, ``export``, ``presets``, ``bench`` and ``plan``.
+"""The ``hyperadalora`` command line: ``train``, ``multitask``, ``eval``, ``export``, ``presets``, ``bench``,
+``plan``.
 
 Examples::
 
     hyperadalora train sst2_minilm_adalora --data-dir ../shared/data steps=50
     hyperadalora train configs/rte_minilm_hyperadalora.yaml adapter.hyper.arch=mlp lr=3e-3
+    hyperadalora multitask sst2_minilm_hyperadalora --tasks cola,mrpc --data-dir ../shared/data   # task embeddings
     hyperadalora eval runs/<run>                       # the run's task, its saved adapter
     hyperadalora eval runs/<run> task=humaneval eval_rows=20
     hyperadalora export runs/<run> --out runs/<run>/peft   # a plain peft LoRA adapter
@@ -66,7 +68,7 @@ def _presets_text() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperadalora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,presets,bench,plan}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,multitask,eval,export,presets,bench,plan}")
     sub.required = True
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -85,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a stopped run in RUN_DIR from its newest intact training checkpoint "
                         "(checkpoints/step-<N>), with RUN_DIR/config.yaml; only key=value overrides that do not "
                         "change the run (progress, threads, data_dir, save_every, keep_checkpoints, ...) are accepted")
+
+    p = sub.add_parser("multitask", help="train one set of hypernetworks on several tasks (task embeddings)",
+                       formatter_class=raw,
+                       description="Trains a hyper-source adapter on --tasks at once (round robin by optimizer "
+                                   "step, one learned task embedding each, one shared head) and evaluates it on "
+                                   "each task; writes config.yaml, tasks.json, log.jsonl, eval.json and adapter/ "
+                                   "into output_dir/run_name. Start a new task from it with `hyperadalora train "
+                                   "PRESET adapter.source=hyper adapter.hyper.task_embeddings=1 "
+                                   "adapter.init_from=RUN_DIR` (its embedding starts at the mean of these).",
+                       epilog=_presets_text())
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a preset name or YAML file (its task is replaced by the first of --tasks), then overrides")
+    p.add_argument("--tasks", required=True, help="comma-separated tasks of one kind and number of labels, "
+                   "e.g. cola,mrpc")
+    p.add_argument("--data-dir", help="data directory (sets data_dir; else $HYPERADALORA_DATA_DIR, else the hub)")
+    p.add_argument("--output-dir", help="where run directories are created (sets output_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (sets progress=false)")
 
     p = sub.add_parser("eval", help="evaluate a run's adapter (or a base model) on a task", formatter_class=raw,
                        description="TARGET is a run directory (its config.yaml and adapter/ are used; writes "
@@ -183,6 +202,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_multitask(args: argparse.Namespace) -> int:
+    from .train.multitask import train_multitask
+
+    source, overrides = _split_items(args.items, "multitask")
+    config = load_run_config(source, _with_flags(overrides, args))
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = train_multitask(config, tasks)
+    print(f"hyperadalora: multitask done in {result.seconds:.1f} s on {', '.join(result.tasks)}; run directory "
+          f"{result.run_dir}", file=sys.stderr)
+    print(json.dumps({"run_dir": str(result.run_dir), "tasks": list(result.tasks), "metrics": result.metrics}))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_run, load_run
 
@@ -278,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .plan.cli import run as cmd_plan
 
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
-               "plan": cmd_plan}[args.command]
+    handler = {"train": cmd_train, "multitask": cmd_multitask, "eval": cmd_eval, "export": cmd_export,
+               "bench": cmd_bench, "plan": cmd_plan}[args.command]
     from .quant import QuantizedMergeError
     from .train.rundir import OutputWriteError, RunDirBusyError
 

@@ -287,6 +287,12 @@ class HyperConfig(JsonConfig):
             everywhere (the symmetry trap).
         lr: Learning rate for the hypernetwork parameters when the training loop builds
             parameter groups (``None``: the run's learning rate).
+        task_embeddings: Number of learned task embeddings (0: none). With ``N > 0`` every
+            hypernetwork adds the current task's embedding to every token, so that one set of
+            hypernetworks generates each task's factors (HyperFormer-style multi-task training:
+            ``hyperadalora multitask``, ``model.set_task(i)``); a single-task run started from such
+            hypernetworks with ``task_embeddings=1`` (``init_from``) starts its embedding at the
+            mean of the source tasks'.
     """
 
     ARCHS: ClassVar[tuple[str, ...]] = ("attention", "mlp", "cnn")
@@ -329,9 +335,11 @@ class HyperConfig(JsonConfig):
     generate: str = "per_forward"
     checkpointing: bool = False
     max_tokens_per_call: int | None = 65536
+    task_embeddings: int = 0
 
     def __post_init__(self) -> None:
         owner = "HyperConfig"
+        check_int(owner, "task_embeddings", self.task_embeddings, 0)
         check_choice(owner, "arch", self.arch, self.ARCHS)
         check_choice(owner, "tokens", self.tokens, self.TOKENS)
         check_choice(owner, "mode", self.mode, self.MODES)

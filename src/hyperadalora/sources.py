@@ -85,6 +85,9 @@ class FactorSource(Protocol):
     def invalidate(self) -> None:
         """Drops cached generated factors (after a step or a mode change)."""
 
+    def set_task(self, index: int) -> None:
+        """Generates the factors of task ``index`` from now on (``HyperConfig.task_embeddings``)."""
+
     def backward_hypernetworks(self) -> bool:
         """``per_step``: sends the accumulated gradients into the hypernetworks; whether it did."""
 
@@ -165,6 +168,10 @@ class DirectSource:
     def invalidate(self) -> None:
         pass
 
+    def set_task(self, index: int) -> None:
+        raise ValueError("task embeddings condition the hypernetworks: multi-task training needs "
+                         "adapter.source='hyper' with adapter.hyper.task_embeddings set to the number of tasks")
+
     def backward_hypernetworks(self) -> bool:
         return False
 
@@ -217,6 +224,9 @@ class HyperSource(nn.Module):
         self.group_names: dict[GroupKey, str] = {}
         self._take_over_factors()
         self.nets = nn.ModuleDict({kind: self._build_net(kind) for kind in self.kinds})
+        if config.task_embeddings:
+            for net in self.nets.values():
+                net.add_task_embeddings(config.task_embeddings)
         self.generated: dict[GroupKey, torch.Tensor] | None = None
         # generate="per_step": the detached leaves the model reads (their .grad accumulates over micro-batches).
         self.leaves: dict[GroupKey, torch.Tensor] | None = None
@@ -382,6 +392,24 @@ class HyperSource(nn.Module):
         """Drops the generated factors (after a step or a mode change)."""
         self.generated = self._per_layer = self.leaves = None
         self._cache_grad_mode = None
+
+    def set_task(self, index: int) -> None:
+        """Generates the factors of task ``index`` from now on (drops what was generated for another).
+
+        Raises:
+            ValueError: ``index`` is not below ``HyperConfig.task_embeddings``.
+        """
+        count = self.config.task_embeddings
+        valid = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count
+        if not valid:
+            raise ValueError(f"set_task({index!r}): this adapter has hyper.task_embeddings={count}; "
+                             + ("set it to the number of tasks to train several" if count == 0
+                                else f"use a task index from 0 to {count - 1}"))
+        if all(net.task == index for net in self.nets.values()):
+            return
+        for net in self.nets.values():
+            net.task = index
+        self.invalidate()
 
     def factors_for(self, index: int) -> dict[str, torch.Tensor]:
         """The generated factors of layer ``index`` (generating them if needed)."""

@@ -44,6 +44,11 @@ def transferable_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _is_task_table(key: str) -> bool:
+    """Whether ``key`` is a hypernetwork's task-embedding table (``HyperConfig.task_embeddings``)."""
+    return key.startswith("hyper.") and key.endswith(".task_emb")
+
+
 @torch.no_grad()
 def initialize_from(model, path: str | os.PathLike) -> list[str]:
     """Copies the transferable tensors of the adapter at ``path`` into the freshly wrapped ``model``.
@@ -54,7 +59,10 @@ def initialize_from(model, path: str | os.PathLike) -> list[str]:
     Raises:
         FileNotFoundError: ``path`` holds no adapter.
         ValueError: The saved adapter has another method or source, or a tensor is missing or
-            has another shape (another base model, rank or hypernetwork configuration).
+            has another shape (another base model, rank or hypernetwork configuration). A
+            task-embedding table of another number of tasks is not an error: every task here
+            starts at the mean of the saved tasks' embeddings (multi-task hypernetworks started on
+            a new task).
     """
     folder = resolve_adapter_dir(path)
     saved, _ = read_adapter_config(folder)
@@ -64,10 +72,19 @@ def initialize_from(model, path: str | os.PathLike) -> list[str]:
                          f"run is method={ours.method!r} with source={ours.source!r}: start from a run of the same method and source")
     tensors = load_file(str(folder / WEIGHTS_NAME))
     targets = transferable_tensors(model)
+    untaken = sorted(k for k in tensors if _is_task_table(k) and k not in targets)
+    if untaken:
+        count = tensors[untaken[0]].shape[0]
+        raise ValueError(f"init_from={str(path)!r} holds hypernetworks trained with {count} task "
+                         "embeddings (hyperadalora multitask); without one they would generate for no task: set "
+                         "adapter.hyper.task_embeddings=1 (a new task starts at the mean of theirs)")
     for key, target in targets.items():
         if key not in tensors:
             raise ValueError(f"init_from: {folder / WEIGHTS_NAME} has no tensor {key!r} (the source run adapted "
                              "other modules or used another hypernetwork configuration)")
+        if _is_task_table(key) and tensors[key].shape[1:] == target.shape[1:]:
+            # A new task's embedding starts at the mean of the source tasks' (every target row alike).
+            tensors[key] = tensors[key].mean(dim=0, keepdim=True).expand_as(target)
         if tensors[key].shape != target.shape:
             raise ValueError(f"init_from: tensor {key!r} is {tuple(tensors[key].shape)} in {folder} and "
                              f"{tuple(target.shape)} here: use the same base model, ranks and hypernetwork settings")

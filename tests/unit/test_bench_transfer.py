@@ -33,11 +33,17 @@ def test_identical_arms_have_no_p_value():
 
 
 def test_started_arms_point_at_their_own_methods_source_run():
-    sources = {"adalora": {"run_dir": "/s/ada"}, "hyperadalora": {"run_dir": "/s/hyp"}}
+    sources = {"adalora-from-cola": {"run_dir": "/s/ada"}, "hyperadalora-from-cola": {"run_dir": "/s/hyp"},
+               "hyperadalora-from-cola+mrpc": {"run_dir": "/s/mt", "extra": {"adapter.hyper.task_embeddings": 1}}}
     assert transfer.arms("cola") == ("adalora-from-cola", "hyperadalora-from-cola", "adalora", "hyperadalora")
+    assert transfer.arms("cola", "cola,mrpc") == ("adalora-from-cola", "hyperadalora-from-cola",
+                                                 "hyperadalora-from-cola+mrpc", "adalora", "hyperadalora")
     spec = transfer.target_spec("hyperadalora-from-cola", "sst2", 1e-3, 2, sources)
     assert spec.overrides["adapter.init_from"] == "/s/hyp" and spec.overrides["adapter.source"] == "hyper"
     assert spec.overrides["task"] == "sst2" and spec.overrides["seed"] == 2
+    assert "adapter.hyper.task_embeddings" not in spec.overrides
+    multi = transfer.target_spec("hyperadalora-from-cola+mrpc", "sst2", 1e-3, 2, sources)
+    assert multi.overrides["adapter.init_from"] == "/s/mt" and multi.overrides["adapter.hyper.task_embeddings"] == 1
     scratch = transfer.target_spec("adalora", "sst2", 1e-3, 2, sources)
     assert "adapter.init_from" not in scratch.overrides and scratch.key == "sst2-minilm-adalora-lr0.001-s2"
     source = transfer.source_spec("cola", "hyperadalora")
@@ -48,7 +54,7 @@ def test_adopt_cached_takes_only_results_of_the_same_config(tmp_path):
     from hyperadalora.bench.runner import adopt_cached, load_cached, spec_config
     from hyperadalora.fileio import write_json
 
-    sources = {"adalora": {"run_dir": "/s/ada"}, "hyperadalora": {"run_dir": "/s/hyp"}}
+    sources = {"adalora-from-cola": {"run_dir": "/s/ada"}, "hyperadalora-from-cola": {"run_dir": "/s/hyp"}}
     same = transfer.target_spec("adalora", "sst2", 1e-3, 0, sources)
     other = transfer.target_spec("adalora", "sst2", 3e-3, 0, sources)
     (tmp_path / "theirs").mkdir()

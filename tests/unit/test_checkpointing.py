@@ -1,8 +1,9 @@
 """Activation checkpointing of the base model (transformers, non-reentrant) changes no gradient.
 
 For every method x source, two identical adapted tiny Llamas (adapter dropout on, so the
-recomputation must replay the same dropout masks) train 3 steps, one with
-``gradient_checkpointing_enable``; every gradient must agree within 1e-6 at every step. The
+recomputation must replay the same dropout masks) train 3 steps, one with transformers'
+``activation_checkpointing_enable`` (what ``gradient_checkpointing=true`` calls); every gradient must agree
+within 1e-6 at every step. The
 recomputation really happens (adapted layers run again in the backward), DyLoRA's sampled rank
 is the same in it (the gradients would differ otherwise), and the hyper source calls its
 hypernetworks once per step, not once per recomputation.
@@ -15,6 +16,7 @@ import torch
 
 import hyperadalora as ha
 from hyperadalora.methods import METHOD_REGISTRY
+from hyperadalora.train.build import enable_activation_checkpointing
 from tiny_models import LLAMA_TARGETS, llama_batch, tiny_llama
 
 STEPS = 3
@@ -27,7 +29,7 @@ def build(method: str, source: str, checkpointing: bool):
                            target_modules=LLAMA_TARGETS, hyper=ha.HyperConfig(hidden=24, layers=1), **alloc)
     model = ha.wrap(tiny_llama(), cfg)
     if checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.model)
     return model.train()
 
 
@@ -42,7 +44,7 @@ def count_calls(modules) -> list[int]:
 @pytest.mark.parametrize("method", list(METHOD_REGISTRY))
 def test_checkpointing_gives_the_same_gradients(method, source):
     plain, ckpt = build(method, source, False), build(method, source, True)
-    assert ckpt.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    assert ckpt.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
     layer_calls = [count_calls(m.adapted_layers.values()) for m in (plain, ckpt)]
     nets = [list(getattr(m.source, "nets", {}).values()) for m in (plain, ckpt)]
     net_calls = [count_calls(n) for n in nets]
@@ -79,7 +81,7 @@ def test_run_config_turns_on_checkpointing_and_master_weights():
     config = RunConfig(task="alpaca", model="tiny", steps=2, precision="bf16", gradient_checkpointing=True,
                        adapter={"method": "lora", "r": 4, "target_modules": LLAMA_TARGETS})
     model, _, _ = build_model(config, base_model=tiny_llama().to(torch.bfloat16), tokenizer=None)
-    assert model.model.is_gradient_checkpointing
+    assert model.model.is_activation_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     with pytest.raises(ValueError, match="precision"):

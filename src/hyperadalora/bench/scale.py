@@ -149,10 +149,12 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     """Hugging Face's non-reentrant activation checkpointing on the transformers model inside ``model``."""
     from transformers import PreTrainedModel
 
+    from ..train.build import enable_activation_checkpointing
+
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if inner is None:
         raise ValueError(f"{type(model).__name__} holds no transformers model to checkpoint")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(inner)
 
 
 def make_trainer(model: torch.nn.Module, setting: Setting, lr: float = 1e-4) -> Callable[[dict], float]:

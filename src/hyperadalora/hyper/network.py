@@ -15,7 +15,7 @@ class KindHypernetwork(nn.Module):
     """``H_kind``: tokens of a factor -> a residual of the same shape, for every module of a kind.
 
     Per token: an input projection (one per token width), optional context embeddings (module,
-    rank-block and width-block position), the body, and a zero-initialised output projection,
+    rank-block and width-block position, and the current task's when ``task_embeddings > 0``), the body, and a zero-initialised output projection,
     so that the generated factor equals the state at step 0.
 
     Args:
@@ -49,6 +49,14 @@ class KindHypernetwork(nn.Module):
         self.width_emb = nn.Parameter(0.02 * torch.randn(max_width_blocks, h)) if max_width_blocks > 1 else None
         self.max_tokens = config.max_tokens_per_call
         self.calls = 0
+        self.task_emb: nn.Parameter | None = None  # add_task_embeddings
+        self.task = 0  # the row of task_emb in use (HyperSource.set_task)
+
+    def add_task_embeddings(self, count: int) -> None:
+        """``count`` learned task embeddings (``HyperConfig.task_embeddings``). The source draws them
+        after every hypernetwork is built, so that the rest is initialised as without them."""
+        h = self.in_proj[next(iter(self.in_proj))].out_features
+        self.task_emb = nn.Parameter(0.02 * torch.randn(count, h))
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
         """The body over ``(n, T, h)``, in module chunks of at most ``max_tokens`` tokens."""
@@ -71,4 +79,6 @@ class KindHypernetwork(nn.Module):
             x = x + self.module_emb[module_ids][:, None, :] + rank_pos[None]
         if self.width_emb is not None and gw > 1:
             x = x + self.width_emb[:gw].repeat(gr, 1)[None]
+        if self.task_emb is not None:
+            x = x + self.task_emb[self.task]  # (h,): the same task for every token of the call
         return self.out_proj[str(d)](self._body(x)) * self.scale  # (n, T, D)

@@ -55,6 +55,26 @@ def load_base_model(config: RunConfig):
                       dtype=precision_dtype(config.precision), quantize=config.quantize)
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' non-reentrant activation checkpointing on ``model`` (a ``PreTrainedModel``).
+
+    ``activation_checkpointing_enable`` where transformers has it (5.x; ``gradient_checkpointing_enable``
+    is its deprecated alias there, warned about), else the older name.
+
+    Raises:
+        ValueError: ``model`` has neither (not a transformers model).
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ValueError(f"{type(model).__name__} has no activation_checkpointing_enable(); "
+                         "gradient_checkpointing=true needs a transformers model")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_for_scale(model: AdaptedModel, config: RunConfig) -> AdaptedModel:
     """Float32 trainable parameters; the run's activation checkpointing and ``torch.compile`` (off by default).
 
@@ -65,11 +85,7 @@ def prepare_for_scale(model: AdaptedModel, config: RunConfig) -> AdaptedModel:
     """
     upcast_trainable_(model)  # float32 master weights over a bf16 / fp16 base
     if config.gradient_checkpointing:
-        enable = getattr(model.model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise ValueError(f"{type(model.model).__name__} has no gradient_checkpointing_enable(); "
-                             "gradient_checkpointing=true needs a transformers model")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.model)
     if config.compile:
         model.model.compile()
     return model
@@ -206,5 +222,5 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> tuple[torch.opt
 
 
 __all__ = ["BuiltModel", "Calibration", "batch_order", "build", "build_model", "calibration_batches",
-           "calibration_rows", "finalize_adapter_config", "load_base_model", "make_optimizer",
-           "prepare_for_scale", "seed_everything"]
+           "calibration_rows", "enable_activation_checkpointing", "finalize_adapter_config", "load_base_model",
+           "make_optimizer", "prepare_for_scale", "seed_everything"]

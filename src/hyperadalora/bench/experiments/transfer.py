@@ -19,9 +19,15 @@ Protocol (the convergence experiment's, ``convergence.BASE``; MiniLM):
   difference, paired t-test (a seed that never reaches the target counts as ``steps + 1``,
   censored, and the table says how many did not).
 
+* ``--multitask cola,mrpc`` adds a fifth arm, ``hyperadalora-from-cola+mrpc``: a HyperAdaLoRA
+  started from hypernetworks trained on those tasks together (``hyperadalora multitask``: one task
+  embedding each, round robin, 200 steps per task, seed 0, HyperAdaLoRA's source lr, the longest
+  of the tasks' max_length); the target run has one task embedding, started at the mean of theirs.
+
 Usage::
 
     hyperadalora bench transfer --data-dir ../shared/data [--source cola] [--target sst2] [--seeds 5]
+    hyperadalora bench transfer --data-dir ../shared/data --multitask cola,mrpc --name transfer_multitask
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+
+from pathlib import Path
 
 from ..curves import best_lr, first_reach, smoothed_final
 from ..experiment import Command, experiment
@@ -45,10 +53,19 @@ TASKS = {"sst2": conv.TASKS["sst2"], "mrpc": {"steps": 200, "max_length": 128},
 METHOD_NAMES = ("adalora", "hyperadalora")
 
 
-def arms(source: str) -> tuple[str, ...]:
-    """The four arms: each method started from ``source``, then from scratch (the started arms run
-    first: the scratch arms are usually the tuned experiment's runs, taken with ``--reuse``)."""
-    return (*(f"{m}-from-{source}" for m in METHOD_NAMES), *METHOD_NAMES)
+def arms(source: str, multitask: str | None = None) -> tuple[str, ...]:
+    """The arms: each method started from ``source`` (and HyperAdaLoRA from the ``multitask``
+    hypernetworks), then from scratch (the started arms run first: the scratch arms are usually
+    the tuned experiment's runs, taken with ``--reuse``)."""
+    started = [f"{m}-from-{source}" for m in METHOD_NAMES]
+    if multitask:
+        started.append(f"hyperadalora-from-{multitask_label(multitask)}")
+    return (*started, *METHOD_NAMES)
+
+
+def multitask_label(tasks: str) -> str:
+    """``"cola,mrpc"`` -> ``"cola+mrpc"`` (the arm's and the source run's name)."""
+    return "+".join(t for t in tasks.split(",") if t)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--source", default="cola", choices=sorted(TASKS))
     p.add_argument("--target", default="sst2", choices=sorted(TASKS))
+    p.add_argument("--multitask", default=None, metavar="TASKS",
+                   help="comma-separated source tasks of a multi-task HyperAdaLoRA (a fifth arm), e.g. cola,mrpc")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="each arm's lr grid (seed 0)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--max-extend", type=int, default=1,
@@ -75,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--source and --target are both {args.target}: transfer needs another task")
     if args.seeds < 2:
         p.error("--seeds must be at least 2 (the paired test needs two seeds)")
+    if args.multitask is not None:
+        tasks = [t for t in args.multitask.split(",") if t]
+        if len(set(tasks)) < 2 or not set(tasks) <= set(TASKS) or args.target in tasks:
+            p.error(f"--multitask {args.multitask!r}: two or more distinct tasks of {sorted(TASKS)}, not the target "
+                    f"{args.target}")
     return args
 
 
@@ -90,13 +114,44 @@ def source_spec(source: str, method: str) -> RunSpec:
                    tags={**base.tags, "role": "source"})
 
 
-def target_spec(arm: str, target: str, lr: float, seed: int, sources: dict[str, dict]) -> RunSpec:
-    """One target run of ``arm`` (a scratch arm's run is the convergence protocol's, under its key)."""
+def multitask_source(args: argparse.Namespace) -> dict:
+    """The multi-task HyperAdaLoRA source run (``--multitask``), trained once and kept in the cache:
+    ``{"run_dir", "extra", "final"}`` (``extra``: what its target runs add, one task embedding;
+    ``final``: each source task's held-out metrics)."""
+    import json
+    import shutil
+
+    from ..train import load_run_config
+    from ..train.multitask import train_multitask
+
+    tasks = [t for t in args.multitask.split(",") if t]
+    base = conv.spec(tasks[0], "minilm", "hyperadalora", SOURCE_LRS["hyperadalora"], 0, TASKS)
+    name = f"source-multitask-{multitask_label(args.multitask)}-minilm-hyperadalora-s0"
+    run_dir = Path(args.work_dir) / "runs" / name
+    overrides = {**base.overrides, "steps": sum(TASKS[t]["steps"] for t in tasks),
+                 "max_length": max(TASKS[t]["max_length"] for t in tasks), "output_dir": str(run_dir.parent),
+                 "run_name": name, "progress": False, "threads": args.threads}
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    done = run_dir / "eval.json"
+    if not (done.is_file() and json.loads(done.read_text()).get("status") == "completed"):
+        if args.report_only:
+            raise SystemExit(f"transfer: the multi-task source {run_dir} has not run (drop --report-only)")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a killed run starts again
+        train_multitask(load_run_config(base.config, overrides), tasks)
+    return {"run_dir": str(run_dir), "extra": {"adapter.hyper.task_embeddings": 1},
+            "final": json.loads(done.read_text())["tasks"]}
+
+
+def target_spec(arm: str, target: str, lr: float, seed: int, origins: dict[str, dict]) -> RunSpec:
+    """One target run of ``arm`` (a scratch arm's run is the convergence protocol's, under its key);
+    ``origins``: each started arm's ``{"run_dir", "extra"}``."""
     if arm == method_of(arm):
         base = conv.spec(target, "minilm", arm, lr, seed, TASKS)
         return RunSpec(key=base.key, config=base.config, overrides=base.overrides, tags={**base.tags, "arm": arm})
+    origin = origins[arm]
     base = conv.spec(target, "minilm", method_of(arm), lr, seed, TASKS,
-                     {"adapter.init_from": sources[method_of(arm)]["run_dir"]})
+                     {"adapter.init_from": origin["run_dir"], **origin.get("extra", {})})
     return RunSpec(key=f"transfer-{target}-minilm-{arm}-lr{lr:g}-s{seed}", config=base.config, overrides=base.overrides,
                    tags={**base.tags, "arm": arm})
 
@@ -126,7 +181,7 @@ def paired_steps(ours: list[int | None], reference: list[int | None], budget: in
             "diff_ci": [mean - half, mean + half], "p_value": p_value, "never": sum(s is None for s in ours)}
 
 
-def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
+def best_lrs(args: argparse.Namespace, lrs: list[float], origins: dict
              ) -> tuple[dict[str, float], dict[str, list[float]], list[dict]]:
     """Every arm's lr sweep (seed 0), grown by one step of the tuned experiment's ladder past an edge
     best (:func:`.tuned.extend`, ``--max-extend`` times).
@@ -134,9 +189,9 @@ def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
     Returns:
         ``({arm: best lr}, {arm: its grid}, [{"arm", "lr", "final_smoothed"} of every sweep run])``.
     """
-    grids = {arm: sorted(lrs) for arm in arms(args.source)}
+    grids = {arm: sorted(lrs) for arm in arms(args.source, args.multitask)}
     for round_ in range(args.max_extend + 1):
-        specs = [target_spec(arm, args.target, lr, 0, sources) for arm, grid in grids.items() for lr in grid]
+        specs = [target_spec(arm, args.target, lr, 0, origins) for arm, grid in grids.items() for lr in grid]
         swept = run(args, specs)
         runs = {arm: [swept[s.key] for s in specs if s.tags["arm"] == arm and s.key in swept] for arm in grids}
         missing = [arm for arm, rs in runs.items() if best_lr(rs) is None]
@@ -153,9 +208,9 @@ def best_lrs(args: argparse.Namespace, lrs: list[float], sources: dict
     return best, grids, table
 
 
-def seed_runs(args: argparse.Namespace, lrs: dict[str, float], sources: dict) -> dict[str, list[dict]]:
+def seed_runs(args: argparse.Namespace, lrs: dict[str, float], origins: dict) -> dict[str, list[dict]]:
     """Every arm's seeds at its best lr, seed-major (a stopped run leaves the arms equally far)."""
-    specs = [target_spec(arm, args.target, lrs[arm], seed, sources) for seed in range(args.seeds) for arm in lrs]
+    specs = [target_spec(arm, args.target, lrs[arm], seed, origins) for seed in range(args.seeds) for arm in lrs]
     done = run(args, specs)
     return {arm: sorted((done[s.key] for s in specs if s.tags["arm"] == arm and s.key in done),
                         key=lambda r: r["seed"]) for arm in lrs}
@@ -173,18 +228,25 @@ def arm_rows(arm: str, lr: float, runs: list[dict], target_loss: float, lrs: lis
 @experiment("transfer", section="## 11. Amortised hypernetworks: transfer from another task (issue 20 item 2)",
             title="11. a HyperAdaLoRA started from CoLA's hypernetworks vs AdaLoRA on SST-2, from scratch and started alike",
             parse_args=parse_args, render=lambda result: render(result),
-            commands=[Command("transfer", ("--source", "cola", "--target", "sst2", "--seeds", "5", "--workers", "1"))])
+            commands=[Command("transfer", ("--source", "cola", "--target", "sst2", "--seeds", "5", "--workers", "1")),
+                      Command("transfer_multitask", ("--source", "cola", "--target", "sst2", "--multitask", "cola,mrpc",
+                                                     "--seeds", "5", "--workers", "1", "--name", "transfer_multitask"),
+                              group="pending")])
 def main(argv: list[str] | None = None) -> int:
     """Runs the sources, each arm's sweep and seeds, and writes ``results/<name>.*``."""
     args = parse_args(argv)
     lrs = [float(x) for x in args.lrs.split(",")]
     sources = run(args, [source_spec(args.source, m) for m in METHOD_NAMES])
     sources = {r["tags"]["method"]: r for r in sources.values()}
-    lrs_found, grids, swept = best_lrs(args, lrs, sources)
-    found = seed_runs(args, lrs_found, sources)
+    origins = {f"{m}-from-{args.source}": {"run_dir": r["run_dir"]} for m, r in sources.items()}
+    if args.multitask:
+        origins[f"hyperadalora-from-{multitask_label(args.multitask)}"] = multitask_source(args)
+    lrs_found, grids, swept = best_lrs(args, lrs, origins)
+    found = seed_runs(args, lrs_found, origins)
     target_loss = statistics.fmean(smoothed_final(r["losses"]) for r in found["adalora"])
     budget = TASKS[args.target]["steps"]
     shown = [a for m in METHOD_NAMES for a in (m, f"{m}-from-{args.source}")]  # AdaLoRA from scratch first
+    shown += [a for a in origins if a not in shown]
     rows = [arm_rows(arm, lrs_found[arm], found[arm], target_loss, grids[arm]) for arm in shown]
     reference = dict(zip(rows[0]["seeds"], rows[0]["steps_to_target"]))
     for row in rows[1:]:  # paired by seed, over the seeds both have
@@ -193,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_adalora"] = paired_steps([a for a, _ in pairs], [b for _, b in pairs], budget)
     result = {"name": args.name, "config": {**vars(args), "source_lrs": SOURCE_LRS, "budget": budget, "grids": grids},
               "target_loss": target_loss, "rows": rows, "sweep": swept,
-              "sources": {m: {"lr": r["lr"], "final_smoothed": r["final_smoothed"]} for m, r in sources.items()}}
+              "sources": {m: {"lr": r["lr"], "final_smoothed": r["final_smoothed"]} for m, r in sources.items()},
+              "multitask_source": {a: o["final"] for a, o in origins.items() if "final" in o}}
     plot_curve_groups({arm: [r["losses"] for r in found[arm]] for arm in shown}, result_path(args.name),
                       f"{args.source} -> {args.target} / MiniLM: smoothed task loss, each arm at its best lr",
                       target=target_loss)
@@ -224,4 +287,4 @@ def render(result: dict) -> list[str]:
             *markdown_table(["arm", "lr", "final smoothed loss"], sweep)]
 
 
-__all__ = ["arms", "main", "paired_steps", "parse_args", "render"]
+__all__ = ["arms", "main", "multitask_label", "multitask_source", "paired_steps", "parse_args", "render"]
