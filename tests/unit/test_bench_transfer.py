@@ -75,3 +75,11 @@ def test_where_a_run_reports_or_exports_does_not_make_its_cache_stale():
     cached = {k: v for k, v in current.items() if k not in ("report_to", "export")}
     assert config_differences(cached, current) == []
     assert config_differences({**cached, "lr": 5e-3}, current) == ["lr"]
+
+
+def test_a_multitask_source_that_has_not_run_is_named_in_report_only_mode(tmp_path):
+    args = transfer.parse_args(["--multitask", "cola,mrpc", "--report-only", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"source-multitask-cola\+mrpc-minilm-hyperadalora-s0 has not run"):
+        transfer.multitask_source(args)
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--multitask", "sst2,cola"])  # the target among the sources

@@ -121,8 +121,8 @@ def multitask_source(args: argparse.Namespace) -> dict:
     import json
     import shutil
 
-    from ..train import load_run_config
-    from ..train.multitask import train_multitask
+    from ...train import load_run_config
+    from ...train.multitask import train_multitask
 
     tasks = [t for t in args.multitask.split(",") if t]
     base = conv.spec(tasks[0], "minilm", "hyperadalora", SOURCE_LRS["hyperadalora"], 0, TASKS)
