@@ -172,3 +172,29 @@ def test_a_trainer_that_accelerate_would_shard_is_refused(flags, plugin):
     refuse_foreign_sharding(SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False))  # DDP: accepted
     with pytest.raises(ValueError, match=rf"under accelerate's {plugin} plugin .* distributed=fsdp"):
         refuse_foreign_sharding(SimpleNamespace(**flags))
+
+
+def test_accelerate_launch_with_the_example_fsdp_config_shards_like_torchrun(shared, tmp_path):
+    """`accelerate launch --config_file examples/accelerate_fsdp.yaml -m hyperadalora.cli train ...` (its
+    use_cpu switched on for this machine): distributed=auto becomes fsdp and trains as one process does."""
+    import os
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate's launcher is not installed beside this Python")
+    example = Path(__file__).resolve().parents[2] / "examples" / "accelerate_fsdp.yaml"
+    text = example.read_text()
+    assert "distributed_type: FSDP" in text and "fsdp_version: 2" in text and "use_cpu: false" in text
+    config = tmp_path / "accelerate_cpu.yaml"
+    config.write_text(text.replace("use_cpu: false", "use_cpu: true"))
+    args = tiny_args(shared, tmp_path / "acc", "adapter.source=hyper")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    done = subprocess.run([str(accelerate), "launch", "--config_file", str(config), "-m", "hyperadalora.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert main(tiny_args(shared, tmp_path / "one", "adapter.source=hyper")) == 0
+    two, one = tmp_path / "acc" / "run", tmp_path / "one" / "run"
+    assert "distributed: fsdp" in (two / "config.yaml").read_text()
+    assert_same_run(one, two, 1e-5)
