@@ -265,12 +265,11 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
             parse_args=parse_args, render=render,
             commands=[Command("tuned", ("--methods", "adalora,sensitivity,lora,hyperadalora", "--method-lrs", GRIDS,
                                         "--max-extend", "1", "--seeds", "3", *IMPORT)),
-                      # Issue 20's 5 seeds, and the hyper twin of Sensitivity-LoRA (it trains: checked
-                      # for 5 steps; no sweep yet): beyond the session that made `tuned`.
+                      # Issue 20's 5 seeds, and the hyper twin of Sensitivity-LoRA with its own sweep.
                       Command("tuned_5seeds", ("--methods", "adalora,sensitivity,lora,hyperadalora,hypersensitivity",
                                                "--method-lrs", GRIDS + ",hypersensitivity:3e-4,hypersensitivity:1e-3,"
                                                "hypersensitivity:3e-3", "--max-extend", "1", "--seeds", "5", *IMPORT,
-                                               "--name", "tuned_5seeds"), group="pending")])
+                                               "--name", "tuned_5seeds"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
