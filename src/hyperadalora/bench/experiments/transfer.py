@@ -230,8 +230,7 @@ def arm_rows(arm: str, lr: float, runs: list[dict], target_loss: float, lrs: lis
             parse_args=parse_args, render=lambda result: render(result),
             commands=[Command("transfer", ("--source", "cola", "--target", "sst2", "--seeds", "5", "--workers", "1")),
                       Command("transfer_multitask", ("--source", "cola", "--target", "sst2", "--multitask", "cola,mrpc",
-                                                     "--seeds", "5", "--workers", "1", "--name", "transfer_multitask"),
-                              group="pending")])
+                                                     "--seeds", "5", "--workers", "1", "--name", "transfer_multitask"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs the sources, each arm's sweep and seeds, and writes ``results/<name>.*``."""
     args = parse_args(argv)
