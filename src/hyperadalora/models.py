@@ -290,7 +290,25 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         warnings.warn(f"{path}: weights not in the checkpoint were initialised at random: "
                       f"{unexpected_missing[:8]}{' ...' if len(unexpected_missing) > 8 else ''}; "
                       f"shape mismatches: {mismatched[:8]}", stacklevel=2)
+    if quantize is not None and not torch.cuda.is_available():
+        own_memory_(model)
     return model, _padded_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=local), model)
+
+
+@torch.no_grad()
+def own_memory_(model: torch.nn.Module) -> None:
+    """Copies the floating-point weights into memory of their own, in place.
+
+    On the CPU, transformers leaves the unquantised weights of a quantised model (embeddings,
+    norms, head) aliasing the checkpoint's memory map, which then stays mapped with every page the
+    load touched: 4-bit SmolLM2 kept 673-768 MiB resident after loading, 375 MiB after this copy
+    (measured once in fresh processes). ``load_model`` does it for quantised bases on the CPU only:
+    an fp32 model aliases the map for all its weights (zero-copy, 330 MiB), where a copy would
+    double it. Quantised (integer) weights are fresh already and untouched.
+    """
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.clone()
 
 
 def _quiet_from_pretrained(cls, path, **kwargs):

@@ -152,3 +152,26 @@ def test_a_quantised_head_cannot_be_trained_and_task_heads_stay_unquantised(tmp_
         tmp_path, quantization_config=bnb_config("4bit", skip_modules=()), device_map="cpu")
     with pytest.raises(ValueError, match="modules_to_save entry 'classifier' is quantised"):
         ha.wrap(quantised_head, cfg)
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_load_model_releases_the_checkpoint_map_of_a_quantised_base(tmp_path):
+    """transformers leaves a quantised model's float weights aliasing the checkpoint's memory map (every
+    touched page stays resident); load_model copies them out so that the map is released. The
+    reference is the kernel's own list of this process's mappings, with and without the copy."""
+    import gc
+
+    from hyperadalora.models import load_model
+    from test_train_loop import tiny_llama_dir
+
+    folder = tiny_llama_dir(tmp_path)  # with a tokenizer, as load_model needs
+    checkpoint = str(folder / "model.safetensors")
+    plain = quantized_llama(folder)  # transformers alone
+    gc.collect()
+    assert checkpoint in open("/proc/self/maps").read()
+    del plain
+    gc.collect()
+    model, _ = load_model(str(folder), task="causal-lm", quantize="4bit")
+    gc.collect()
+    assert checkpoint not in open("/proc/self/maps").read()
+    assert any(is_quantized(m) for m in model.modules())

@@ -102,23 +102,11 @@ def load_base(name: str, setting: Setting, device: torch.device, tiny_folder: Pa
         model, _ = load_model(name, task=MODELS[name], dtype=precision_dtype(setting.precision),
                               quantize=setting.quantize)
     model.config.use_cache = False  # training: no key / value cache
-    if device.type == "cpu":
+    if device.type == "cpu":  # every setting (the committed measurements did so); see models.own_memory_
+        from ..models import own_memory_
+
         own_memory_(model)
     return model if setting.quantize else model.to(device)
-
-
-@torch.no_grad()
-def own_memory_(model: torch.nn.Module) -> None:
-    """Copies the floating-point weights into memory of their own, in place.
-
-    On the CPU, transformers leaves weights aliasing the checkpoint's memory map, which then stays
-    mapped with every page the load touched: 4-bit SmolLM2 kept ~405 MiB of its fp32 checkpoint
-    resident beside the ~160 MiB of quantised weights. After the copy the map is released and the
-    resident set counts each weight once. Quantised (integer) weights are fresh already and untouched.
-    """
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.is_floating_point():
-            t.data = t.data.clone()
 
 
 def adapt(model, variant: str, task: str, total_steps: int, r: int):
