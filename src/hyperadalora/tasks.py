@@ -290,7 +290,7 @@ class GlueTask(Task):
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].text_a) + len(rows[i].text_b or ""))
         for start in range(0, len(order), size):
             idx = order[start:start + size]
-            logits = model(**self.encode([rows[i] for i in idx])).logits
+            logits = model(**on_model_device(model, self.encode([rows[i] for i in idx]))).logits
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 preds[i] = int(p)
         return preds
@@ -369,6 +369,17 @@ class ClassifyTask(GlueTask):
         return self.class_labels()[label]
 
 
+def model_device(model) -> torch.device:
+    """Where ``model``'s parameters are (this rank's shards under FSDP)."""
+    return next(model.parameters()).device
+
+
+def on_model_device(model, batch: dict) -> dict:
+    """``batch`` with its tensors on ``model``'s device (a no-op on the CPU; the tasks build batches there)."""
+    device = model_device(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class _StopOnStrings:
     """Stops each row once its decoded continuation contains a stop string.
 
@@ -410,8 +421,9 @@ def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_n
             ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, length - len(seq):] = 1
         stops = StoppingCriteriaList([_StopOnStrings(tokenizer, stop_strings, length)] if stop_strings else [])
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config,
-                                   stopping_criteria=stops)
+        device = model_device(model)
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   generation_config=gen_config, stopping_criteria=stops)
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(generated[row, length:], skip_special_tokens=True)
     return out
