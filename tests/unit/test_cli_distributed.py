@@ -109,10 +109,12 @@ def assert_same_run(one: Path, two: Path, tol: float) -> None:
     assert (ea["processes"], eb["processes"]) == (1, 2)
 
 
-@pytest.mark.parametrize("kind, source", [("ddp", "direct"), ("fsdp", "hyper")])
-def test_two_processes_train_as_one_on_the_same_global_batch(shared, tmp_path, capsys, kind, source):
-    assert main(tiny_args(shared, tmp_path / "one", f"adapter.source={source}")) == 0
-    stdout = two_processes(tiny_args(shared, tmp_path / "two", f"adapter.source={source}", f"distributed={kind}"))
+@pytest.mark.parametrize("kind, source, accumulate", [("ddp", "direct", 2), ("fsdp", "hyper", 1)])
+def test_two_processes_train_as_one_on_the_same_global_batch(shared, tmp_path, capsys, kind, source, accumulate):
+    """DDP with 2 micro-batches per step (all-reduced once, no_sync for the first) and FSDP2."""
+    extra = [f"adapter.source={source}", f"grad_accum={accumulate}"]
+    assert main(tiny_args(shared, tmp_path / "one", *extra)) == 0
+    stdout = two_processes(tiny_args(shared, tmp_path / "two", *extra, f"distributed={kind}"))
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     assert_same_run(one, two, 1e-5)
     assert len(log(one)) == 6 and log(one)[-1]["total_rank"] < log(one)[0]["total_rank"]  # it pruned

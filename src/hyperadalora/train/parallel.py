@@ -161,6 +161,10 @@ class SingleProcess:
     def barrier(self) -> None:
         """Waits for every rank."""
 
+    def accumulation(self, last: bool) -> Any:
+        """The context of one micro-batch's forward and backward (``last``: the step's final one)."""
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module) -> Iterator[None]:
         """Around an evaluation of ``model``."""
@@ -193,7 +197,12 @@ class DataParallel(SingleProcess):
         if self.device is not None and self.config.quantize is None:  # a quantised base loads on its device
             model.to(self.device)
         kwargs = {"device_ids": [self.device.index]} if self.device is not None else {}
-        return wrap_ddp(model, **kwargs)
+        self.ddp = wrap_ddp(model, **kwargs)
+        return self.ddp
+
+    def accumulation(self, last: bool) -> Any:
+        # Gradients are all-reduced once per step (DDP keeps the others local), as accelerate does.
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
 
     def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
         device = self.device if self.device is not None else torch.device("cpu")
@@ -248,6 +257,10 @@ class FullyShardedParallel(DataParallel):
             model.to(self.device)
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         return shard(model, precision=self.config.precision, reshard_after_forward=reshard)
+
+    def accumulation(self, last: bool) -> Any:
+        # Reduce-scattered every micro-batch: skipping it would hold whole unsharded gradients.
+        return contextlib.nullcontext()
 
     def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
         from ..integrations.fsdp import clip_grad_norm_

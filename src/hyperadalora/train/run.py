@@ -313,7 +313,7 @@ class Run:
                                grad_accum=config.grad_accum, on_update=self._start_update,
                                precision=config.precision, forward=self.forward,
                                mean=parallel.mean if parallel.world_size > 1 else None,
-                               clip_grad_norm=parallel.clip_grad_norm)
+                               clip_grad_norm=parallel.clip_grad_norm, sync=parallel.accumulation)
         if not stats.finite:
             self.status, self.stop_message = "stopped: non-finite loss", stats.problem
             return False

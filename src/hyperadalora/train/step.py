@@ -10,6 +10,7 @@ gradient clipping; a check that the loss and the gradient norm are finite, befor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -73,8 +74,8 @@ def _mean_over_ranks(values: list[float | None], mean: Callable | None) -> list[
 
 
 def _accumulate(model: torch.nn.Module, forward: Callable, micro_batches: Iterable[Mapping[str, Any]],
-                grad_accum: int, step_index: int, precision: str, mean: Callable | None
-                ) -> tuple[list[float], list, list[float], str | None, float]:
+                grad_accum: int, step_index: int, precision: str, mean: Callable | None,
+                sync: Callable[[bool], Any] | None = None) -> tuple[list[float], list, list[float], str | None, float]:
     """Forward and backward of each micro-batch; stops at the first non-finite loss (no backward).
 
     With several ranks the recorded values are the means over the ranks, so every rank takes the
@@ -85,14 +86,16 @@ def _accumulate(model: torch.nn.Module, forward: Callable, micro_batches: Iterab
     regs: list[float] = []
     device = next(model.parameters()).device
     for micro, batch in enumerate(micro_batches):
-        with autocast(precision, device):  # only the forward; the backward follows the forward's dtypes
-            loss = forward(**batch).loss
-        value, task_loss, reg = _mean_over_ranks([float(loss.detach()), getattr(model, "last_task_loss", None),
-                                                  getattr(model, "last_regularizer", None)], mean)
-        if not math.isfinite(value):
-            return (losses, task_losses, regs,
-                    f"the loss is {value} at step {step_index + 1} (micro-batch {micro + 1} of {grad_accum})", value)
-        (loss / grad_accum).backward()
+        with sync(micro == grad_accum - 1) if sync is not None else contextlib.nullcontext():
+            with autocast(precision, device):  # only the forward; the backward follows the forward's dtypes
+                loss = forward(**batch).loss
+            value, task_loss, reg = _mean_over_ranks([float(loss.detach()), getattr(model, "last_task_loss", None),
+                                                      getattr(model, "last_regularizer", None)], mean)
+            if not math.isfinite(value):
+                return (losses, task_losses, regs,
+                        f"the loss is {value} at step {step_index + 1} (micro-batch {micro + 1} of {grad_accum})",
+                        value)
+            (loss / grad_accum).backward()
         losses.append(value)
         task_losses.append(task_loss)
         if reg is not None:
@@ -105,7 +108,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: Any = None, grad_accum: int | None = None,
                    on_update: Callable[[], None] | None = None, precision: str = "fp32",
                    forward: Callable | None = None, mean: Callable | None = None,
-                   clip_grad_norm: Callable | None = None) -> StepStats:
+                   clip_grad_norm: Callable | None = None, sync: Callable[[bool], Any] | None = None) -> StepStats:
     """Runs one optimizer step over ``micro_batches`` (see the module docstring for the order).
 
     Args:
@@ -130,6 +133,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             the recorded losses are global and a non-finite one stops every rank alike.
         clip_grad_norm: ``(parameters, max_norm) -> total norm``; default torch's (a sharded
             model needs :func:`hyperadalora.integrations.fsdp.clip_grad_norm_`).
+        sync: ``last -> context`` around each micro-batch's forward and backward (``last``: the
+            step's final micro-batch); DDP's ``no_sync`` for the others, so that gradients are
+            all-reduced once per step.
 
     Returns:
         The step's :class:`StepStats`. When ``finite`` is False the optimizer did not step, the
@@ -143,7 +149,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     factor = group["lr"] / group.get("initial_lr", group["lr"])
     lr = group["lr"]
     losses, task_losses, regs, problem, loss = _accumulate(model, forward or model, micro_batches, grad_accum,
-                                                           step_index, precision, mean)
+                                                           step_index, precision, mean, sync)
     grad_norm = None
     if problem is None:
         if hasattr(model, "backward_hypernetworks"):
