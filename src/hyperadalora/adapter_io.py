@@ -56,6 +56,12 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def whole_adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """:func:`adapter_state_dict` with every sharded (FSDP2) tensor gathered whole, detached (a
+    collective when sharded: call it on every rank; the tensors themselves otherwise)."""
+    return {key: sharding.full(t.detach()) for key, t in adapter_state_dict(model).items()}
+
+
 def save_adapter(model, directory: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes ``model``'s adapter to ``directory`` (created if needed).
 
@@ -161,4 +167,5 @@ def _load_allocator_state(model, directory: Path) -> None:
 
 
 __all__ = ["ALLOC_META_NAME", "ALLOC_TENSORS_NAME", "CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME",
-           "adapter_state_dict", "load_adapter_weights", "read_adapter_config", "save_adapter"]
+           "adapter_state_dict", "load_adapter_weights", "read_adapter_config", "save_adapter",
+           "whole_adapter_tensors"]

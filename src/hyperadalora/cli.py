@@ -38,6 +38,7 @@ from .train.presets import configs_dir, list_presets, load_run_config
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 1
 EXIT_INTERRUPTED = 130
+_RAW = argparse.RawDescriptionHelpFormatter  # keep the hand-wrapped help texts
 
 
 def _split_items(items: list[str], command: str) -> tuple[str | None, list[str]]:
@@ -65,31 +66,35 @@ def _presets_text() -> str:
     return f"presets in {configs_dir()}: " + (", ".join(names) if names else "none found")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hyperadalora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,multitask,eval,export,presets,bench,plan}")
-    sub.required = True
-    raw = argparse.RawDescriptionHelpFormatter
+def _add_run_flags(p: argparse.ArgumentParser, progress: str) -> None:
+    """``--data-dir``, ``--output-dir`` and ``--no-progress`` of the commands that train (``progress``: what
+    ``--no-progress`` turns off)."""
+    p.add_argument("--data-dir", help="data directory (sets data_dir; else $HYPERADALORA_DATA_DIR, else the hub)")
+    p.add_argument("--output-dir", help="where run directories are created (sets output_dir)")
+    p.add_argument("--no-progress", action="store_true", help=f"{progress} (sets progress=false)")
 
-    p = sub.add_parser("train", help="train an adapter and evaluate it (one run directory)", formatter_class=raw,
+
+def _add_train_parser(sub) -> None:
+    """``train``: a run config, trained and evaluated in one run directory."""
+    p = sub.add_parser("train", help="train an adapter and evaluate it (one run directory)", formatter_class=_RAW,
                        description="Trains the adapter of a run config, evaluates it on the task's held-out rows, "
                                    "and writes config.yaml, log.jsonl, eval.json, predictions.jsonl, adapter/, "
                                    "loss.png (and ranks.png for AdaLoRA) into output_dir/run_name.",
                        epilog=fields_help() + "\n\n" + _presets_text())
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                    help="a preset name or YAML file, then overrides")
-    p.add_argument("--data-dir", help="data directory (sets data_dir; else $HYPERADALORA_DATA_DIR, else the hub)")
-    p.add_argument("--output-dir", help="where run directories are created (sets output_dir)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (sets progress=false)")
+    _add_run_flags(p, "no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run in RUN_DIR from its newest intact training checkpoint "
                         "(checkpoints/step-<N>), with RUN_DIR/config.yaml; only key=value overrides that do not "
                         "change the run (progress, threads, data_dir, save_every, keep_checkpoints, ...) are accepted")
 
+
+def _add_multitask_parser(sub) -> None:
+    """``multitask``: one set of hypernetworks on several tasks."""
     p = sub.add_parser("multitask", help="train one set of hypernetworks on several tasks (task embeddings)",
-                       formatter_class=raw,
+                       formatter_class=_RAW,
                        description="Trains a hyper-source adapter on --tasks at once (round robin by optimizer "
                                    "step, one learned task embedding each, one shared head) and evaluates it on "
                                    "each task; writes config.yaml, tasks.json, log.jsonl, eval.json and adapter/ "
@@ -101,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a preset name or YAML file (its task is replaced by the first of --tasks), then overrides")
     p.add_argument("--tasks", required=True, help="comma-separated tasks of one kind and number of labels, "
                    "e.g. cola,mrpc")
-    p.add_argument("--data-dir", help="data directory (sets data_dir; else $HYPERADALORA_DATA_DIR, else the hub)")
-    p.add_argument("--output-dir", help="where run directories are created (sets output_dir)")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines (sets progress=false)")
+    _add_run_flags(p, "no progress lines")
 
-    p = sub.add_parser("eval", help="evaluate a run's adapter (or a base model) on a task", formatter_class=raw,
+
+def _add_eval_parser(sub) -> None:
+    """``eval``: a run's adapter (or a base model) on a task."""
+    p = sub.add_parser("eval", help="evaluate a run's adapter (or a base model) on a task", formatter_class=_RAW,
                        description="TARGET is a run directory (its config.yaml and adapter/ are used; writes "
                                    "RUN_DIR/eval-<task>.json) or a preset / YAML file (the base model, or --adapter).",
                        epilog=fields_help() + "\n\n" + _presets_text())
@@ -114,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter directory (default: RUN_DIR/adapter for a run directory)")
     p.add_argument("--out", help="results JSON path (predictions go next to it)")
 
+
+def _add_export_parser(sub) -> None:
+    """``export``: a peft adapter and / or a merged model."""
     p = sub.add_parser("export", help="export a run's adapter as a plain peft LoRA adapter or a merged model",
-                       formatter_class=raw,
+                       formatter_class=_RAW,
                        description="Loads the run's base model and adapter and writes a peft LoRA adapter "
                                    "(PeftModel.from_pretrained(base, OUT) loads it) and / or, with --merged, a full "
                                    "transformers model with the adapter folded into its weights "
@@ -136,12 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out / --merged folder "
                    "(replacing its files of the same names)")
 
-    sub.add_parser("presets", help="list the shipped presets")
 
+def _add_bench_parser(sub) -> None:
+    """``bench``: the registered benchmarks."""
     from .bench.registry import list_text
 
     p = sub.add_parser("bench", help="run the paper-reproduction benchmarks (BENCHMARKS.md)",
-                       formatter_class=raw, description="Runs the registered experiment NAME; the options after "
+                       formatter_class=_RAW, description="Runs the registered experiment NAME; the options after "
                        "NAME are its own (`hyperadalora bench NAME --help` lists them). Results go to "
                        "benchmarks/results/<name>.json / .md / .png. `all [--group quick] [--data-dir D]` runs every "
                        "registered command (`make bench`, `make bench-quick`), `commands` prints them, "
@@ -151,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(none: list them)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperadalora", description=__doc__, formatter_class=_RAW)
+    sub = parser.add_subparsers(dest="command", metavar="{train,multitask,eval,export,presets,bench,plan}")
+    sub.required = True
+    for add in (_add_train_parser, _add_multitask_parser, _add_eval_parser, _add_export_parser):
+        add(sub)
+    sub.add_parser("presets", help="list the shipped presets")
+    _add_bench_parser(sub)
     from .plan.cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)

@@ -409,6 +409,7 @@ def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_n
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    device = model_device(model)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # less padding per batch
     out: list[str] = [""] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
@@ -421,7 +422,6 @@ def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_n
             ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, length - len(seq):] = 1
         stops = StoppingCriteriaList([_StopOnStrings(tokenizer, stop_strings, length)] if stop_strings else [])
-        device = model_device(model)
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    generation_config=gen_config, stopping_criteria=stops)
         for row, i in enumerate(idx):

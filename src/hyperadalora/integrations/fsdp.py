@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import sharding
-from ..adapter_io import adapter_state_dict
+from ..adapter_io import whole_adapter_tensors
 from ..adapter_io import save_adapter as write_adapter
 from ..quant import is_quantized, precision_dtype
 from .common import require_adapted
@@ -162,7 +162,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, rank: int = 0, 
         The folder's path.
     """
     adapted = require_adapted(model, "save_adapter")
-    tensors = {key: sharding.full(t.detach()) for key, t in adapter_state_dict(adapted).items()}
+    tensors = whole_adapter_tensors(adapted)
     path = Path(directory)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank(group) == rank:
@@ -194,13 +194,11 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
         group: The process group (``None``: the default group).
     """
     from ..fileio import write_json, write_tensors
-    from ..train.resume import flatten_optimizer_state
+    from ..train.resume import flatten_optimizer_state, whole_optimizer_state
 
     adapted = require_adapted(model, "save_checkpoint")
     path = save_adapter(adapted, directory, rank, group)
-    state = optimizer.state_dict()
-    state["state"] = {i: {k: sharding.full(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
-                      for i, entry in state["state"].items()}  # same order on every rank: a collective per tensor
+    state = whole_optimizer_state(optimizer)
     if _is_writer(rank, group):
         tensors, meta = flatten_optimizer_state(state)
         write_tensors(path / OPTIMIZER_NAME, tensors)

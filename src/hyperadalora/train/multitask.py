@@ -117,8 +117,8 @@ def train_multitask(config: RunConfig, tasks: Sequence[str]) -> MultiTaskResult:
         NonFiniteLossError is not raised: a non-finite step stops the run with ``status`` in eval.json.
     """
     started = time.perf_counter()
-    config = multitask_config(config, tasks)
-    tasks = check_tasks(config, tasks)
+    config = multitask_config(config, tasks)  # checks the tasks
+    tasks = tuple(tasks)
     check_writable(config.output_dir)
     data = [_TaskData(config.replace(task=task), i) for i, task in enumerate(tasks)]  # before the model
     built = build(config, None, None)

@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import sharding
 from .config import DISTRIBUTED, RunConfig
 LAUNCH = "torchrun --nproc_per_node N -m hyperadalora.cli train ..."
 
@@ -154,10 +153,6 @@ class SingleProcess:
         """Every rank's ``value``, in rank order, on rank 0 (None elsewhere)."""
         return [value]
 
-    def full(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The whole tensor (a sharded one is gathered: a collective)."""
-        return tensor
-
     def barrier(self) -> None:
         """Waits for every rank."""
 
@@ -191,11 +186,15 @@ class DataParallel(SingleProcess):
         if torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
 
+    def place(self, model: nn.Module) -> None:
+        """Moves ``model`` to this process's GPU, when it has one (a quantised base loads there already)."""
+        if self.device is not None and self.config.quantize is None:
+            model.to(self.device)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from ..integrations.distributed import wrap_ddp
 
-        if self.device is not None and self.config.quantize is None:  # a quantised base loads on its device
-            model.to(self.device)
+        self.place(model)
         kwargs = {"device_ids": [self.device.index]} if self.device is not None else {}
         self.ddp = wrap_ddp(model, **kwargs)
         return self.ddp
@@ -253,8 +252,7 @@ class FullyShardedParallel(DataParallel):
     def wrap(self, model: nn.Module) -> nn.Module:
         from ..integrations.fsdp import shard
 
-        if self.device is not None and self.config.quantize is None:  # a quantised base loads on its device
-            model.to(self.device)
+        self.place(model)
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         return shard(model, precision=self.config.precision, reshard_after_forward=reshard)
 
@@ -266,9 +264,6 @@ class FullyShardedParallel(DataParallel):
         from ..integrations.fsdp import clip_grad_norm_
 
         return clip_grad_norm_(parameters, max_norm)
-
-    def full(self, tensor: torch.Tensor) -> torch.Tensor:
-        return sharding.full(tensor)
 
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module) -> Iterator[None]:

@@ -199,6 +199,15 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path:
                                  first.path, first.checkpoint)
 
 
+def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded (FSDP2) state tensor gathered whole (a
+    collective per tensor, in the same order on every rank; the tensors themselves otherwise)."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: sharding.full(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                      for i, entry in state["state"].items()}
+    return state
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, folder: str | Path) -> None:
     """Loads ``optimizer.safetensors`` / ``optimizer.json`` (whole tensors) into ``optimizer``; the
     state of a sharded (FSDP2) parameter becomes this rank's shard (no communication)."""
@@ -388,4 +397,5 @@ def truncate_log(path: str | Path, step: int) -> list[dict]:
 __all__ = ["CHECKPOINTS_DIR", "RESUME_SAFE_FIELDS", "check_checkpoint_config", "check_resume_config",
            "checkpoint_dirs", "data_fingerprint", "find_resume_checkpoint", "flatten_optimizer_state",
            "load_optimizer_state", "load_training_checkpoint", "prepare_resume", "prune_checkpoints",
-           "save_training_checkpoint", "set_aside_after", "truncate_log", "unflatten_optimizer_state"]
+           "save_training_checkpoint", "set_aside_after", "truncate_log", "unflatten_optimizer_state",
+           "whole_optimizer_state"]

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 
 from .. import sharding
-from ..adapter_io import adapter_state_dict
-from ..tasks import HUB, make_task, resolve_data, task_spec
+from ..adapter_io import whole_adapter_tensors
+from ..tasks import HUB, make_task, on_model_device, resolve_data, task_spec
 from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
 from .evaluate import evaluate_rows
@@ -25,7 +25,8 @@ from ..export import export_peft_lora
 from ..export_merged import export_merged
 from ..transfer import resolve_adapter_dir
 from .resume import (check_checkpoint_config, check_resume_config, data_fingerprint, load_training_checkpoint,
-                     prepare_resume, prune_checkpoints, save_training_checkpoint, set_aside_after, truncate_log)
+                     prepare_resume, prune_checkpoints, save_training_checkpoint, set_aside_after, truncate_log,
+                     whole_optimizer_state)
 from .rng import rng_snapshot
 from .plots import plot_rank_allocation, rank_allocation_image
 from .reporting import NullReporter, Reporter, numeric, open_reporter, require_reporter
@@ -305,8 +306,8 @@ class Run:
     def step(self, step: int, log_file) -> bool:
         """Optimizer step ``step`` (0-based) and its log line; False when it stopped the run (non-finite)."""
         config, parallel = self.config, self.parallel
-        micro_batches = (self._to_device(self.task.collate([self.train_rows[i]
-                                                            for i in parallel.rows(next(self.order))]))
+        micro_batches = (on_model_device(self.model, self.task.collate([self.train_rows[i]
+                                                                         for i in parallel.rows(next(self.order))]))
                          for _ in range(config.grad_accum))
         stats = optimizer_step(self.model, self.optimizer, micro_batches, step_index=step,
                                max_grad_norm=config.max_grad_norm, scheduler=self.scheduler,
@@ -334,13 +335,6 @@ class Run:
                  "ranges that train stably)", self.progress)
         self._report_progress(row, smoothed)
         return True
-
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A batch on the process's device (under a launcher with GPUs; else as collated)."""
-        device = self.parallel.device
-        if device is None:
-            return batch
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _report_progress(self, row: dict[str, Any], smoothed: float) -> None:
         """Updates the bar on a terminal; elsewhere (a log file, a pipe) prints a plain line now and then."""
@@ -413,13 +407,9 @@ class Run:
             self.reporter.log_image(step, "ranks/per_module", rank_allocation_image(self.model.ranks, title))
         self.reporter.flush()
 
-    def _whole_adapter(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors, whole (a sharded model's gathered: a collective)."""
-        return {key: self.parallel.full(t.detach()) for key, t in adapter_state_dict(self.model).items()}
-
     def save_adapter(self, step: int, reason: str) -> None:
         """Saves the adapter to ``RUN_DIR/adapter`` and records which step it is (rank 0 writes)."""
-        tensors = self._whole_adapter()
+        tensors = whole_adapter_tensors(self.model)  # a sharded model's gathered: a collective
         if self.parallel.is_main:
             save_adapter_dir(self.model, self.run_dir, tensors)
         self.state.checkpoint = {"step": step, "reason": reason}
@@ -437,10 +427,8 @@ class Run:
         With several processes: whole tensors (gathered) and every rank's generators, written by rank 0.
         """
         parallel = self.parallel
-        adapter = self._whole_adapter()
-        optimizer_state = self.optimizer.state_dict()
-        optimizer_state["state"] = {i: {k: parallel.full(v) if isinstance(v, torch.Tensor) else v
-                                        for k, v in entry.items()} for i, entry in optimizer_state["state"].items()}
+        adapter = whole_adapter_tensors(self.model)  # collectives when sharded
+        optimizer_state = whole_optimizer_state(self.optimizer)
         rngs = parallel.gather(rng if rng is not None else rng_snapshot(self.model))
         if parallel.is_main:
             self._write_training_checkpoint(done, reason, adapter, optimizer_state, rngs)
