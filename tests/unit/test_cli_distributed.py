@@ -37,6 +37,8 @@ def test_auto_follows_the_launcher():
     assert resolve_kind(config(), ACCELERATE_FSDP) == "fsdp"
     assert resolve_kind(config(distributed="fsdp"), TORCHRUN) == "fsdp"
     assert resolve_kind(config(distributed="none"), {**TORCHRUN, "WORLD_SIZE": "1"}) == "none"
+    lora = load_run_config("sst2_minilm_lora", {"batch_size": 4})  # a method without an allocator
+    assert lora.adapter.allocator is None and resolve_kind(lora, ACCELERATE_FSDP) == "fsdp"
 
 
 @pytest.mark.parametrize("overrides, env, message", [

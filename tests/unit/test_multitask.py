@@ -106,6 +106,8 @@ def test_a_new_task_starts_at_the_mean_of_the_source_tasks(tmp_path):
 def test_check_tasks_names_what_cannot_share_one_head():
     run = load_run_config("rte_minilm_hyperadalora")
     assert check_tasks(run, ["rte", "wnli", "sst2"]) == ("rte", "wnli", "sst2")
+    lora = load_run_config("sst2_minilm_lora", {"adapter.source": "hyper"})  # a method without an allocator
+    assert lora.adapter.allocator is None and check_tasks(lora, ["sst2", "cola"]) == ("sst2", "cola")
     with pytest.raises(ValueError, match=r"at least two distinct tasks"):
         check_tasks(run, ["rte", "rte"])
     with pytest.raises(ValueError, match=r"alpaca needs a causal-lm head .* one kind and number of labels"):

@@ -70,8 +70,9 @@ def check_tasks(config: RunConfig, tasks: Sequence[str]) -> tuple[str, ...]:
                              "of one kind and number of labels together")
     if config.data_source is not None:
         raise ValueError("multitask reads each task's own data (data_dir); drop data_source")
-    if config.adapter.allocator.decides_before_wrap:
-        raise ValueError(f"multitask: allocator.policy={config.adapter.allocator.policy!r} calibrates on one task's "
+    allocator = config.adapter.allocator  # None: a fixed-rank method without one
+    if allocator is not None and allocator.decides_before_wrap:
+        raise ValueError(f"multitask: allocator.policy={allocator.policy!r} calibrates on one task's "
                          "rows before the wrap; use an adaptive policy (adalora, sigma-grad) or fixed ranks")
     if config.adapter.source != "hyper":
         raise ValueError(f"multitask trains hypernetworks with a task embedding: set adapter.source=hyper (got "

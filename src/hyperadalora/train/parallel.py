@@ -99,8 +99,9 @@ def resolve_kind(config: RunConfig, environ: Mapping[str, str] | None = None) ->
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} is the global micro-batch and must split evenly over the "
                          f"{world} processes: use a multiple of {world}")
-    if kind != "none" and config.adapter.allocator.compact != "off":
-        raise ValueError(f"adapter.allocator.compact={config.adapter.allocator.compact!r} cuts the factors' storage, "
+    allocator = config.adapter.allocator  # None: a fixed-rank method (LoRA, DoRA, DyLoRA) without one
+    if kind != "none" and allocator is not None and allocator.compact != "off":
+        raise ValueError(f"adapter.allocator.compact={allocator.compact!r} cuts the factors' storage, "
                          f"which {kind.upper()} holds in its buckets / shards: use adapter.allocator.compact=off with "
                          "several processes (the saved adapter keeps the pruned ranks masked)")
     if kind == "fsdp" and config.export != "none":
