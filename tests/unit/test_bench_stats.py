@@ -153,6 +153,9 @@ def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_spe
     assert cached["losses"] == curve["losses"] and cached["seconds"] == 6.0
     assert cached["final_smoothed"] == pytest.approx((0.7 * 0.81 + 0.5 * 0.9 + 0.4) * 0.1 / (1 - 0.9 ** 3))
     assert import_runs(str(source), args) == []  # cached already: left alone
+    mpnet = parse_args(["--methods", "adalora", "--model", "mpnet", "--work-dir", str(tmp_path / "cache")])
+    assert import_runs(str(source), mpnet) == ["sst2-mpnet-adalora-lr0.003-s1"]  # --model picks the other curve
+    assert load_cached(spec("sst2", "adalora", 3e-3, 1, "mpnet"), mpnet.work_dir)["losses"] == other["losses"]
     with pytest.raises(FileNotFoundError, match="--import-runs"):
         import_runs(str(tmp_path / "missing.json"), args)
 

@@ -1,11 +1,12 @@
 """Tuned side by side (issues 18 and 20): LoRA, AdaLoRA, Sensitivity-LoRA and their hyper twins,
 each at its own best learning rate, with seeds, confidence intervals and paired tests.
 
-Same protocol as :mod:`.convergence` on SST-2 / MiniLM (200 steps, batch 16, AdamW, 6% warm-up,
-cosine decay, the 36 encoder linears, the paper's hypernetwork width), so the numbers compare.
-Equal rank budgets: every method ends at an average rank 8 over the 36 matrices (LoRA r 8;
+Same protocol as :mod:`.convergence` on SST-2 / MiniLM or MPNet (``--model``; 200 steps, batch 16, AdamW, 6% warm-up,
+cosine decay, the encoder linears, the paper's hypernetwork width), so the numbers compare.
+Equal rank budgets: every method ends at an average rank 8 over the adapted matrices (LoRA r 8;
 AdaLoRA r 12 -> target 8; Sensitivity-LoRA (``allocator.policy=sensitivity``, then ``none``):
-288 = 8 x 36 ranks redistributed once before training, LoRA-sized adapters).
+8 x the number of matrices (288 on MiniLM, 576 on MPNet) redistributed once before training,
+LoRA-sized adapters).
 
 Protocol:
 
@@ -62,15 +63,16 @@ METHODS = {
 LABELS = {"adalora": "AdaLoRA", "sensitivity": "Sensitivity-LoRA", "lora": "LoRA", "hyperadalora": "HyperAdaLoRA",
           "hypersensitivity": "Sensitivity-LoRA (hyper)"}
 BASELINE = "adalora"
-MODEL = "minilm"
+#: The model of the committed SST-2 tables (``--model`` picks another of :data:`.convergence.MODELS`).
+DEFAULT_MODEL = "minilm"
 
 
-def spec(task: str, method: str, lr: float, seed: int) -> RunSpec:
-    """One run: ``method`` on ``task`` / MiniLM at ``lr`` and ``seed`` (the key as :mod:`.convergence`'s)."""
-    overrides = {"task": task, "model": MODEL, "lr": lr, "seed": seed, **MODELS[MODEL], **TASKS[task],
+def spec(task: str, method: str, lr: float, seed: int, model: str = DEFAULT_MODEL) -> RunSpec:
+    """One run: ``method`` on ``task`` / ``model`` at ``lr`` and ``seed`` (the key as :mod:`.convergence`'s)."""
+    overrides = {"task": task, "model": model, "lr": lr, "seed": seed, **MODELS[model], **TASKS[task],
                  **METHODS[method]}
-    return RunSpec(key=f"{task}-{MODEL}-{method}-lr{lr:g}-s{seed}", config=copy.deepcopy(BASE), overrides=overrides,
-                   tags={"task": task, "model": MODEL, "method": method, "lr": lr, "seed": seed})
+    return RunSpec(key=f"{task}-{model}-{method}-lr{lr:g}-s{seed}", config=copy.deepcopy(BASE), overrides=overrides,
+                   tags={"task": task, "model": model, "method": method, "lr": lr, "seed": seed})
 
 
 def extend(grid: list[float], best: float | None) -> float | None:
@@ -88,7 +90,8 @@ def extend(grid: list[float], best: float | None) -> float | None:
     return None
 
 
-def sweep(task: str, methods: list[str], lrs: dict[str, list[float]], max_extend: int, run) -> tuple[dict, dict]:
+def sweep(task: str, methods: list[str], lrs: dict[str, list[float]], max_extend: int, run,
+          model: str = DEFAULT_MODEL) -> tuple[dict, dict]:
     """Seed-0 sweep of every method from its starting grid ``lrs[method]``, grown at the ends
     (see the module docstring). A grid with a run missing (``--report-only``) does not grow.
 
@@ -99,11 +102,11 @@ def sweep(task: str, methods: list[str], lrs: dict[str, list[float]], max_extend
     results: dict = {}
     grown = {m: 0 for m in methods}
     while True:
-        results.update(run([spec(task, m, lr, 0) for lr in lrs_order(grids) for m in methods
-                            if lr in grids[m] and spec(task, m, lr, 0).key not in results]))
+        results.update(run([spec(task, m, lr, 0, model) for lr in lrs_order(grids) for m in methods
+                            if lr in grids[m] and spec(task, m, lr, 0, model).key not in results]))
         more = False
         for m in methods:
-            keys = [spec(task, m, lr, 0).key for lr in grids[m]]
+            keys = [spec(task, m, lr, 0, model).key for lr in grids[m]]
             if not all(k in results for k in keys):
                 continue
             best = best_lr(results[k] for k in keys)
@@ -127,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="data directory (../shared/data)")
     p.add_argument("--task", default="sst2", choices=sorted(TASKS))
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="the packaged encoder")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="starting lr grid of every method (seed 0)")
     p.add_argument("--method-lrs", default="", help="a method's own starting grid, as method:lr pairs (e.g. "
@@ -175,9 +179,9 @@ def import_runs(path: str, args: argparse.Namespace) -> list[str]:
     done = []
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     for c in json.loads(source.read_text())["curves"]:
-        if (c.get("task"), c.get("model"), c.get("method")) not in {(args.task, MODEL, m) for m in args.method_list}:
+        if (c.get("task"), c.get("model"), c.get("method")) not in {(args.task, args.model, m) for m in args.method_list}:
             continue
-        s = spec(args.task, c["method"], c["lr"], c["seed"])
+        s = spec(args.task, c["method"], c["lr"], c["seed"], args.model)
         if s.key != c["key"] or load_cached(s, args.work_dir) is not None:
             continue
         write_json(Path(args.work_dir) / f"{s.key}.json", {
@@ -195,10 +199,11 @@ def run_all(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Sweep, then seeds at each best lr: ``(results, grids, best)``."""
     run = lambda specs: run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,
                                   only_cached=args.report_only)
-    results, grids = sweep(args.task, args.method_list, args.grids, args.max_extend, run)
-    best = {m: best_lr(results[k] for k in (spec(args.task, m, lr, 0).key for lr in grids[m]) if k in results)
+    results, grids = sweep(args.task, args.method_list, args.grids, args.max_extend, run, args.model)
+    best = {m: best_lr(results[k] for k in (spec(args.task, m, lr, 0, args.model).key for lr in grids[m])
+                       if k in results)
             for m in args.method_list}
-    more = [spec(args.task, m, best[m], s) for s in range(1, args.seeds) for m in args.method_list
+    more = [spec(args.task, m, best[m], s, args.model) for s in range(1, args.seeds) for m in args.method_list
             if best[m] is not None]
     results.update(run(more))
     return results, grids, best
@@ -212,11 +217,13 @@ def measured_costs(args: argparse.Namespace, results: dict, best: dict) -> dict:
     """
     runs = {}
     for m in args.method_list:  # AdaLoRA first: the reference of the step ratios
-        seed0 = [results[k] for k in (spec(args.task, m, lr, 0).key for lr in [best[m], *LADDER] if lr)
+        seed0 = [results[k] for k in (spec(args.task, m, lr, 0, args.model).key for lr in [best[m], *LADDER] if lr)
                  if k in results]
         if seed0:
             runs[m] = {"config": seed0[0]["config"], "rank_pattern": (seed0[0].get("allocation") or {}).get("ranks")}
     key = {"methods": list(runs), "steps": args.cost_steps, "seq_len": args.cost_seq_len, "threads": args.threads}
+    if args.model != DEFAULT_MODEL:  # keys cached before --model existed stay valid for MiniLM
+        key["model"] = args.model
     path = Path(args.work_dir) / "cost.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cached.get("key") == key:
@@ -234,12 +241,12 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
     """The result JSON: ``config``, ``rows`` (convergence's schema), ``sweep``, ``summary``, ``cost``, ``curves``."""
     metric = task_spec(args.task).primary_metric
     runs = list(results.values())
-    rows = rows_of(runs, args.task, MODEL, best, metric)
-    sweep = [{"task": args.task, "model": MODEL, "method": m, "lr": lr, "final_smoothed_loss": r["final_smoothed"],
+    rows = rows_of(runs, args.task, args.model, best, metric)
+    sweep = [{"task": args.task, "model": args.model, "method": m, "lr": lr, "final_smoothed_loss": r["final_smoothed"],
               "diverged": r["diverged"], "best": best[m] == lr, "dev_metric": (r["final_metrics"] or {}).get(metric)}
-             for m in grids for lr in grids[m] if (r := results.get(spec(args.task, m, lr, 0).key))]
+             for m in grids for lr in grids[m] if (r := results.get(spec(args.task, m, lr, 0, args.model).key))]
     steps = TASKS[args.task]["steps"]
-    config = {"task": args.task, "model": MODEL, "methods": args.method_list, "labels": {m: LABELS[m] for m in grids},
+    config = {"task": args.task, "model": args.model, "methods": args.method_list, "labels": {m: LABELS[m] for m in grids},
               "metric": metric, "start_lrs": args.grids, "max_extend": args.max_extend, "seeds": args.seeds,
               "steps": steps, "batch_size": BASE["batch_size"], "cost_steps": args.cost_steps,
               "cost_seq_len": args.cost_seq_len, "workers": args.workers, "threads_per_run": args.threads,

@@ -18,31 +18,33 @@ from collections.abc import Callable
 
 import torch
 
-from .step_model import (
-    load_base,
-    make_batch,
-    make_step,
-    measure_memory,
-    time_interleaved,
-)
+from .step_model import make_batch, make_step, measure_memory, time_interleaved
 
 __all__ = ["build", "load_base", "make_batch", "measure_costs"]
 
 
-def build(method: str, base: torch.nn.Module, run: dict) -> tuple[Callable, int, Callable]:
+def load_base() -> dict[str, torch.nn.Module]:
+    """An empty cache of base models by name; :func:`build` loads the model each run names into it."""
+    return {}
+
+
+def build(method: str, bases: dict[str, torch.nn.Module], run: dict) -> tuple[Callable, int, Callable]:
     """:func:`.step_model.make_step` of ``method`` as its run ``run`` trained it.
 
     Args:
         method: The method name (a label only).
-        base: MiniLM (copied, never changed).
+        bases: :func:`load_base`'s cache (its models are copied, never changed).
         run: ``{"config": the run's config dict, "rank_pattern": its calibrated ranks or None}``.
     """
+    from ...models import load_model
     from ...train import load_run_config
     from ...train.build import build as build_run
 
     overrides = {"adapter.rank_pattern": run["rank_pattern"]} if run.get("rank_pattern") else {}
     config = load_run_config(run["config"], overrides)
-    model = build_run(config, copy.deepcopy(base)).model
+    if config.model not in bases:
+        bases[config.model], _ = load_model(config.model, num_labels=2)
+    model = build_run(config, copy.deepcopy(bases[config.model])).model
     return make_step(model, method)
 
 
@@ -58,8 +60,8 @@ def measure_costs(runs: dict[str, dict], steps: int, seq_len: int, threads: int,
     """
     torch.set_num_threads(threads)
     batch_size = next(iter(runs.values()))["config"]["batch_size"]
-    base = load_base()
-    built = {m: build(m, base, r) for m, r in runs.items()}
+    bases = load_base()
+    built = {m: build(m, bases, r) for m, r in runs.items()}
     times = time_interleaved({m: b[0] for m, b in built.items()}, make_batch(batch_size, seq_len), steps, warmup=3)
     median = {m: statistics.median(t) for m, t in times.items()}
     ref = median[next(iter(runs))]
