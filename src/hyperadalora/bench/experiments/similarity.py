@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="sst2")
     p.add_argument("--control-seed", type=int, default=None, help="also compare AdaLoRA with AdaLoRA of this seed "
                    "at the same lr (trained, adapter kept, when not cached)")
-    p.add_argument("--data-dir", default=None, help="data directory (for the --control-seed run)")
+    p.add_argument("--data-dir", default=None, help="data directory (to train the runs that are not cached)")
     p.add_argument("--work-dir", default="runs/bench/convergence")
     p.add_argument("--name", default="similarity")
     args = p.parse_args(argv)
@@ -113,9 +113,10 @@ def render(result: dict) -> list[str]:
     table = [[pair] + [f"{mean[f'{pair}|{k}']:.3f}" if math.isfinite(mean[f"{pair}|{k}"]) else "n/a" for k in KINDS]
              for pair in pairs]
     partial = "".join(f"{note}; " for note in partial_means(result["per_module"]))
-    return [f"Cosine similarity of the learned factors, {c['task']} / MiniLM, seed 0, {at_lrs(lrs)}, "
-            f"mean over the {len(result['per_module'])} adapted modules ({partial}n/a: a zero vector, e.g. lam and dW "
-            "at init, has no direction).", "",
+    intro = (f"Cosine similarity of the learned factors, {c['task']} / MiniLM, seed 0, {at_lrs(lrs)}, mean over "
+             f"the {len(result['per_module'])} adapted modules ({partial}n/a: a zero vector, e.g. lam and dW at init, "
+             "has no direction).")
+    return [intro, "",
             *markdown_table(["pair", "P", "lam", "Q", "dW = P diag(lam) Q"], table)]
 
 
@@ -126,12 +127,12 @@ def partial_means(per_module: list[dict]) -> list[str]:
     return [f"{key.replace('|', ' ')}: over the {c} where both are non-zero" for key, c in counts.items() if 0 < c < n]
 
 
-def control_run_dir(args: argparse.Namespace, lr: float) -> Path:
-    """AdaLoRA's run of seed ``args.control_seed`` at ``lr`` (the convergence run, with its adapter kept)."""
+def kept_run_dir(args: argparse.Namespace, method: str, lr: float, seed: int) -> Path:
+    """The convergence run of ``method`` at ``lr`` and ``seed``, with its adapter kept (trained when not cached)."""
     from ..runner import run_specs
     from . import convergence as conv
 
-    spec = conv.spec(args.task, "minilm", "adalora", lr, args.control_seed, conv.TASKS)
+    spec = conv.spec(args.task, "minilm", method, lr, seed, conv.TASKS)
     spec = dataclasses.replace(spec, keep_run_dir=True)  # same key: a cached run without its adapter runs again
     return Path(run_specs([spec], args.work_dir, args.data_dir)[spec.key]["run_dir"])
 
@@ -158,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     runs = Path(args.work_dir) / "runs"
     lrs = method_lrs(vars(args))
-    dirs = {m: runs / f"{args.task}-minilm-{m}-lr{lrs[m]:g}-s0" for m in ("adalora", "hyperadalora")}
-    for m, d in dirs.items():
-        if not (d / "adapter" / "adapter_config.json").is_file():
-            args.parser.error(f"{d} holds no adapter: run `hyperadalora bench convergence` first (it keeps the "
-                              f"SST-2 / MiniLM / seed-0 adapters in {runs}), or pick an --lr it ran")
+    for m in ("adalora", "hyperadalora"):
+        d = runs / f"{args.task}-minilm-{m}-lr{lrs[m]:g}-s0"
+        if args.data_dir is None and not (d / "adapter" / "adapter_config.json").is_file():
+            args.parser.error(f"{d} holds no adapter: give --data-dir to train it, or run `hyperadalora bench "
+                              f"convergence` first (it keeps the SST-2 / MiniLM / seed-0 adapters in {runs})")
+    dirs = {m: kept_run_dir(args, m, lrs[m], 0) for m in ("adalora", "hyperadalora")}
     ada, hyp = trained_factors(dirs["adalora"]), trained_factors(dirs["hyperadalora"])
     init_a, init_h = initial_factors(dirs["adalora"]), initial_factors(dirs["hyperadalora"])
     pairs = dict(zip(PAIRS, ((hyp, ada), (ada, init_a), (hyp, init_h), (init_h, init_a))))
     if args.control_seed is not None:
-        pairs[CONTROL.format(seed=args.control_seed)] = (trained_factors(control_run_dir(args, lrs["adalora"])), ada)
+        pairs[CONTROL.format(seed=args.control_seed)] = (trained_factors(kept_run_dir(args, "adalora", lrs["adalora"], args.control_seed)), ada)
     per_module = [{"module": name, **{f"{pair}|{k}": cosine(x[name][k], y[name][k])
                                       for pair, (x, y) in pairs.items() for k in KINDS}} for name in ada]
     mean = {key: nanmean([r[key] for r in per_module]) for key in per_module[0] if key != "module"}
