@@ -9,7 +9,9 @@ HyperAdaLoRA; peft's LoRA and AdaLoRA), it trains ``--warmup`` + ``--steps`` Ada
 tokens (batch ``--batch`` x ``--seq``) and records tokens per second over the timed steps and the
 peak memory above what was held before loading (GPU: ``torch.cuda.max_memory_allocated``; CPU:
 the process's peak resident set). ``--smoke`` runs the same code on tiny random Llama / BERT
-models for 2 steps, so the script is known to work without a GPU. The loading, adapting,
+models for 2 steps, so the script is known to work without a GPU. ``--chunk-bases`` (default
+``4bit_ckpt_chunk``: 4-bit, checkpointed, the causal-LM loss taken 256 positions at a time) adds
+our variants on the causal LM only: peft has no chunked loss, and a classifier has no vocabulary logits. The loading, adapting,
 stepping and measuring is :mod:`hyperadalora.bench.scale`, shared with ``hyperadalora bench
 scale_cpu`` (issue 23, item 6). See docs/scale.md.
 """
@@ -47,6 +49,16 @@ def measure(name: str, base: str, variant: str, args, folder: Path) -> dict:
             "final_loss": row["final_loss"], "seconds": row["seconds"]}
 
 
+def configurations(args) -> list[tuple[str, str, str]]:
+    """``(model, base, variant)`` to measure: every combination, then our variants on the chunked bases
+    (causal LMs only)."""
+    models, variants = args.models.split(","), args.variants.split(",")
+    plain = [(n, b, v) for n in models for b in args.bases.split(",") for v in variants]
+    chunked = [(n, b, v) for n in models if MODELS[n] == "causal-lm" for b in args.chunk_bases.split(",") if b
+               for v in variants if not v.startswith("peft-")]
+    return plain + chunked
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/scale_gpu.json")
@@ -54,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--bases", default="bf16,4bit")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--chunk-bases", default="4bit_ckpt_chunk", help="bases with the chunked loss ('' : none)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=16)
@@ -66,14 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no GPU: run with --smoke to check the script on the CPU")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            for base in args.bases.split(","):
-                for variant in args.variants.split(","):
-                    rows.append(measure(name, base, variant, args, Path(tmp)))
-                    print(json.dumps(rows[-1]), flush=True)
-                    gc.collect()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
+        for name, base, variant in configurations(args):
+            rows.append(measure(name, base, variant, args, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
            platform.processor() or "cpu", "smoke": args.smoke, "batch": args.batch, "seq": args.seq,
            "steps": args.steps, "warmup": args.warmup, "r": args.r}

@@ -10,6 +10,7 @@ from torch import nn
 
 from .adapter_io import load_adapter_weights, save_adapter
 from .allocation import RankPolicy, build_allocator, policy_decides_before_wrap
+from .chunked_loss import check_chunkable, chunked_causal_lm_forward
 from .config import AdapterConfig
 from .inject import inject_adapters, prepare_adapter_config, remove_adapters
 from .layers import AdaptedLinear
@@ -52,6 +53,8 @@ class AdaptedModel(nn.Module):
             whose ranks are fixed).
         last_task_loss: Task loss of the last training forward (without the regulariser).
         last_regularizer: Unweighted regulariser of the last training forward.
+        loss_chunk_tokens: ``> 0``: a causal LM's loss is taken that many positions at a time,
+            never holding the whole logits (:meth:`enable_chunked_loss`); ``0``: the model's own.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig) -> None:
@@ -70,6 +73,7 @@ class AdaptedModel(nn.Module):
         self.allocator: RankPolicy = build_allocator(self.adapted_layers, config.allocator, self.method, self.source)
         self.last_task_loss: float | None = None
         self.last_regularizer: float | None = None
+        self.loss_chunk_tokens = 0
         self._train_forwards = 0
         self._steps_taken = 0
         self.method.bind_layers(self.layer_list)
@@ -103,7 +107,10 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training and torch.is_grad_enabled():
             self.source.prepare_training_forward()
-        outputs = self.model(*args, **kwargs)
+        if self.loss_chunk_tokens and not args and kwargs.get("labels") is not None:
+            outputs = chunked_causal_lm_forward(self.model, self.loss_chunk_tokens, **kwargs)
+        else:
+            outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None) if not isinstance(outputs, tuple) else None
         if self.training and torch.is_grad_enabled():
             self._train_forwards += 1
@@ -114,6 +121,21 @@ class AdaptedModel(nn.Module):
                 self.last_regularizer = float(reg.detach())
                 outputs.loss = loss + self.adapter_config.gamma * reg
         return outputs
+
+    def enable_chunked_loss(self, chunk_tokens: int) -> None:
+        """Takes a causal LM's training loss ``chunk_tokens`` positions at a time (:mod:`.chunked_loss`).
+
+        The forward then returns the loss without logits whenever it is given ``labels`` (the
+        gradients equal the model's own); ``0`` restores the model's own loss.
+
+        Raises:
+            ValueError: If ``chunk_tokens < 0`` or the model is not a causal LM whose loss can be chunked.
+        """
+        if chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0 (0: the model's own loss), got {chunk_tokens}")
+        if chunk_tokens:
+            check_chunkable(self.model)
+        self.loss_chunk_tokens = chunk_tokens
 
     @property
     def uses_regularizer(self) -> bool:

@@ -46,8 +46,23 @@ def test_memory_goals_compare_with_peft_and_with_our_fp32_run():
     rows = scale_cpu.goal_rows(result)
     # lora: 340 / 330 = 1.030 <= 1.05 yes; 340 / 1000 = 0.340 <= 0.35 yes
     # adalora: 360 / 340 = 1.059 no; 360 / 1000 = 0.360 no; hyperadalora: not measured, no row
-    assert rows == [["lora", "peft-lora", "1.030", "yes", "0.340", "yes"],
-                    ["adalora", "peft-adalora", "1.059", "no", "0.360", "no"]]
+    assert rows == [["4bit_fp32_ckpt", "lora", "peft-lora", "1.030", "yes", "0.340", "yes"],
+                    ["4bit_fp32_ckpt", "adalora", "peft-adalora", "1.059", "no", "0.360", "no"]]
+    # A chunked-loss setting (memory only): its peft twin is peft's at the setting without the chunked loss.
+    result["config"]["extra"] = [("4bit_fp32_ckpt_chunk", ["lora"])]
+    result["memory"]["4bit_fp32_ckpt_chunk"] = {"lora": _mem(165.0)}
+    assert scale_cpu.goal_rows(result)[-1] == ["4bit_fp32_ckpt_chunk", "lora", "peft-lora", "0.500", "yes", "0.165",
+                                               "yes"]
+
+
+def test_peft_variants_are_refused_at_a_chunked_loss_setting(tmp_path):
+    with pytest.raises(ValueError, match="no chunked loss"):
+        scale.build("smollm2", scale.SETTINGS["fp32_chunk"], "peft-lora", 4, 4, torch.device("cpu"),
+                    tiny_folder=tmp_path)
+    step = scale.build("smollm2", scale.SETTINGS["fp32_chunk"], "lora", 4, 4, torch.device("cpu"), tiny_folder=tmp_path)
+    plain = scale.build("smollm2", scale.SETTINGS["fp32"], "lora", 4, 4, torch.device("cpu"), tiny_folder=tmp_path)
+    batch = scale.random_batch("causal-lm", 2, 16, 128, "cpu")
+    assert step(batch) == pytest.approx(plain(batch), abs=1e-5)  # the same loss, chunked
 
 
 def test_settings_are_validated_on_construction():

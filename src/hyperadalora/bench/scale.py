@@ -49,12 +49,15 @@ class Setting:
             compute dtype) and the forward's autocast.
         quantize: ``None`` or a bitsandbytes choice (``4bit``: NF4 + double quantisation, QLoRA).
         checkpointing: Activation checkpointing of the base model (non-reentrant).
+        loss_chunk_tokens: ``> 0``: our models take the causal-LM loss that many positions at a
+            time (:mod:`hyperadalora.chunked_loss`); peft's have no such loss and are refused.
     """
 
     name: str
     precision: str = "fp32"
     quantize: str | None = None
     checkpointing: bool = False
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -63,12 +66,18 @@ class Setting:
             raise ValueError(f"Setting.quantize {self.quantize!r}: choose None or one of {', '.join(QUANTIZE_CHOICES)}")
 
 
+#: Positions per chunk of the ``_chunk`` settings' loss: 256 x 49,152 fp32 logits are 48 MiB at a time
+#: (SmolLM2), against 384 MiB for the whole 4 x 512 batch.
+CHUNK_TOKENS = 256
 # "4bit" computes in bf16 (QLoRA's recipe, for GPUs); "4bit_fp32" computes in fp32: on a CPU without
 # bf16 instructions (AVX2 only) a bf16 matmul costs ~17x an fp32 one (BENCHMARKS.md, issue 23 item 6).
 SETTINGS = {s.name: s for s in (Setting("fp32"), Setting("bf16", "bf16"), Setting("4bit", "bf16", "4bit"),
                                 Setting("4bit_ckpt", "bf16", "4bit", checkpointing=True),
                                 Setting("4bit_fp32", "fp32", "4bit"),
-                                Setting("4bit_fp32_ckpt", "fp32", "4bit", checkpointing=True))}
+                                Setting("4bit_fp32_ckpt", "fp32", "4bit", checkpointing=True),
+                                Setting("fp32_chunk", loss_chunk_tokens=CHUNK_TOKENS),
+                                Setting("4bit_ckpt_chunk", "bf16", "4bit", True, CHUNK_TOKENS),
+                                Setting("4bit_fp32_ckpt_chunk", "fp32", "4bit", True, CHUNK_TOKENS))}
 
 
 def tiny_model(name: str, setting: Setting, folder: Path):
@@ -152,6 +161,12 @@ def make_trainer(model: torch.nn.Module, setting: Setting, lr: float = 1e-4) -> 
     upcast_trainable_(model)  # float32 master weights, for peft's models as for ours
     if setting.checkpointing:
         enable_checkpointing(model)
+    if setting.loss_chunk_tokens:
+        enable = getattr(model, "enable_chunked_loss", None)
+        if enable is None:
+            raise ValueError(f"setting {setting.name}: {type(model).__name__} has no chunked loss (peft computes the "
+                             "whole logits); measure peft's twin at the setting without '_chunk'")
+        enable(setting.loss_chunk_tokens)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     counter = [0]

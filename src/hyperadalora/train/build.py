@@ -76,7 +76,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def prepare_for_scale(model: AdaptedModel, config: RunConfig) -> AdaptedModel:
-    """Float32 trainable parameters; the run's activation checkpointing and ``torch.compile`` (off by default).
+    """Float32 trainable parameters; the run's activation checkpointing, chunked loss and ``torch.compile``
+    (all off by default).
 
     Checkpointing is transformers' non-reentrant one (the recomputation sees the same generated
     factors and sampled rank as the forward: they are fixed before the base model runs).
@@ -86,6 +87,8 @@ def prepare_for_scale(model: AdaptedModel, config: RunConfig) -> AdaptedModel:
     upcast_trainable_(model)  # float32 master weights over a bf16 / fp16 base
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model.model)
+    if config.loss_chunk_tokens:
+        model.enable_chunked_loss(config.loss_chunk_tokens)
     if config.compile:
         model.model.compile()
     return model

@@ -103,6 +103,11 @@ class RunConfig(JsonConfig):
         gradient_checkpointing: Recompute the base model's activations in the backward
             (transformers' non-reentrant activation checkpointing): less memory, more compute.
         compile: ``torch.compile`` the base model (the adapted layers included) before training.
+        loss_chunk_tokens: Causal-LM tasks: ``> 0`` takes the training loss that many positions
+            at a time, each chunk's logits recomputed in the backward, so the whole
+            ``(tokens, vocabulary)`` logits are never held (:mod:`hyperadalora.chunked_loss`);
+            ``0``: the model's own loss. Same loss and gradients, less memory, one more output
+            projection per step.
         distributed: How the run spreads over processes: ``auto`` (one process: ``none``; under
             ``torchrun``: ``ddp``; under ``accelerate launch`` with an FSDP config: ``fsdp``),
             ``none``, ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2, every parameter
@@ -156,6 +161,7 @@ class RunConfig(JsonConfig):
     quantize: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
+    loss_chunk_tokens: int = 0
     distributed: str = "auto"
     report_to: str = "none"
     export: str = "none"
@@ -181,6 +187,7 @@ class RunConfig(JsonConfig):
         check_int(owner, "eval_every", self.eval_every, 0)
         check_int(owner, "save_every", self.save_every, 0)
         check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
+        check_int(owner, "loss_chunk_tokens", self.loss_chunk_tokens, 0)
         for name in ("train_rows", "eval_rows", "threads"):
             if getattr(self, name) is not None:
                 check_int(owner, name, getattr(self, name), 1)
@@ -210,6 +217,9 @@ class RunConfig(JsonConfig):
 
     def _check_data(self) -> None:
         owner, spec = "RunConfig", SPECS[self.task]
+        if self.loss_chunk_tokens and spec.model_task != "causal-lm":
+            raise ValueError(f"{owner}.loss_chunk_tokens={self.loss_chunk_tokens} applies to causal-LM tasks (its "
+                             f"logits span the vocabulary); task={self.task!r} is {spec.model_task}: set it to 0")
         if spec.needs_source and self.data_source is None:
             raise ValueError(f"{owner}: task={self.task!r} needs data_source=<a .jsonl/.json/.csv/.parquet file, a "
                              "folder or a hub data set id>")
