@@ -239,7 +239,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
 
 def load_model(name_or_path: str, task: str = "sequence-classification", num_labels: int = 2,
                dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None,
-               quantize: str | None = None):
+               quantize: str | None = None, device: str | None = None):
     """Loads a pretrained model and its tokenizer.
 
     Args:
@@ -252,8 +252,9 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
             the 4-bit layers' compute dtype).
         cache_dir: Cache directory override (see :func:`model_cache_dir`).
         quantize: ``None``, or ``4bit`` / ``nf4`` / ``fp4`` / ``8bit``: load the linear layers through
-            bitsandbytes (:func:`hyperadalora.quant.bnb_config`), on the GPU when there is one, else
-            on the CPU.
+            bitsandbytes (:func:`hyperadalora.quant.bnb_config`), on ``device``.
+        device: Where a quantised model is loaded (its ``device_map``); ``None``: the current GPU
+            when there is one, else the CPU. A float model loads on the CPU (move it with ``.to``).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer has a pad token (the EOS token where the checkpoint
@@ -278,7 +279,7 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
 
         kwargs["quantization_config"] = bnb_config(quantize, compute_dtype=dtype)
         # The current device: under torchrun each process has set its own (cuda:LOCAL_RANK).
-        kwargs["device_map"] = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model, info = _quiet_from_pretrained(classes[task], path, dtype=dtype, local_files_only=local,
                                          output_loading_info=True, **kwargs)
     # The silenced load report is expected to list only the fresh task head; anything else that
@@ -290,7 +291,7 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         warnings.warn(f"{path}: weights not in the checkpoint were initialised at random: "
                       f"{unexpected_missing[:8]}{' ...' if len(unexpected_missing) > 8 else ''}; "
                       f"shape mismatches: {mismatched[:8]}", stacklevel=2)
-    if quantize is not None and not torch.cuda.is_available():
+    if quantize is not None and kwargs["device_map"] == "cpu":
         own_memory_(model)
     return model, _padded_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=local), model)
 

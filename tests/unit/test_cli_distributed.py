@@ -58,6 +58,38 @@ def test_a_launch_it_cannot_honour_is_refused_with_the_fix(overrides, env, messa
         resolve_kind(config(**overrides), env)
 
 
+def test_one_process_trains_on_the_gpu_when_there_is_one_unless_device_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as torch would report it
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    moved = []
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(model, "to", lambda device: moved.append(device))
+    SingleProcess(config()).wrap(model)  # device=auto: the Hugging Face Trainer's choice
+    SingleProcess(config(device="cpu")).wrap(model)
+    SingleProcess(config(device="cuda", quantize="4bit")).wrap(model)  # a quantised base loads on its device
+    assert moved == [torch.device("cuda", 0)]
+
+
+def test_device_cuda_without_a_gpu_is_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=cuda, but torch sees no CUDA device"):
+        resolve_kind(config(device="cuda"), {})
+    assert SingleProcess(config()).device is None
+    with pytest.raises(ValueError, match="device"):
+        config(device="tpu")
+
+
+def test_device_cpu_loads_a_quantised_base_on_the_cpu(monkeypatch):
+    from hyperadalora import models
+    from hyperadalora.train.build import load_base_model
+
+    seen = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: seen.append(kw.get("device")))
+    load_base_model(config(device="cpu", quantize="4bit"))
+    load_base_model(config(quantize="4bit"))
+    assert seen == ["cpu", None]  # None: the current GPU when there is one (models.load_model)
+
+
 def test_ranks_split_each_global_batch_without_overlap():
     world = []
     for rank in range(3):

@@ -101,7 +101,8 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
 
 # Run-config keys that say where and how visibly a run goes, not what it computes.
 _NOT_RESULT_KEYS = frozenset({"output_dir", "run_name", "progress", "threads", "data_dir", "save_every",
-                              "keep_checkpoints", "sandbox_workers", "report_to", "export", "distributed"})
+                              "keep_checkpoints", "sandbox_workers", "report_to", "export", "distributed",
+                              "device"})
 
 
 def config_differences(cached: dict, current: dict, prefix: str = "") -> list[str]:

@@ -52,7 +52,8 @@ def load_base_model(config: RunConfig):
 
     spec = task_spec(config.task)
     return load_model(config.model, task=spec.model_task, num_labels=head_size(config),
-                      dtype=precision_dtype(config.precision), quantize=config.quantize)
+                      dtype=precision_dtype(config.precision), quantize=config.quantize,
+                      device="cpu" if config.device == "cpu" else None)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

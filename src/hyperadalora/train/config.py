@@ -33,6 +33,7 @@ from .reporting.registry import REPORT_TO
 
 #: ``RunConfig.distributed`` choices (see :mod:`.parallel`).
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")
 
 TASK_NAMES = tuple(SPECS)
 EXPORTS = ("none", "peft", "merged")
@@ -108,6 +109,9 @@ class RunConfig(JsonConfig):
             ``(tokens, vocabulary)`` logits are never held (:mod:`hyperadalora.chunked_loss`);
             ``0``: the model's own loss. Same loss and gradients, less memory, one more output
             projection per step.
+        device: Where one process trains: ``auto`` (the GPU when torch sees one, as the Hugging
+            Face Trainer; else the CPU), ``cpu`` or ``cuda`` (refused when there is none). Under
+            ``torchrun`` each process takes its ``LOCAL_RANK``'s GPU.
         distributed: How the run spreads over processes: ``auto`` (one process: ``none``; under
             ``torchrun``: ``ddp``; under ``accelerate launch`` with an FSDP config: ``fsdp``),
             ``none``, ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2, every parameter
@@ -162,6 +166,7 @@ class RunConfig(JsonConfig):
     gradient_checkpointing: bool = False
     compile: bool = False
     loss_chunk_tokens: int = 0
+    device: str = "auto"
     distributed: str = "auto"
     report_to: str = "none"
     export: str = "none"
@@ -205,6 +210,7 @@ class RunConfig(JsonConfig):
         check_choice(owner, "precision", self.precision, tuple(PRECISIONS))
         check_choice(owner, "report_to", self.report_to, REPORT_TO)
         check_choice(owner, "distributed", self.distributed, DISTRIBUTED)
+        check_choice(owner, "device", self.device, DEVICES)
         check_choice(owner, "export", self.export, EXPORTS)
         if self.export == "merged" and self.quantize is not None:
             raise ValueError(f"{owner}: export=merged on a quantize={self.quantize} base would write dequantised "

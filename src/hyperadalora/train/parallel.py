@@ -72,15 +72,29 @@ def _accelerate_kind(config: RunConfig, environ: Mapping[str, str]) -> str | Non
     return "fsdp"
 
 
+def uses_cuda(config: RunConfig) -> bool:
+    """Whether the run trains on a GPU: ``device=cuda``, or ``auto`` when torch sees one.
+
+    Raises:
+        ValueError: ``device=cuda`` without a CUDA device.
+    """
+    available = torch.cuda.is_available()
+    if config.device == "cuda" and not available:
+        raise ValueError("device=cuda, but torch sees no CUDA device (torch.cuda.is_available() is False): install a "
+                         "CUDA build of torch on a machine with a GPU, or use device=auto / device=cpu")
+    return available and config.device != "cpu"
+
+
 def resolve_kind(config: RunConfig, environ: Mapping[str, str] | None = None) -> str:
     """The way this process runs (``none``, ``ddp`` or ``fsdp``), from the config and the launcher's
     environment; every refusal comes before anything is loaded.
 
     Raises:
         ValueError: ``ddp`` / ``fsdp`` asked for outside a launcher, several processes with
-            ``distributed=none``, a batch that does not split evenly, or a launcher setting that
-            hyperadalora does not honour (named, with the fix).
+            ``distributed=none``, a batch that does not split evenly, a launcher setting that
+            hyperadalora does not honour (named, with the fix), or ``device=cuda`` without a GPU.
     """
+    uses_cuda(config)
     environ = os.environ if environ is None else environ
     world = _env_int(environ, "WORLD_SIZE", 1)
     launched = "RANK" in environ and "WORLD_SIZE" in environ
@@ -119,7 +133,8 @@ class SingleProcess:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.rank, self.world_size = 0, 1
-        self.device: torch.device | None = None  # None: where the model was loaded
+        # None: the CPU, where the model was loaded; under a launcher, set before this is read
+        self.device = torch.device("cuda", torch.cuda.current_device()) if uses_cuda(config) else None
 
     @property
     def is_main(self) -> bool:
@@ -130,8 +145,14 @@ class SingleProcess:
         """This rank's rows of a global micro-batch's row indices."""
         return list(indices)[self.rank::self.world_size]
 
+    def place(self, model: nn.Module) -> None:
+        """Moves ``model`` to this process's GPU, when it trains on one (a quantised base loads there already)."""
+        if self.device is not None and self.config.quantize is None:
+            model.to(self.device)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """Prepares the AdaptedModel (before the optimizer exists); returns the module to call forward on."""
+        self.place(model)
         return model
 
     def mean(self, values: Sequence[float]) -> list[float]:
@@ -176,21 +197,14 @@ class DataParallel(SingleProcess):
     kind = "ddp"
 
     def __init__(self, config: RunConfig) -> None:
-        super().__init__(config)
+        cuda = uses_cuda(config)
         self.started_group = not dist.is_initialized()
+        if cuda:  # before the device is read: each process takes its own GPU
+            torch.cuda.set_device(_env_int(os.environ, "LOCAL_RANK", 0))
         if self.started_group:
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(_env_int(os.environ, "LOCAL_RANK", 0))
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        super().__init__(config)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", torch.cuda.current_device())
-
-    def place(self, model: nn.Module) -> None:
-        """Moves ``model`` to this process's GPU, when it has one (a quantised base loads there already)."""
-        if self.device is not None and self.config.quantize is None:
-            model.to(self.device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from ..integrations.distributed import wrap_ddp
@@ -283,4 +297,5 @@ def start_parallel(config: RunConfig, environ: Mapping[str, str] | None = None) 
     return _WORLDS[resolve_kind(config, environ)](config)
 
 
-__all__ = ["DISTRIBUTED", "DataParallel", "FullyShardedParallel", "SingleProcess", "resolve_kind", "start_parallel"]
+__all__ = ["DISTRIBUTED", "DataParallel", "FullyShardedParallel", "SingleProcess", "resolve_kind", "start_parallel",
+           "uses_cuda"]

@@ -58,10 +58,12 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 #: run records in its own files (``output_dir`` / ``run_name`` follow the resumed directory;
 #: ``report_to`` only picks which tracker also receives the records; ``distributed``: the batch is global,
 #: so a run continues alike on another number of processes; ``loss_chunk_tokens``: the same loss and
-#: gradients in less memory, for a run resumed on a smaller machine).
+#: gradients in less memory, for a run resumed on a smaller machine; ``device``: a run may move between
+#: machines, as between numbers of processes).
 RESUME_SAFE_FIELDS = frozenset({"progress", "threads", "data_dir", "output_dir", "run_name", "save_every",
                                 "keep_checkpoints", "eval_batch_size", "sandbox_timeout_s", "sandbox_memory_mb",
-                                "sandbox_workers", "report_to", "distributed", "loss_chunk_tokens"})
+                                "sandbox_workers", "report_to", "distributed", "loss_chunk_tokens",
+                                "device"})
 
 
 # -- optimizer state (no pickle) ---------------------------------------------------------------
