@@ -237,7 +237,14 @@ def render(result: dict) -> list[str]:
             title="SmolLM2 4 x 512: peak memory, step time, loss of ours vs peft in fp32 / bf16 / 4-bit / 4-bit + ckpt",
             parse_args=parse_args, render=render,
             commands=[Command("scale_cpu", ("--settings", "fp32,4bit_fp32_ckpt,4bit_fp32", "--memory-settings",
-                                            "4bit_fp32_ckpt,fp32,4bit_fp32", "--parallel-memory", "--extra", "bf16:lora"))])
+                                            "4bit_fp32_ckpt,fp32,4bit_fp32", "--parallel-memory", "--extra", "bf16:lora")),
+                      # The chunked causal-LM loss (loss_chunk_tokens=256): memory only, beside the plain
+                      # 4-bit + checkpointing and fp32 runs of LoRA measured again in the same session.
+                      Command("scale_cpu_chunked", ("--settings", "", "--rounds", "0", "--memory-settings",
+                                                    "4bit_fp32_ckpt_chunk", "--variants", "lora,adalora,hyperadalora",
+                                                    "--extra", "4bit_fp32_ckpt:lora,peft-lora", "--extra",
+                                                    "fp32_chunk:lora", "--extra", "fp32:lora",
+                                                    "--name", "scale_cpu_chunked"), group="pending")])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
     args = parse_args(argv)

@@ -276,7 +276,13 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
                       Command("tuned_5seeds", ("--methods", "adalora,sensitivity,lora,hyperadalora,hypersensitivity",
                                                "--method-lrs", GRIDS + ",hypersensitivity:3e-4,hypersensitivity:1e-3,"
                                                "hypersensitivity:3e-3", "--max-extend", "1", "--seeds", "5", *IMPORT,
-                                               "--name", "tuned_5seeds"))])
+                                               "--name", "tuned_5seeds")),
+                      # Issue 20 item 3: the same question on MPNet (110M) at 5 seeds, each method's grid
+                      # around its MPNet best from convergence.json (its runs imported).
+                      Command("tuned_mpnet", ("--model", "mpnet", "--methods", "adalora,hyperadalora", "--method-lrs",
+                                              "adalora:1e-3,adalora:3e-3,adalora:1e-2,hyperadalora:3e-4,"
+                                              "hyperadalora:1e-3,hyperadalora:3e-3", "--max-extend", "1", "--seeds",
+                                              "5", *IMPORT, "--workers", "2", "--name", "tuned_mpnet"), group="pending")])
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
