@@ -151,8 +151,7 @@ def at_lrs(lrs: dict[str, float]) -> str:
                       # What a dW cosine between two AdaLoRA runs (seeds 0 and 1) is, to compare 0.03 with.
                       Command("similarity_best_lr_control", ("--lr", "1e-3", "--adalora-lr", "3e-3",
                                                              "--control-seed", "1",
-                                                             "--name", "similarity_best_lr_control"),
-                              group="pending")])
+                                                             "--name", "similarity_best_lr_control"))])
 def main(argv: list[str] | None = None) -> int:
     """Compares the kept adapters of the two convergence runs and writes ``results/<name>.*``."""
     args = parse_args(argv)
