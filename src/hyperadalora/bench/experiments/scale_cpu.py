@@ -242,8 +242,9 @@ def render(result: dict) -> list[str]:
                       # 4-bit + checkpointing and fp32 runs of LoRA measured again in the same session.
                       Command("scale_cpu_chunked", ("--settings", "", "--rounds", "0", "--memory-settings",
                                                     "4bit_fp32_ckpt_chunk", "--variants", "lora,adalora,hyperadalora",
-                                                    "--extra", "4bit_fp32_ckpt:lora,peft-lora", "--extra",
-                                                    "fp32_chunk:lora", "--extra", "fp32:lora",
+                                                    "--extra", "4bit_fp32_ckpt:lora,peft-lora,peft-adalora",
+                                                    "--extra", "fp32_chunk:lora",
+                                                    "--extra", "fp32:lora,adalora,hyperadalora",
                                                     "--name", "scale_cpu_chunked"), group="pending")])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
