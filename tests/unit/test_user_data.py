@@ -133,9 +133,35 @@ def test_a_hub_id_online_is_loaded_with_the_hub_split_name(monkeypatch):
         return datasets.Dataset.from_list(CLASSIFY_ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("hyperadalora.data.user.hub_unreachable", lambda: None)  # the stand-in hub answers
     loaded = load_user_rows("someone/reviews", "dev")
     assert calls == [("someone/reviews", "validation")] and loaded.rows == CLASSIFY_ROWS
     assert loaded.at(2) == "someone/reviews (hub, split validation) row 3"
+
+
+def test_an_unreachable_hub_is_refused_at_once_naming_the_data_dir(monkeypatch):
+    import socket
+
+    from hyperadalora.data.user import hub_unreachable
+
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    tried = []
+
+    def unreachable(address, timeout):
+        tried.append((address, timeout))
+        raise ConnectionRefusedError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was tried"))
+    with pytest.raises(ValueError, match=r"the hub cannot be reached: huggingface.co:443 is not reachable "
+                                         r"\(ConnectionRefusedError: refused\)\. Fix: pass --data-dir DIR"):
+        load_user_rows("someone/reviews", "dev")
+    assert tried == [(("huggingface.co", 443), 3.0)]
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080")
+    assert "mirror.local:8080 is not reachable" in hub_unreachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy a direct probe says nothing
+    assert hub_unreachable() is None and len(tried) == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,14 +74,42 @@ def offline() -> str | None:
                 None)
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (a failed TCP connection to its endpoint), else None.
+
+    Offline, ``datasets`` retries for about 30 s before it fails; this answers in ``timeout``
+    seconds. Behind a proxy (``HTTPS_PROXY`` / ``ALL_PROXY``) a direct connection says nothing,
+    so nothing is probed.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port} is not reachable ({type(exc).__name__}: {exc})"
+    return None
+
+
 def check_online(source: str) -> None:
-    """Raises a ``ValueError`` naming the local alternatives when ``source`` (a hub id) cannot be read offline."""
+    """Raises a ``ValueError`` naming the local alternatives when ``source`` (a hub id) cannot be read:
+    an offline switch is set, or the hub does not answer (:func:`hub_unreachable`)."""
     switch = offline()
+    fix = (".jsonl/.json/.csv/.parquet file or folder, or save the data set once online with "
+           f"`datasets.load_dataset({source!r}).save_to_disk(DIR)` and pass DIR")
     if switch is not None:
         raise ValueError(f"{source!r} is not a local file or folder, so it was taken as a Hugging Face hub dataset "
-                         f"id, but {switch} is set (offline), so the hub is not tried. Fix: give a local "
-                         ".jsonl/.json/.csv/.parquet file or folder, or save the data set once online with "
-                         f"`datasets.load_dataset({source!r}).save_to_disk(DIR)` and pass DIR; or unset {switch}")
+                         f"id, but {switch} is set (offline), so the hub is not tried. Fix: give a local {fix}; "
+                         f"or unset {switch}")
+    problem = hub_unreachable()
+    if problem is not None:
+        raise ValueError(f"{source!r} is not a local file or folder, so it was taken as a Hugging Face hub dataset "
+                         f"id, but the hub cannot be reached: {problem}. Fix: pass --data-dir DIR (GLUE tasks: a "
+                         f"folder as ../shared/data), or give a local {fix}")
 
 
 def is_single_set(source: str) -> bool:
@@ -190,5 +218,5 @@ def _rows(loaded, where: str) -> UserRows:
     return UserRows(rows=[dict(r) for r in loaded], columns=tuple(loaded.column_names), where=where)
 
 
-__all__ = ["FILE_FORMATS", "MissingColumnError", "OFFLINE_VARS", "UserRows", "check_online", "is_single_set",
+__all__ = ["FILE_FORMATS", "MissingColumnError", "OFFLINE_VARS", "UserRows", "check_online", "hub_unreachable", "is_single_set",
            "load_user_rows", "names_a_file", "offline"]
