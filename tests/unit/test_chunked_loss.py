@@ -123,3 +123,26 @@ def test_run_config_turns_on_the_chunked_loss():
     assert model.loss_chunk_tokens == 32
     out = model.train()(**llama_batch(0))
     assert out.logits is None and out.loss.requires_grad
+
+
+def test_a_run_with_the_chunked_loss_logs_the_same_losses_and_saves_the_same_adapter(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from hyperadalora.train import load_run_config, train
+    from test_train_loop import read_jsonl, tiny_llama_dir, write_instruct, write_rte
+
+    root = tmp_path_factory.mktemp("chunked-run")
+    llama, data = tiny_llama_dir(root), write_instruct(write_rte(root / "data"))
+    runs = {}
+    for chunk in (0, 5):
+        cfg = load_run_config("alpaca_smollm2_hyperadalora", [
+            f"model={llama}", f"data_dir={data}", f"output_dir={root}", f"run_name=chunk{chunk}", "steps=3",
+            "batch_size=2", "max_length=64", "eval_every=0", "eval_rows=1", "max_new_tokens=2", "progress=false",
+            "adapter.target_modules=[q_proj,v_proj]", f"loss_chunk_tokens={chunk}"])
+        runs[chunk] = train(cfg).run_dir
+    logs = [[row["loss"] for row in read_jsonl(runs[c] / "log.jsonl")] for c in (0, 5)]
+    assert len(logs[0]) == 3 and logs[1] == pytest.approx(logs[0], abs=1e-6)
+    adapters = [load_file(runs[c] / "adapter" / "adapter_model.safetensors") for c in (0, 5)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
