@@ -183,11 +183,13 @@ def test_fsdp_resumes_exactly_on_two_or_one_processes(shared, tmp_path):
 
 
 def test_fsdp_generation_task_evaluates_like_one_process(shared, tmp_path):
-    """generate() calls the base model past the sharded root's forward: the root is gathered first."""
+    """generate() calls the base model past the sharded root's forward: the root is gathered first.
+    The sharded run also takes its loss in chunks (loss_chunk_tokens, the output layer called past the
+    model's own forward, recomputed in the backward): the same losses as one process's own loss."""
     args = ["train", "alpaca_smollm2_adalora", "--data-dir", str(shared["data"]), "--no-progress",
             f"model={shared['llama']}", "run_name=run", "steps=3", "batch_size=2", "eval_rows=3", "max_new_tokens=4"]
     assert main(args + ["--output-dir", str(tmp_path / "one")]) == 0
-    two_processes(args + ["--output-dir", str(tmp_path / "two"), "distributed=fsdp"])
+    two_processes(args + ["--output-dir", str(tmp_path / "two"), "distributed=fsdp", "loss_chunk_tokens=5"])
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     for x, y in zip(log(one), log(two)):
         assert abs(x["loss"] - y["loss"]) <= 1e-5
