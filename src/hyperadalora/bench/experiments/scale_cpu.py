@@ -245,7 +245,7 @@ def render(result: dict) -> list[str]:
                                                     "--extra", "4bit_fp32_ckpt:lora,peft-lora,peft-adalora",
                                                     "--extra", "fp32_chunk:lora",
                                                     "--extra", "fp32:lora,adalora,hyperadalora",
-                                                    "--name", "scale_cpu_chunked"), group="pending")])
+                                                    "--name", "scale_cpu_chunked"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
     args = parse_args(argv)
