@@ -282,7 +282,7 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
                       Command("tuned_mpnet", ("--model", "mpnet", "--methods", "adalora,hyperadalora", "--method-lrs",
                                               "adalora:1e-3,adalora:3e-3,adalora:1e-2,hyperadalora:3e-4,"
                                               "hyperadalora:1e-3,hyperadalora:3e-3", "--max-extend", "1", "--seeds",
-                                              "5", *IMPORT, "--workers", "2", "--name", "tuned_mpnet"), group="pending")])
+                                              "5", *IMPORT, "--workers", "2", "--name", "tuned_mpnet"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
