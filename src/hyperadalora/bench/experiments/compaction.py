@@ -172,7 +172,10 @@ def render(result: dict) -> list[str]:
 @experiment("compaction", section="### Compacted AdaLoRA: the step after the final budget (issue 23, item 4)",
             title="AdaLoRA compacted to its kept ranks vs LoRA at those ranks vs peft's AdaLoRA",
             parse_args=parse_args, render=render, data=False,
-            commands=[Command("compaction", ("--models", "minilm", "--steps", "3", "--final", "1"))])
+            commands=[Command("compaction", ("--models", "minilm", "--steps", "3", "--final", "1")),
+                      # Again on a quiet machine (load 0.5), SmolLM2 as well, 10 interleaved steps.
+                      Command("compaction_quiet", ("--models", "minilm,smollm2", "--steps", "10", "--final", "1",
+                                                   "--name", "compaction_quiet"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures every model and writes ``results/<name>.json`` / ``.md``."""
     args = parse_args(argv)
