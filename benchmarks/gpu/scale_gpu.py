@@ -11,7 +11,8 @@ peak memory above what was held before loading (GPU: ``torch.cuda.max_memory_all
 the process's peak resident set). ``--smoke`` runs the same code on tiny random Llama / BERT
 models for 2 steps, so the script is known to work without a GPU. ``--chunk-bases`` (default
 ``4bit_ckpt_chunk``: 4-bit, checkpointed, the causal-LM loss taken 256 positions at a time) adds
-our variants on the causal LM only: peft has no chunked loss, and a classifier has no vocabulary logits. The loading, adapting,
+our variants on the causal LM only: peft has no chunked loss, and a classifier has no vocabulary
+logits. The loading, adapting,
 stepping and measuring is :mod:`hyperadalora.bench.scale`, shared with ``hyperadalora bench
 scale_cpu`` (issue 23, item 6). See docs/scale.md.
 """

@@ -68,13 +68,16 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # position t predicts token t + 1
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (batch * seq, hidden)
     flat_labels = shifted.reshape(-1).to(hidden.device)  # (batch * seq,)
+    counted = flat_labels != IGNORE_INDEX  # (batch * seq,)
+    # One host sync for every chunk's "has a label" (a chunk of padding costs no projection).
+    chunks = -(-counted.numel() // chunk_tokens)
+    padded = F.pad(counted, (0, chunks * chunk_tokens - counted.numel()))  # (chunks * chunk_tokens,)
+    with_labels = padded.view(chunks, chunk_tokens).any(dim=1).tolist()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        if bool((flat_labels[part] != IGNORE_INDEX).any()):  # a chunk of padding costs no projection
-            total = total + checkpoint(_chunk_loss_sum, head, flat_hidden[part], flat_labels[part],
-                                       use_reentrant=False)
-    return total / (flat_labels != IGNORE_INDEX).sum()
+    for index in (i for i, has in enumerate(with_labels) if has):
+        part = slice(index * chunk_tokens, (index + 1) * chunk_tokens)
+        total = total + checkpoint(_chunk_loss_sum, head, flat_hidden[part], flat_labels[part], use_reentrant=False)
+    return total / counted.sum()
 
 
 def chunked_causal_lm_forward(model: nn.Module, chunk_tokens: int, **batch: Any) -> Any:

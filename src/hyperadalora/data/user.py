@@ -218,5 +218,5 @@ def _rows(loaded, where: str) -> UserRows:
     return UserRows(rows=[dict(r) for r in loaded], columns=tuple(loaded.column_names), where=where)
 
 
-__all__ = ["FILE_FORMATS", "MissingColumnError", "OFFLINE_VARS", "UserRows", "check_online", "hub_unreachable", "is_single_set",
-           "load_user_rows", "names_a_file", "offline"]
+__all__ = ["FILE_FORMATS", "MissingColumnError", "OFFLINE_VARS", "UserRows", "check_online", "hub_unreachable",
+           "is_single_set", "load_user_rows", "names_a_file", "offline"]

@@ -127,13 +127,19 @@ def partial_means(per_module: list[dict]) -> list[str]:
     return [f"{key.replace('|', ' ')}: over the {c} where both are non-zero" for key, c in counts.items() if 0 < c < n]
 
 
-def kept_run_dir(args: argparse.Namespace, method: str, lr: float, seed: int) -> Path:
-    """The convergence run of ``method`` at ``lr`` and ``seed``, with its adapter kept (trained when not cached)."""
-    from ..runner import run_specs
+def convergence_spec(args: argparse.Namespace, method: str, lr: float, seed: int):
+    """The convergence experiment's run of ``method`` at ``lr`` and ``seed``, its adapter kept."""
     from . import convergence as conv
 
     spec = conv.spec(args.task, "minilm", method, lr, seed, conv.TASKS)
-    spec = dataclasses.replace(spec, keep_run_dir=True)  # same key: a cached run without its adapter runs again
+    return dataclasses.replace(spec, keep_run_dir=True)  # same key: a cached run without its adapter runs again
+
+
+def kept_run_dir(args: argparse.Namespace, method: str, lr: float, seed: int) -> Path:
+    """The directory of :func:`convergence_spec`'s run (trained when not cached)."""
+    from ..runner import run_specs
+
+    spec = convergence_spec(args, method, lr, seed)
     return Path(run_specs([spec], args.work_dir, args.data_dir)[spec.key]["run_dir"])
 
 
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.work_dir) / "runs"
     lrs = method_lrs(vars(args))
     for m in ("adalora", "hyperadalora"):
-        d = runs / f"{args.task}-minilm-{m}-lr{lrs[m]:g}-s0"
+        d = runs / convergence_spec(args, m, lrs[m], 0).key
         if args.data_dir is None and not (d / "adapter" / "adapter_config.json").is_file():
             args.parser.error(f"{d} holds no adapter: give --data-dir to train it, or run `hyperadalora bench "
                               f"convergence` first (it keeps the SST-2 / MiniLM / seed-0 adapters in {runs})")
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     init_a, init_h = initial_factors(dirs["adalora"]), initial_factors(dirs["hyperadalora"])
     pairs = dict(zip(PAIRS, ((hyp, ada), (ada, init_a), (hyp, init_h), (init_h, init_a))))
     if args.control_seed is not None:
-        pairs[CONTROL.format(seed=args.control_seed)] = (trained_factors(kept_run_dir(args, "adalora", lrs["adalora"], args.control_seed)), ada)
+        control = kept_run_dir(args, "adalora", lrs["adalora"], args.control_seed)
+        pairs[CONTROL.format(seed=args.control_seed)] = (trained_factors(control), ada)
     per_module = [{"module": name, **{f"{pair}|{k}": cosine(x[name][k], y[name][k])
                                       for pair, (x, y) in pairs.items() for k in KINDS}} for name in ada]
     mean = {key: nanmean([r[key] for r in per_module]) for key in per_module[0] if key != "module"}

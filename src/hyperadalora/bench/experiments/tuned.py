@@ -1,8 +1,9 @@
 """Tuned side by side (issues 18 and 20): LoRA, AdaLoRA, Sensitivity-LoRA and their hyper twins,
 each at its own best learning rate, with seeds, confidence intervals and paired tests.
 
-Same protocol as :mod:`.convergence` on SST-2 / MiniLM or MPNet (``--model``; 200 steps, batch 16, AdamW, 6% warm-up,
-cosine decay, the encoder linears, the paper's hypernetwork width), so the numbers compare.
+Same protocol as :mod:`.convergence` on SST-2 / MiniLM or MPNet (``--model``; 200 steps, batch 16,
+AdamW, 6% warm-up, cosine decay, the encoder linears, the paper's hypernetwork width), so the
+numbers compare.
 Equal rank budgets: every method ends at an average rank 8 over the adapted matrices (LoRA r 8;
 AdaLoRA r 12 -> target 8; Sensitivity-LoRA (``allocator.policy=sensitivity``, then ``none``):
 8 x the number of matrices (288 on MiniLM, 576 on MPNet) redistributed once before training,
@@ -179,7 +180,8 @@ def import_runs(path: str, args: argparse.Namespace) -> list[str]:
     done = []
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     for c in json.loads(source.read_text())["curves"]:
-        if (c.get("task"), c.get("model"), c.get("method")) not in {(args.task, args.model, m) for m in args.method_list}:
+        if (c.get("task"), c.get("model"), c.get("method")) not in {(args.task, args.model, m)
+                                                                    for m in args.method_list}:
             continue
         s = spec(args.task, c["method"], c["lr"], c["seed"], args.model)
         if s.key != c["key"] or load_cached(s, args.work_dir) is not None:
@@ -246,7 +248,8 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
               "diverged": r["diverged"], "best": best[m] == lr, "dev_metric": (r["final_metrics"] or {}).get(metric)}
              for m in grids for lr in grids[m] if (r := results.get(spec(args.task, m, lr, 0, args.model).key))]
     steps = TASKS[args.task]["steps"]
-    config = {"task": args.task, "model": args.model, "methods": args.method_list, "labels": {m: LABELS[m] for m in grids},
+    config = {"task": args.task, "model": args.model, "methods": args.method_list,
+              "labels": {m: LABELS[m] for m in grids},
               "metric": metric, "start_lrs": args.grids, "max_extend": args.max_extend, "seeds": args.seeds,
               "steps": steps, "batch_size": BASE["batch_size"], "cost_steps": args.cost_steps,
               "cost_seq_len": args.cost_seq_len, "workers": args.workers, "threads_per_run": args.threads,
