@@ -23,19 +23,20 @@ def smoothed_final(losses: Sequence[float], beta: float = BETA) -> float:
     return last if math.isfinite(last) else math.inf
 
 
-def first_reach(losses: Sequence[float], step_times: Sequence[float], target: float,
+def first_reach(losses: Sequence[float], step_times: Sequence[float] | None, target: float,
                 beta: float = BETA) -> tuple[int | None, float | None]:
     """``(steps, seconds)`` until the smoothed loss first is ``<= target``; ``(None, None)`` if never.
 
-    ``steps`` counts optimizer steps (1-based); ``seconds`` sums ``step_times`` up to that step.
+    ``steps`` counts optimizer steps (1-based); ``seconds`` sums ``step_times`` up to that step, and
+    is ``None`` when ``step_times`` is (a curve imported from a result that kept only its losses).
     """
-    if len(step_times) < len(losses):
+    if step_times is not None and len(step_times) < len(losses):
         raise ValueError(f"{len(losses)} losses but only {len(step_times)} step times")
     elapsed = 0.0
-    for i, (value, seconds) in enumerate(zip(smooth(losses, beta), step_times)):
-        elapsed += seconds
+    for i, value in enumerate(smooth(losses, beta)):
+        elapsed += step_times[i] if step_times is not None else 0.0
         if value <= target:
-            return i + 1, elapsed
+            return i + 1, (elapsed if step_times is not None else None)
     return None, None
 
 

@@ -145,8 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/bench/tuned")
     p.add_argument("--name", default="tuned")
-    p.add_argument("--import-runs", default="", help="a convergence result JSON whose runs of the same protocol "
-                   "(same key: task, model, method, lr, seed) fill the cache instead of running again")
+    p.add_argument("--import-runs", default="", help="comma-separated convergence or tuned result JSONs whose runs "
+                   "of the same protocol (same key: task, model, method, lr, seed) fill the cache instead of running "
+                   "again")
     p.add_argument("--report-only", action="store_true", help="rebuild from the cached runs; train nothing (the "
                    "step costs are measured unless cached)")
     args = p.parse_args(argv)
@@ -163,16 +164,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(m not in args.method_list for m, _ in pairs):
         p.error(f"--method-lrs {args.method_lrs!r} names a method that is not among --methods {args.method_list}")
     args.grids = {m: sorted({lr for n, lr in pairs if n == m}) or args.lr_list for m in args.method_list}
+    missing = [x for x in args.import_runs.split(",") if x and not Path(x).is_file()]
+    if missing:
+        p.error(f"--import-runs: no such result file {missing} (e.g. benchmarks/results/convergence.json)")
     return args
 
 
 def import_runs(path: str, args: argparse.Namespace) -> list[str]:
-    """Caches the runs of a :mod:`.convergence` result (``curves``) that are runs of this protocol.
+    """Caches the runs of a :mod:`.convergence` or tuned result (``curves``) that are runs of this protocol.
 
     A curve is taken when its key is the key :func:`spec` gives its tags (same task, model,
     method, lr and seed; :mod:`.convergence`'s ``spec`` builds the same config from the same
     base): its cache entry gets this spec's config and says where it came from. Runs cached already
-    are left alone. Returns the keys imported.
+    are left alone. A tuned result written before its curves kept step times gives runs without
+    them (their separate-run ``seconds_to_target`` is ``None``; the tables use the interleaved
+    step cost anyway). Returns the keys imported.
     """
     source = Path(path)
     if not source.is_file():
@@ -186,13 +192,14 @@ def import_runs(path: str, args: argparse.Namespace) -> list[str]:
         s = spec(args.task, c["method"], c["lr"], c["seed"], args.model)
         if s.key != c["key"] or load_cached(s, args.work_dir) is not None:
             continue
+        times = c.get("step_times")
         write_json(Path(args.work_dir) / f"{s.key}.json", {
             "key": s.key, "tags": s.tags, "status": "completed", "diverged": c["diverged"], "lr": c["lr"],
-            "seed": c["seed"], "steps": len(c["losses"]), "losses": c["losses"], "step_times": c["step_times"],
+            "seed": c["seed"], "steps": len(c["losses"]), "losses": c["losses"], "step_times": times,
             "total_rank": c.get("total_rank"), "final_metrics": c["final_metrics"],
             "final_smoothed": None if c["diverged"] else smoothed_final(c["losses"]),
-            "seconds": round(sum(c["step_times"]), 2), "config": spec_config(s), "run_dir": None,
-            "imported_from": source.name})
+            "seconds": round(sum(times), 2) if times else None, "config": spec_config(s), "run_dir": None,
+            "allocation": c.get("allocation"), "imported_from": source.name})
         done.append(s.key)
     return done
 
@@ -257,7 +264,9 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
               {m: METHODS[m] for m in grids}, "target_definition": "mean over AdaLoRA seeds (at its best lr) of the "
               "smoothed (EMA 0.9, bias-corrected) training task loss at the last step"}
     curves = [{"key": r["key"], **r["tags"], "losses": [round(x, 5) for x in r["losses"]],
-               "final_metrics": r["final_metrics"], "diverged": r["diverged"], "allocation": r.get("allocation")}
+               "step_times": r["step_times"] and [round(x, 4) for x in r["step_times"]],
+               "final_metrics": r["final_metrics"], "diverged": r["diverged"], "allocation": r.get("allocation"),
+               "total_rank": r.get("total_rank")}
               for r in runs]
     return {"config": config, "rows": rows, "sweep": sweep, "summary": summarize(rows, sweep, grids, cost),
             "cost": cost, "curves": curves}
@@ -281,16 +290,20 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
                                                "hypersensitivity:3e-3", "--max-extend", "1", "--seeds", "5", *IMPORT,
                                                "--name", "tuned_5seeds")),
                       # Issue 20 item 3: the same question on MPNet (110M) at 5 seeds, each method's grid
-                      # around its MPNet best from convergence.json (its runs imported).
-                      Command("tuned_mpnet", ("--model", "mpnet", "--methods", "adalora,hyperadalora", "--method-lrs",
-                                              "adalora:1e-3,adalora:3e-3,adalora:1e-2,hyperadalora:3e-4,"
-                                              "hyperadalora:1e-3,hyperadalora:3e-3", "--max-extend", "1", "--seeds",
-                                              "5", *IMPORT, "--workers", "2", "--name", "tuned_mpnet"))])
+                      # around its MPNet best from convergence.json (its runs imported); issue 18: Sensitivity-LoRA
+                      # added later, the AdaLoRA / HyperAdaLoRA runs taken from the committed result.
+                      Command("tuned_mpnet", ("--model", "mpnet", "--methods", "adalora,hyperadalora,sensitivity",
+                                              "--method-lrs", "adalora:1e-3,adalora:3e-3,adalora:1e-2,"
+                                              "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3,"
+                                              "sensitivity:3e-4,sensitivity:1e-3,sensitivity:3e-3", "--max-extend",
+                                              "1", "--seeds", "5", "--import-runs",
+                                              "benchmarks/results/convergence.json,benchmarks/results/tuned_mpnet.json",
+                                              "--workers", "2", "--name", "tuned_mpnet"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
-    if args.import_runs:
-        print(f"tuned: imported {len(import_runs(args.import_runs, args))} runs from {args.import_runs}")
+    for path in (x for x in args.import_runs.split(",") if x):
+        print(f"tuned: imported {len(import_runs(path, args))} runs from {path}")
     results, grids, best = run_all(args)
     cost = measured_costs(args, results, best)
     result = build_result(args, results, grids, best, cost)

@@ -32,7 +32,7 @@ def rows_of(runs: list[dict], task: str, model: str, best: dict, metric: str) ->
     rows = []
     for m, group in mine.items():
         for r in group:
-            steps, secs = first_reach(r["losses"], r["step_times"], target)
+            steps, secs = first_reach(r["losses"], r["step_times"] or None, target)
             rows.append({"task": task, "model": model, "method": m, "seed": r["seed"], "lr": r["lr"],
                          "lr_setting": "own_best_lr", "target_loss": target, "steps_to_target": steps,
                          "seconds_to_target": secs, "dev_accuracy": (r["final_metrics"] or {}).get("accuracy"),
