@@ -36,6 +36,9 @@ def test_first_reach_counts_steps_and_sums_seconds_on_the_smoothed_curve():
     assert first_reach([1.0, 0.0], [1, 1], ema([1.0, 0.0])[1]) == (2, 2)
     with pytest.raises(ValueError, match="step times"):
         first_reach([1.0, 0.5], [1.0], 0.1)
+    # Without step times (a curve imported from a result that kept only its losses): the steps, no seconds.
+    assert first_reach(losses, None, target) == (3, None)
+    assert first_reach([1.0, 0.0, 1.0], None, 0.3) == (None, None)
 
 
 def test_smoothed_final_and_best_lr_never_pick_a_diverged_run():

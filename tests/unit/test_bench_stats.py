@@ -160,6 +160,41 @@ def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_spe
         import_runs(str(tmp_path / "missing.json"), args)
 
 
+def test_a_tuned_results_curves_round_trip_through_import_runs_into_the_same_rows(tmp_path):
+    """A tuned result's curves (older ones without step times) import as the runs they came from:
+    rebuilding the result from them gives the same rows; Sensitivity-LoRA keeps its allocation."""
+    import json
+
+    from hyperadalora.bench.experiments.tuned import build_result, import_runs, parse_args, spec
+    from hyperadalora.bench.runner import load_cached
+
+    losses = {("adalora", 0): [0.7, 0.5, 0.4], ("adalora", 1): [0.7, 0.6, 0.45],
+              ("sensitivity", 0): [0.7, 0.45, 0.3], ("sensitivity", 1): [0.7, 0.5, 0.5]}
+    allocation = {"policy": "sensitivity", "seconds": 2.5, "ranks": {"layer.0.q": 3, "layer.0.v": 13}}
+    curves = [{"key": spec("sst2", m, 3e-3, s).key, "task": "sst2", "model": "minilm", "method": m, "lr": 3e-3,
+               "seed": s, "losses": x, "final_metrics": {"accuracy": 0.8 + s / 100}, "diverged": False,
+               "allocation": allocation if m == "sensitivity" else None} for (m, s), x in losses.items()]
+    source = tmp_path / "tuned.json"
+    source.write_text(json.dumps({"curves": curves}))
+    args = parse_args(["--methods", "adalora,sensitivity", "--lrs", "3e-3", "--seeds", "2", "--work-dir",
+                       str(tmp_path / "cache"), "--import-runs", str(source)])
+    assert len(import_runs(str(source), args)) == 4
+    results = {s.key: load_cached(s, args.work_dir) for s in (spec("sst2", m, 3e-3, k) for m, k in losses)}
+    assert results[spec("sst2", "sensitivity", 3e-3, 0).key]["allocation"] == allocation
+    result = build_result(args, results, {"adalora": [3e-3], "sensitivity": [3e-3]},
+                          {"adalora": 3e-3, "sensitivity": 3e-3}, {})
+    rows = {(r["method"], r["seed"]): r for r in result["rows"]}
+    target = (results[curves[0]["key"]]["final_smoothed"] + results[curves[1]["key"]]["final_smoothed"]) / 2
+    assert rows["adalora", 0]["target_loss"] == pytest.approx(target)
+    # By hand: target (0.5229 + 0.5745) / 2 = 0.5487; sensitivity seed 0 smooths to 0.7, 0.568, 0.469.
+    assert target == pytest.approx(0.5487, abs=1e-4)
+    assert rows["sensitivity", 0]["steps_to_target"] == 3 and rows["sensitivity", 0]["seconds_to_target"] is None
+    assert rows["sensitivity", 0]["calibration_s"] == 2.5 and rows["sensitivity", 1]["steps_to_target"] is None
+    assert [c["losses"] for c in result["curves"]] == [c["losses"] for c in curves]
+    with pytest.raises(SystemExit):  # a missing file is refused before anything is imported or run
+        parse_args(["--import-runs", f"{source},{tmp_path / 'missing.json'}"])
+
+
 def test_method_lrs_give_a_method_its_own_starting_grid_and_bad_ones_are_refused(capsys):
     from hyperadalora.bench.experiments.tuned import parse_args
 
