@@ -103,6 +103,18 @@ def _accumulate(model: torch.nn.Module, forward: Callable, micro_batches: Iterab
     return losses, task_losses, regs, None, _mean(losses) if losses else float("nan")
 
 
+def _clipped_gradient_norm(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                           clip_grad_norm: Callable | None, step_index: int) -> tuple[float, str | None]:
+    """Pushes the factors' gradients through the hypernetworks, clips; ``(norm before clipping, problem)``."""
+    if hasattr(model, "backward_hypernetworks"):
+        model.backward_hypernetworks()
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    clip = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+    grad_norm = float(clip(trainable_parameters(optimizer), max_norm))
+    problem = None if math.isfinite(grad_norm) else f"the gradient norm is {grad_norm} at step {step_index + 1}"
+    return grad_norm, problem
+
+
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    micro_batches: Iterable[Mapping[str, Any]], *, step_index: int, max_grad_norm: float,
                    scheduler: Any = None, grad_accum: int | None = None,
@@ -152,13 +164,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                                            step_index, precision, mean, sync)
     grad_norm = None
     if problem is None:
-        if hasattr(model, "backward_hypernetworks"):
-            model.backward_hypernetworks()
-        max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-        clip = clip_grad_norm or torch.nn.utils.clip_grad_norm_
-        grad_norm = float(clip(trainable_parameters(optimizer), max_norm))
-        if not math.isfinite(grad_norm):
-            problem = f"the gradient norm is {grad_norm} at step {step_index + 1}"
+        grad_norm, problem = _clipped_gradient_norm(model, optimizer, max_grad_norm, clip_grad_norm, step_index)
     task_loss = _mean(task_losses) if task_losses and None not in task_losses else None
     regularizer = _mean(regs) if regs else None
     if problem is not None:
