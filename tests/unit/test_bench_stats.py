@@ -110,6 +110,14 @@ def test_tuned_rows_and_summary_against_hand_computation():
                              "sweep": sweep, "summary": summary}))
     assert "| Sensitivity-LoRA | 0.001 (0.001, 0.003) edge | 3 |" in text
     assert "| +0.0400 (n 3, p " in text and "| 0.2000 * w | 0.9000 |  | 1 |" in text
+    assert "| 0.50 | 2.2 | 3 (1.75) | 2.00 | 80 | 8 |" in text  # step ratio, time to target, total (/ AdaLoRA)
+    # Without a step cost (--cost-steps 0) a time to target that was reached is unknown, not "never".
+    no_cost = summarize(rows, sweep, {"adalora": [1e-3, 3e-3, 1e-2], "sensitivity": [1e-3, 3e-3]}, {})
+    text = "\n".join(render({"config": {"task": "sst2", "model": "minilm", "steps": 4, "batch_size": 16,
+                                        "target_loss": 0.35, "cost_steps": 0, "cost_seq_len": 32, "metric": "accuracy",
+                                        "labels": {"adalora": "AdaLoRA", "sensitivity": "Sensitivity-LoRA"}},
+                             "sweep": sweep, "summary": no_cost}))
+    assert "| 1 ± 0 (2/3) | n/a | n/a | n/a | 2.00 |" in text and "never" not in text
 
 
 def test_the_sweep_grows_each_grid_until_its_best_lr_is_inside_or_the_growth_budget_is_spent():

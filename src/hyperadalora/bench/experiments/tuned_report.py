@@ -124,7 +124,9 @@ def main_table(result: dict) -> list[str]:
         table.append([labels[m], f"{fmt(s['lr'], 'g', 'n/a')} ({grid}){'' if s['best_inside_grid'] else ' edge'}",
                       str(s["n"]), _pm(s["final_loss"], ".4f"), _pm(s["dev_metric"], ".4f"),
                       f"{_pm(s['steps_to_target'], '.0f')} ({s['steps_to_target']['reached']}/{s['n']})",
-                      fmt(s["step_ratio_to_adalora"], ".2f", "n/a"), fmt(s["time_to_target_s"], ".1f", "never"),
+                      fmt(s["step_ratio_to_adalora"], ".2f", "n/a"),
+                      # "never" only when no seed reached the target; without a step cost it is unknown
+                      fmt(s["time_to_target_s"], ".1f", "never" if not s["steps_to_target"]["reached"] else "n/a"),
                       total, fmt(s["calibration_s"], ".2f", "-"), fmt(s["peak_mib"], ".0f", "n/a"),
                       fmt(s["trainable"], ",", "n/a")])
     return markdown_table([h.format(metric=metric) for h in MAIN_HEADER], table)
