@@ -248,11 +248,11 @@ def render(result: dict) -> list[str]:
                                                     "--name", "scale_cpu_chunked")),
                       # 100 steps (the item's loss check) at a batch this CPU can afford, 1 x 128: each
                       # configuration's losses, our LoRA against peft's, fp32 against 4-bit + ckpt
-                      # (one such configuration takes 6-13 minutes here, so only the LoRA pair ran).
+                      # (2.7-5.2 CPU seconds a step here, so only the LoRA pair ran).
                       Command("scale_cpu_100steps", ("--settings", "", "--rounds", "0", "--memory-settings",
                                                      "fp32,4bit_fp32_ckpt", "--variants", "lora,peft-lora",
                                                      "--batch", "1", "--seq", "128", "--memory-steps", "100",
-                                                     "--name", "scale_cpu_100steps"), group="pending")])
+                                                     "--name", "scale_cpu_100steps"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
     args = parse_args(argv)
