@@ -252,7 +252,14 @@ def render(result: dict) -> list[str]:
                       Command("scale_cpu_100steps", ("--settings", "", "--rounds", "0", "--memory-settings",
                                                      "fp32,4bit_fp32_ckpt", "--variants", "lora,peft-lora",
                                                      "--batch", "1", "--seq", "128", "--memory-steps", "100",
-                                                     "--name", "scale_cpu_100steps"))])
+                                                     "--name", "scale_cpu_100steps")),
+                      # The AdaLoRA pair likewise, one process per setting (run side by side on the 2 cores).
+                      *(Command(f"scale_cpu_100steps_adalora_{s}", ("--settings", "", "--rounds", "0",
+                                                                    "--memory-settings", s, "--variants",
+                                                                    "adalora,peft-adalora", "--batch", "1", "--seq",
+                                                                    "128", "--memory-steps", "100", "--name",
+                                                                    f"scale_cpu_100steps_adalora_{s}"), group="pending")
+                        for s in ("fp32", "4bit_fp32_ckpt"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
     args = parse_args(argv)
