@@ -258,7 +258,7 @@ def render(result: dict) -> list[str]:
                                                                     "--memory-settings", s, "--variants",
                                                                     "adalora,peft-adalora", "--batch", "1", "--seq",
                                                                     "128", "--memory-steps", "100", "--name",
-                                                                    f"scale_cpu_100steps_adalora_{s}"), group="pending")
+                                                                    f"scale_cpu_100steps_adalora_{s}"))
                         for s in ("fp32", "4bit_fp32_ckpt"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
