@@ -279,8 +279,8 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
 
         kwargs["quantization_config"] = bnb_config(quantize, compute_dtype=dtype)
         # The current device: under torchrun each process has set its own (cuda:LOCAL_RANK).
-        current = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        kwargs["device_map"] = device or current
+        kwargs["device_map"] = device or (f"cuda:{torch.cuda.current_device()}"
+                                          if torch.cuda.is_available() else "cpu")
     model, info = _quiet_from_pretrained(classes[task], path, dtype=dtype, local_files_only=local,
                                          output_loading_info=True, **kwargs)
     # The silenced load report is expected to list only the fresh task head; anything else that

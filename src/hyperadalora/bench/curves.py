@@ -32,12 +32,10 @@ def first_reach(losses: Sequence[float], step_times: Sequence[float] | None, tar
     """
     if step_times is not None and len(step_times) < len(losses):
         raise ValueError(f"{len(losses)} losses but only {len(step_times)} step times")
-    elapsed = 0.0
-    for i, value in enumerate(smooth(losses, beta)):
-        elapsed += step_times[i] if step_times is not None else 0.0
-        if value <= target:
-            return i + 1, (elapsed if step_times is not None else None)
-    return None, None
+    steps = next((i + 1 for i, value in enumerate(smooth(losses, beta)) if value <= target), None)
+    if steps is None:
+        return None, None
+    return steps, (None if step_times is None else sum(step_times[:steps], 0.0))
 
 
 def best_lr(curves: Iterable[dict]) -> float | None:

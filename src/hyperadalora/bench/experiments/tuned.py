@@ -164,7 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(m not in args.method_list for m, _ in pairs):
         p.error(f"--method-lrs {args.method_lrs!r} names a method that is not among --methods {args.method_list}")
     args.grids = {m: sorted({lr for n, lr in pairs if n == m}) or args.lr_list for m in args.method_list}
-    missing = [x for x in args.import_runs.split(",") if x and not Path(x).is_file()]
+    args.import_list = [x for x in args.import_runs.split(",") if x]
+    missing = [x for x in args.import_list if not Path(x).is_file()]
     if missing:
         p.error(f"--import-runs: no such result file {missing} (e.g. benchmarks/results/convergence.json)")
     return args
@@ -277,6 +278,9 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
 GRIDS = ("sensitivity:1e-3,sensitivity:3e-3,lora:1e-3,lora:3e-3,"
          "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3")
 IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
+# RTE / MPNet: AdaLoRA's grid one ladder step past convergence.json's top (3e-3).
+RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
+           "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3")
 
 
 @experiment("tuned", section="## 10. Sensitivity-LoRA side by side, each method at its own best lr (issues 18, 20)",
@@ -302,18 +306,14 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
                       # RTE / MPNet, seed 0: does AdaLoRA's best lr lie inside the grid once it grows past
                       # convergence.json's top (3e-3)? (Its runs imported; the full table below is pending.)
                       Command("tuned_rte_mpnet_sweep", ("--task", "rte", "--model", "mpnet", "--methods",
-                                                        "adalora,hyperadalora", "--method-lrs",
-                                                        "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
-                                                        "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3",
+                                                        "adalora,hyperadalora", "--method-lrs", RTE_LRS,
                                                         "--max-extend", "1", "--seeds", "1", "--cost-steps", "0",
                                                         *IMPORT, "--work-dir", "runs/bench/tuned_rte",
                                                         "--name", "tuned_rte_mpnet_sweep")),
                       # Issues 18 and 20 on RTE / MPNet: Sensitivity-LoRA swept too; 3 seeds (issue 18's floor).
                       Command("tuned_rte_mpnet", ("--task", "rte", "--model", "mpnet", "--methods",
                                                   "adalora,hyperadalora,sensitivity", "--method-lrs",
-                                                  "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
-                                                  "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3,"
-                                                  "sensitivity:3e-4,sensitivity:1e-3,sensitivity:3e-3",
+                                                  RTE_LRS + ",sensitivity:3e-4,sensitivity:1e-3,sensitivity:3e-3",
                                                   "--max-extend", "1", "--seeds", "3", *IMPORT,
                                                   "--work-dir", "runs/bench/tuned_rte", "--name", "tuned_rte_mpnet"),
                               group="pending"),
@@ -328,7 +328,7 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
-    for path in (x for x in args.import_runs.split(",") if x):
+    for path in args.import_list:
         print(f"tuned: imported {len(import_runs(path, args))} runs from {path}")
     results, grids, best = run_all(args)
     cost = measured_costs(args, results, best)
