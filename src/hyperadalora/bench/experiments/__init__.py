@@ -9,7 +9,9 @@ from . import convergence  # noqa: F401, I001
 from . import cost_per_step  # noqa: F401
 from . import step_cost  # noqa: F401
 from . import compaction  # noqa: F401
+from . import compile_cost  # noqa: F401
 from . import scale_cpu  # noqa: F401
+from . import precision  # noqa: F401
 from . import gamma_sweep  # noqa: F401
 from . import body_ablation  # noqa: F401
 from . import similarity  # noqa: F401

@@ -28,14 +28,17 @@ import argparse
 import copy
 import os
 import statistics
+import time
 
 import torch
 
 from ..experiment import Command, experiment
 from ..report import machine, markdown_table, versions
+from ..stats import mean_ci
 from .common import MINILM_ENCODER_LINEARS, write_results
 from .step_model import make_step, time_interleaved
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 VARIANTS = ("adalora_compact", "adalora_masked", "lora_same_ranks", "peft_adalora")
 TOTAL_STEP = 1000
 MODELS = {  # name: (task, target modules, batch size, sequence length)
@@ -59,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the final budget")
     p.add_argument("--final", type=int, default=3, help="the step at which the final budget is fixed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or the process's CPU time (with --threads 1: the work done on a shared machine)")
+    p.add_argument("--alternate", action="store_true", help="reverse the variants' order every other round")
     p.add_argument("--name", default="compaction")
     args = p.parse_args(argv)
     if args.quick:
@@ -134,7 +140,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
     assert compact.allocator.compacted, "the final budget did not compact the model"
     steps["lora_same_ranks"] = make_step(lora_at(base, targets, ranks), "lora_same_ranks")
     del base
-    times = time_interleaved({v: steps[v][0] for v in VARIANTS}, batch, args.steps, args.warmup, progress=True)
+    times = time_interleaved({v: steps[v][0] for v in VARIANTS}, batch, args.steps, args.warmup, progress=True,
+                             clock=CLOCKS[args.clock], alternate=args.alternate)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     state = {v: steps[v][2]() for v in VARIANTS}
     return {"model": name, "batch": f"{batch_size} x {seq_len}", "modules": len(ranks),
@@ -148,24 +155,43 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
                        "kept_fraction": sum(ranks.values()) / (12 * len(ranks))}}
 
 
+PAIRS = (("adalora_compact", "lora_same_ranks"), ("adalora_compact", "peft_adalora"),
+         ("lora_same_ranks", "peft_adalora"), ("adalora_compact", "adalora_masked"))
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> str:
+    """``a / b`` step by step (round i against round i): ``mean [low, high]`` of the ratios."""
+    ratios = [x / y for x, y in zip(times[a], times[b])]
+    mean, half = mean_ci(ratios)
+    return f"{mean:.3f}" if half is None else f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
 def render(result: dict) -> list[str]:
     """The tables of a compaction result."""
     c = result["config"]
-    head = (f"Median of {c['steps']} interleaved steps after the final budget (AdaLoRA 12 -> 8, gamma 0.5), "
-            f"{c['threads']} threads ({result['machine']['device']}); load average {c['load']} at the start.")
+    clock = " (process CPU time)" if c.get("clock") == "cpu" else ""  # wall time: the older results' header
+    order = ", the order reversed every other round" if c.get("alternate") else ""
+    head = (f"Median of {c['steps']} interleaved steps{clock} after the final budget (AdaLoRA 12 -> 8, gamma 0.5)"
+            f"{order}, {c['threads']} threads ({result['machine']['device']}); load average {c['load']} at the start.")
     rows, ratios = [], []
     for m in result["models"]:
         for v in VARIANTS:
             rows.append([m["model"], m["batch"], v, f"{m['median_s'][v]:.3f}",
                          f"{m['optimizer_state_bytes'][v] / 2**20:.2f}"])
         r = m["ratios"]
+        floor = m["median_s"]["lora_same_ranks"] / m["median_s"]["peft_adalora"]
         ratios.append([m["model"], f"{m['kept_rank']} / {m['initial_rank']} ({m['rank0_modules']} at rank 0)",
-                       f"{r['compact_vs_lora_same_ranks']:.3f}", f"{r['compact_vs_peft_adalora']:.3f}",
+                       f"{r['compact_vs_lora_same_ranks']:.3f}", f"{r['compact_vs_peft_adalora']:.3f}", f"{floor:.3f}",
                        f"{r['compact_vs_masked']:.3f}", f"{r['state_compact_vs_masked']:.3f}",
                        f"{r['kept_fraction']:.3f}"])
+    paired = [[m["model"], *(paired_ratio(m["times_s"], a, b) for a, b in PAIRS)] for m in result["models"]]
     return [head, "", *markdown_table(["model", "batch", "variant", "median s/step", "optimizer state MiB"], rows),
+            "", "Per-step ratios (each step against the same round's step of the other variant): mean and 95% "
+            "interval (t) over the rounds.", "",
+            *markdown_table(["model", *(f"{a} / {b}" for a, b in PAIRS)], paired),
             "", *markdown_table(["model", "kept rank", "compact / LoRA same ranks (goal <= 1.02)",
-                                 "compact / peft AdaLoRA (goal <= 0.8)", "compact / masked",
+                                 "compact / peft AdaLoRA (goal <= 0.8)", "LoRA same ranks / peft AdaLoRA",
+                                 "compact / masked",
                                  "optimizer state compact / masked", "kept fraction"], ratios)]
 
 
@@ -175,7 +201,14 @@ def render(result: dict) -> list[str]:
             commands=[Command("compaction", ("--models", "minilm", "--steps", "3", "--final", "1")),
                       # Again on a quiet machine (load 0.5), SmolLM2 as well, 10 interleaved steps.
                       Command("compaction_quiet", ("--models", "minilm,smollm2", "--steps", "10", "--final", "1",
-                                                   "--name", "compaction_quiet"))])
+                                                   "--name", "compaction_quiet")),
+                      # One thread, process CPU time: the work of each step, beside other jobs.
+                      Command("compaction_cpu", ("--models", "minilm,smollm2", "--steps", "10", "--final", "1",
+                                                 "--threads", "1", "--clock", "cpu", "--name", "compaction_cpu")),
+                      # The same with the order reversed every other round (a fixed order's bias, if any).
+                      Command("compaction_cpu_alternate", ("--models", "minilm,smollm2", "--steps", "10", "--final",
+                                                           "1", "--threads", "1", "--clock", "cpu", "--alternate",
+                                                           "--name", "compaction_cpu_alternate"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures every model and writes ``results/<name>.json`` / ``.md``."""
     args = parse_args(argv)
@@ -184,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "versions": versions(), "models": [],
               "config": {"steps": args.steps, "warmup": args.warmup, "final": args.final, "threads": args.threads,
                          "init_r": 12, "target_r": 8, "gamma": 0.5, "optimizer": "AdamW lr 1e-4",
-                         "load": round(load, 2), "timing": "median of round-robin interleaved steps, one process"}}
+                         "load": round(load, 2), "clock": args.clock, "alternate": args.alternate,
+                         "timing": "median of round-robin interleaved steps, one process"}}
     for m in args.model_list:  # written after each model, so a long run that is stopped keeps what it measured
         result["models"].append(measure_model(m, args))
         lines = render(result)

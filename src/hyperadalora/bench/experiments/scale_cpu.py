@@ -259,7 +259,21 @@ def render(result: dict) -> list[str]:
                                                                     "adalora,peft-adalora", "--batch", "1", "--seq",
                                                                     "128", "--memory-steps", "100", "--name",
                                                                     f"scale_cpu_100steps_adalora_{s}"))
-                        for s in ("fp32", "4bit_fp32_ckpt"))])
+                        for s in ("fp32", "4bit_fp32_ckpt")),
+                      # HyperAdaLoRA likewise (no peft twin), both settings in one invocation.
+                      Command("scale_cpu_100steps_hyperadalora", ("--settings", "", "--rounds", "0",
+                                                                  "--memory-settings", "fp32,4bit_fp32_ckpt",
+                                                                  "--variants", "hyperadalora", "--batch", "1", "--seq",
+                                                                  "128", "--memory-steps", "100", "--name",
+                                                                  "scale_cpu_100steps_hyperadalora")),
+                      # bf16 at 4 x 512, memory only (one full bf16 step costs ~15x fp32's here). Stopped
+                      # after its first three configurations: the AdaLoRA pair ran in a second process.
+                      Command("scale_cpu_bf16", ("--settings", "", "--rounds", "0", "--memory-settings", "bf16",
+                                                 "--variants", "lora,peft-lora,hyperadalora,adalora,peft-adalora",
+                                                 "--name", "scale_cpu_bf16")),
+                      Command("scale_cpu_bf16_adalora", ("--settings", "", "--rounds", "0", "--memory-settings",
+                                                         "bf16", "--variants", "adalora,peft-adalora", "--name",
+                                                         "scale_cpu_bf16_adalora"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures memory (a process per configuration), then time and loss (a process per setting)."""
     args = parse_args(argv)

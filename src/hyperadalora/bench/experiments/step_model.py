@@ -179,24 +179,31 @@ def make_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.
 
 
 def time_interleaved(steps: dict, batch, n: int, warmup: int, accumulate: int = 1,
-                     progress: bool = False, phases: dict | None = None) -> dict[str, list[float]]:
+                     progress: bool = False, phases: dict | None = None,
+                     clock: Callable[[], float] = time.perf_counter,
+                     alternate: bool = False) -> dict[str, list[float]]:
     """Seconds of ``n`` steps of each variant's step function, after ``warmup`` untimed steps each.
 
     The variants take turns step by step (round-robin), so machine noise hits them alike.
     With ``phases`` (a dict), ``phases[variant]`` collects the per-phase seconds of the timed steps.
+    ``clock``: wall time by default; ``time.process_time`` counts the process's CPU time (with one
+    thread: the work done, not the waiting on a shared machine). ``alternate``: every other round
+    runs the variants in reverse order, so no variant always follows the same one (whose freed
+    memory and evicted caches it would always inherit).
     """
     for step in steps.values():
         for _ in range(warmup):
             step(batch, accumulate)
     times = {v: [] for v in steps}
     for i in range(n):
-        for v, step in steps.items():
-            t0 = time.perf_counter()
+        order = list(steps.items())
+        for v, step in (order[::-1] if alternate and i % 2 else order):
+            t0 = clock()
             if phases is None:
                 step(batch, accumulate)
             else:
                 step(batch, accumulate, phases.setdefault(v, {}))
-            times[v].append(time.perf_counter() - t0)
+            times[v].append(clock() - t0)
         if progress:
             print(f"step {i + 1}/{n}", file=sys.stderr, flush=True)
     return times
