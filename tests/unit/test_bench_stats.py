@@ -212,3 +212,48 @@ def test_method_lrs_give_a_method_its_own_starting_grid_and_bad_ones_are_refused
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert "--method" in capsys.readouterr().err
+
+
+def test_the_instruction_task_runs_on_the_causal_lm_only_and_mismatches_are_refused(capsys):
+    from hyperadalora.bench.experiments.tuned import parse_args
+
+    args = parse_args(["--task", "alpaca", "--model", "smollm2", "--methods", "adalora,lora"])
+    assert (args.task, args.model) == ("alpaca", "smollm2")
+    for bad in (["--task", "alpaca"], ["--model", "smollm2"], ["--task", "sst2", "--model", "smollm2"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert "instruction task" in capsys.readouterr().err
+
+
+def test_an_instruction_run_is_the_shipped_alpaca_presets_adapter_without_a_head_at_the_protocols_budget():
+    """The tuned SmolLM2 run adapts what configs/alpaca_smollm2_adalora.yaml adapts (read from the
+    shipped file, not from the code under test), trains no classifier, and keeps the rank budget."""
+    from pathlib import Path
+
+    import yaml
+
+    from hyperadalora.bench.experiments.tuned import spec
+    from hyperadalora.bench.runner import spec_config
+    from hyperadalora.train import load_run_config
+
+    preset = yaml.safe_load((Path(__file__).parents[2] / "configs" / "alpaca_smollm2_adalora.yaml").read_text())
+    ada = load_run_config(spec_config(spec("alpaca", "adalora", 1e-3, 1, "smollm2")), {})
+    lora = load_run_config(spec_config(spec("alpaca", "lora", 1e-3, 1, "smollm2")), {})
+    assert (ada.task, ada.model, ada.lr, ada.seed, ada.steps, ada.batch_size) == ("alpaca", "smollm2", 1e-3, 1, 100, 2)
+    assert list(ada.adapter.target_modules) == preset["adapter"]["target_modules"]
+    assert ada.adapter.lora_alpha == preset["adapter"]["lora_alpha"] and ada.adapter.modules_to_save == ()
+    assert (ada.adapter.r, ada.adapter.allocator.target_r, lora.adapter.r) == (12, 8, 8)
+    assert lora.adapter.method == "lora" and lora.adapter.modules_to_save == ()
+
+
+def test_the_causal_cost_step_scores_the_batchs_own_tokens():
+    import torch
+
+    from hyperadalora.bench.experiments.tuned_cost import as_causal_lm, make_batch
+
+    seen = []
+    batch = make_batch(2, 5)
+    as_causal_lm(lambda b, accumulate=1, phases=None: seen.append((b, accumulate)))(batch, 3)
+    (given, accumulate), = seen
+    assert accumulate == 3 and torch.equal(given["labels"], batch["input_ids"])
+    assert given["labels"].shape == (2, 5) and batch["labels"].shape == (2,)  # the class labels are left alone

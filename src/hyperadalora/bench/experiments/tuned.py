@@ -3,7 +3,9 @@ each at its own best learning rate, with seeds, confidence intervals and paired 
 
 Same protocol as :mod:`.convergence` on SST-2 / MiniLM or MPNet (``--model``; 200 steps, batch 16,
 AdamW, 6% warm-up, cosine decay, the encoder linears, the paper's hypernetwork width), so the
-numbers compare.
+numbers compare. The instruction task (``--task alpaca --model smollm2``) keeps that protocol at
+:mod:`.nlg`'s CPU scale (:data:`CAUSAL_TASKS`): all seven linear kinds of SmolLM2's 30 layers,
+loss on the response, ROUGE-1 of greedy generations on held-out rows as the metric.
 Equal rank budgets: every method ends at an average rank 8 over the adapted matrices (LoRA r 8;
 AdaLoRA r 12 -> target 8; Sensitivity-LoRA (``allocator.policy=sensitivity``, then ``none``):
 8 x the number of matrices (288 on MiniLM, 576 on MPNet) redistributed once before training,
@@ -66,11 +68,22 @@ LABELS = {"adalora": "AdaLoRA", "sensitivity": "Sensitivity-LoRA", "lora": "LoRA
 BASELINE = "adalora"
 #: The model of the committed SST-2 tables (``--model`` picks another of :data:`.convergence.MODELS`).
 DEFAULT_MODEL = "minilm"
+#: The causal LM of the instruction task: its seven linear kinds (as the shipped Alpaca preset) and no
+#: classification head (the encoders' base trains one as ``modules_to_save``).
+CAUSAL_MODELS = {"smollm2": {"adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"],
+                             "adapter.lora_alpha": 16, "adapter.modules_to_save": []}}
+#: The instruction task at :mod:`.nlg`'s CPU scale (one SmolLM2 step of 2 x <= 192 tokens takes
+#: seconds on one core): 100 steps, ROUGE-1 / BLEU-4 of 64-token greedy answers to 64 test rows.
+CAUSAL_TASKS = {"alpaca": {"steps": 100, "batch_size": 2, "grad_accum": 1, "max_length": 192, "eval_rows": 64,
+                           "max_new_tokens": 64, "eval_batch_size": 16}}
+ALL_MODELS = {**MODELS, **CAUSAL_MODELS}
+ALL_TASKS = {**TASKS, **CAUSAL_TASKS}
 
 
 def spec(task: str, method: str, lr: float, seed: int, model: str = DEFAULT_MODEL) -> RunSpec:
     """One run: ``method`` on ``task`` / ``model`` at ``lr`` and ``seed`` (the key as :mod:`.convergence`'s)."""
-    overrides = {"task": task, "model": model, "lr": lr, "seed": seed, **MODELS[model], **TASKS[task],
+    overrides = {"task": task, "model": model, "lr": lr, "seed": seed, **ALL_MODELS[model], **ALL_TASKS[task],
                  **METHODS[method]}
     return RunSpec(key=f"{task}-{model}-{method}-lr{lr:g}-s{seed}", config=copy.deepcopy(BASE), overrides=overrides,
                    tags={"task": task, "model": model, "method": method, "lr": lr, "seed": seed})
@@ -130,8 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hyperadalora bench tuned", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="data directory (../shared/data)")
-    p.add_argument("--task", default="sst2", choices=sorted(TASKS))
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="the packaged encoder")
+    p.add_argument("--task", default="sst2", choices=sorted(ALL_TASKS), help="a GLUE task, or alpaca (with "
+                   "--model smollm2)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(ALL_MODELS), help="a packaged encoder, or "
+                   "smollm2 (with --task alpaca)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="starting lr grid of every method (seed 0)")
     p.add_argument("--method-lrs", default="", help="a method's own starting grid, as method:lr pairs (e.g. "
@@ -151,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="rebuild from the cached runs; train nothing (the "
                    "step costs are measured unless cached)")
     args = p.parse_args(argv)
+    if (args.task in CAUSAL_TASKS) != (args.model in CAUSAL_MODELS):
+        p.error(f"--task {args.task} --model {args.model}: the instruction task ({sorted(CAUSAL_TASKS)}) runs on "
+                f"the causal LM ({sorted(CAUSAL_MODELS)}), the GLUE tasks on the encoders ({sorted(MODELS)})")
     args.method_list = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.method_list if m not in METHODS]
     if unknown or BASELINE not in args.method_list:
@@ -255,11 +273,12 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
     sweep = [{"task": args.task, "model": args.model, "method": m, "lr": lr, "final_smoothed_loss": r["final_smoothed"],
               "diverged": r["diverged"], "best": best[m] == lr, "dev_metric": (r["final_metrics"] or {}).get(metric)}
              for m in grids for lr in grids[m] if (r := results.get(spec(args.task, m, lr, 0, args.model).key))]
-    steps = TASKS[args.task]["steps"]
+    steps = ALL_TASKS[args.task]["steps"]
     config = {"task": args.task, "model": args.model, "methods": args.method_list,
               "labels": {m: LABELS[m] for m in grids},
               "metric": metric, "start_lrs": args.grids, "max_extend": args.max_extend, "seeds": args.seeds,
-              "steps": steps, "batch_size": BASE["batch_size"], "cost_steps": args.cost_steps,
+              "steps": steps, "batch_size": ALL_TASKS[args.task].get("batch_size", BASE["batch_size"]),
+              "eval_split": task_spec(args.task).eval_split, "cost_steps": args.cost_steps,
               "cost_seq_len": args.cost_seq_len, "workers": args.workers, "threads_per_run": args.threads,
               "target_loss": rows[0]["target_loss"] if rows else None, "base_config": BASE, "method_overrides":
               {m: METHODS[m] for m in grids}, "target_definition": "mean over AdaLoRA seeds (at its best lr) of the "
@@ -310,12 +329,29 @@ RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
                                                         "--max-extend", "1", "--seeds", "1", "--cost-steps", "0",
                                                         *IMPORT, "--work-dir", "runs/bench/tuned_rte",
                                                         "--name", "tuned_rte_mpnet_sweep")),
-                      # Issues 18 and 20 on RTE / MPNet: Sensitivity-LoRA swept too; 3 seeds (issue 18's floor).
+                      # Issues 18 and 20 on RTE / MPNet: Sensitivity-LoRA swept too; 3 seeds (issue 18's floor). The AdaLoRA /
+                      # HyperAdaLoRA runs come from the two committed results; RTE batches pad to about 128.
                       Command("tuned_rte_mpnet", ("--task", "rte", "--model", "mpnet", "--methods",
                                                   "adalora,hyperadalora,sensitivity", "--method-lrs",
                                                   RTE_LRS + ",sensitivity:3e-4,sensitivity:1e-3,sensitivity:3e-3",
-                                                  "--max-extend", "1", "--seeds", "3", *IMPORT,
-                                                  "--work-dir", "runs/bench/tuned_rte", "--name", "tuned_rte_mpnet"),
+                                                  "--max-extend", "1", "--seeds", "3", "--cost-seq-len", "128",
+                                                  "--import-runs", "benchmarks/results/convergence.json,"
+                                                  "benchmarks/results/tuned_rte_mpnet_sweep.json",
+                                                  "--work-dir", "runs/bench/tuned_rte", "--name", "tuned_rte_mpnet")),
+                      # Issue 18's instruction task on SmolLM2: a first seed-0 sweep of AdaLoRA and
+                      # Sensitivity-LoRA (its runs importable into the 3-seed table below).
+                      Command("tuned_alpaca_smollm2_sweep", ("--task", "alpaca", "--model", "smollm2", "--methods",
+                                                             "adalora,sensitivity", "--lrs", "3e-4,1e-3,3e-3",
+                                                             "--max-extend", "0", "--seeds", "1", "--cost-steps", "0",
+                                                             "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
+                                                             "--name", "tuned_alpaca_smollm2_sweep"),
+                              group="pending"),
+                      # The same task, 3 seeds (CAUSAL_TASKS' CPU scale).
+                      Command("tuned_alpaca_smollm2", ("--task", "alpaca", "--model", "smollm2", "--methods",
+                                                       "adalora,lora,hyperadalora,sensitivity", "--lrs",
+                                                       "3e-4,1e-3,3e-3", "--max-extend", "1", "--seeds", "3",
+                                                       "--cost-seq-len", "192", "--work-dir", "runs/bench/tuned_alpaca",
+                                                       "--name", "tuned_alpaca_smollm2"),
                               group="pending"),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
                       # not a comparison: it decides whether a tuned table there would measure anything).

@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import torch
 
+from ...tasks import task_spec
 from .step_model import make_batch, make_step, measure_memory, time_interleaved
 
-__all__ = ["build", "load_base", "make_batch", "measure_costs"]
+__all__ = ["as_causal_lm", "build", "load_base", "make_batch", "measure_costs"]
 
 
 def load_base() -> dict[str, torch.nn.Module]:
@@ -42,10 +43,22 @@ def build(method: str, bases: dict[str, torch.nn.Module], run: dict) -> tuple[Ca
 
     overrides = {"adapter.rank_pattern": run["rank_pattern"]} if run.get("rank_pattern") else {}
     config = load_run_config(run["config"], overrides)
+    model_task = task_spec(config.task).model_task
     if config.model not in bases:
-        bases[config.model], _ = load_model(config.model, num_labels=2)
+        bases[config.model], _ = load_model(config.model, task=model_task, num_labels=2)
     model = build_run(config, copy.deepcopy(bases[config.model])).model
-    return make_step(model, method)
+    step, trainable, state_bytes = make_step(model, method)
+    if model_task == "causal-lm":
+        return as_causal_lm(step), trainable, state_bytes
+    return step, trainable, state_bytes
+
+
+def as_causal_lm(step: Callable) -> Callable:
+    """``step`` on :func:`make_batch`'s batches with the tokens as labels: every token scored, the work
+    of an instruction batch of that length (the class labels would not fit a causal LM's loss)."""
+    def causal_step(batch: dict, accumulate: int = 1, phases: dict | None = None) -> None:
+        step({**batch, "labels": batch["input_ids"]}, accumulate, phases)
+    return causal_step
 
 
 def measure_costs(runs: dict[str, dict], steps: int, seq_len: int, threads: int, memory_steps: int = 3) -> dict:

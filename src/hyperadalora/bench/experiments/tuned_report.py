@@ -106,7 +106,7 @@ def _p(test: dict | None, spec: str) -> str:
     return f"{test['mean_diff']:+{spec}} (n {test['n']}, p {test['p']:.3g}) {test['verdict']}"
 
 
-MAIN_HEADER = ["method", "best lr (grid)", "seeds", "final loss", "dev {metric}", "steps to target (reached)",
+MAIN_HEADER = ["method", "best lr (grid)", "seeds", "final loss", "{split} {metric}", "steps to target (reached)",
                "step cost / AdaLoRA", "time to target s", "total s (/ AdaLoRA)", "calibration s", "peak MiB",
                "trainable"]
 
@@ -129,7 +129,8 @@ def main_table(result: dict) -> list[str]:
                       fmt(s["time_to_target_s"], ".1f", "never" if not s["steps_to_target"]["reached"] else "n/a"),
                       total, fmt(s["calibration_s"], ".2f", "-"), fmt(s["peak_mib"], ".0f", "n/a"),
                       fmt(s["trainable"], ",", "n/a")])
-    return markdown_table([h.format(metric=metric) for h in MAIN_HEADER], table)
+    split = result["config"].get("eval_split", "dev")  # results before the instruction task: GLUE dev
+    return markdown_table([h.format(metric=metric, split=split) for h in MAIN_HEADER], table)
 
 
 def tests_table(result: dict) -> list[str]:
@@ -138,7 +139,8 @@ def tests_table(result: dict) -> list[str]:
     table = [[labels[m], _p(s["vs_adalora"]["dev_metric"], ".4f"), _p(s["vs_adalora"]["final_loss"], ".4f"),
               _p(s["vs_adalora"]["steps_to_target"], ".1f")]
              for m, s in result["summary"].items() if s["vs_adalora"] is not None]
-    return markdown_table(["method - AdaLoRA", f"dev {metric}", "final loss", "steps to target"], table)
+    split = result["config"].get("eval_split", "dev")
+    return markdown_table(["method - AdaLoRA", f"{split} {metric}", "final loss", "steps to target"], table)
 
 
 def sweep_table(result: dict) -> list[str]:
