@@ -344,8 +344,7 @@ RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
                                                              "adalora,sensitivity", "--lrs", "3e-4,1e-3,3e-3",
                                                              "--max-extend", "0", "--seeds", "1", "--cost-steps", "0",
                                                              "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
-                                                             "--name", "tuned_alpaca_smollm2_sweep"),
-                              group="pending"),
+                                                             "--name", "tuned_alpaca_smollm2_sweep")),
                       # The same task, 3 seeds (CAUSAL_TASKS' CPU scale).
                       Command("tuned_alpaca_smollm2", ("--task", "alpaca", "--model", "smollm2", "--methods",
                                                        "adalora,lora,hyperadalora,sensitivity", "--lrs",
