@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .allocation import POLICY_REGISTRY
-from .allocation.sensitivity_math import DIAGONAL_FORMS
+from .allocation.sensitivity_math import BUDGET_UNITS, DIAGONAL_FORMS
 from .methods import METHOD_REGISTRY, AdapterMethod
 
 METHODS = tuple(METHOD_REGISTRY)
@@ -144,6 +144,10 @@ class AllocatorConfig(JsonConfig):
         min_rank: ``sensitivity``: smallest rank; 0 lets a module drop out (left unadapted).
         max_rank: ``sensitivity``: largest rank (``None``: ``min(d_in, d_out)`` of each matrix,
             which always caps).
+        budget: ``sensitivity``: what is split in proportion to the scores: ``ranks`` (the
+            paper: ``avg_rank`` x number of matrices, exact) or ``params`` (``avg_rank`` x the sum of
+            every matrix's ``d_in + d_out``, a uniform LoRA's parameter count, at most that and
+            short of it by less than one rank; for comparisons at equal trainable parameters).
         topk_fraction: ``sensitivity``: fraction of the Hessian diagonal averaged by ``S_T``.
         alpha: ``sensitivity``: energy fraction defining the effective rank ``S_E``.
         diagonal: ``sensitivity``: ``channel`` (the ``d_in`` input-channel values) or ``weight``
@@ -174,6 +178,7 @@ class AllocatorConfig(JsonConfig):
     avg_rank: int | None = None
     min_rank: int = 1
     max_rank: int | None = None
+    budget: str = "ranks"
     topk_fraction: float = 0.5
     alpha: float = 0.85
     diagonal: str = "channel"
@@ -225,6 +230,7 @@ class AllocatorConfig(JsonConfig):
         check_float(owner, "topk_fraction", self.topk_fraction, 0.0, 1.0, low_open=True)
         check_float(owner, "alpha", self.alpha, 0.0, 1.0, low_open=True)
         check_choice(owner, "diagonal", self.diagonal, DIAGONAL_FORMS)
+        check_choice(owner, "budget", self.budget, BUDGET_UNITS)
 
     @property
     def decides_before_wrap(self) -> bool:

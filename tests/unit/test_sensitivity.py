@@ -69,13 +69,16 @@ def hand_ranks(model, names, batches, settings, average):
             masks.append(b["attention_mask"].bool())
     for h in handles:
         h.remove()
-    metrics, caps = {}, {}
+    metrics, caps, costs = {}, {}, {}
     for n in names:
         # (real tokens, d_in); the pooler sees one (CLS) row per example, nothing padded
         x = torch.cat([t[m] if t.dim() == 3 else t for t, m in zip(inputs[n], masks)]).double()
         w = model.get_submodule(n).weight
         metrics[n] = matrix_sensitivity(torch.diagonal(2 * x.t() @ x), d_out=w.shape[0], diagonal=settings.diagonal)
         caps[n] = min(w.shape)
+        costs[n] = sum(w.shape)  # a LoRA rank's parameters, d_out + d_in
+    if settings.budget == "params":
+        return allocate_ranks(combined_scores(metrics), average * sum(costs.values()), caps, settings.min_rank, costs)
     return allocate_ranks(combined_scores(metrics), average * len(names), caps, settings.min_rank)
 
 
@@ -88,6 +91,27 @@ def test_rank_pattern_equals_the_hand_pipeline_and_its_total_is_exact(diagonal):
     assert ranks == hand_ranks(model, names, calibration(), settings, 4)
     assert sum(ranks.values()) == 4 * len(names) and min(ranks.values()) >= 1
     assert len(set(ranks.values())) > 1  # the layers really differ
+
+
+@pytest.mark.parametrize("model_fn,batch_fn,targets", [(tiny_bert, bert_batch, BERT_TARGETS),
+                                                      (tiny_llama, llama_batch, LLAMA_TARGETS)])
+def test_parameter_budget_spends_a_uniform_loras_parameters(model_fn, batch_fn, targets):
+    base = model_fn()
+    save = ("classifier",) if model_fn is tiny_bert else ()
+    config = sens_config(targets=targets, save=save, budget="params")
+    names = find_target_modules(base, config)
+    ranks = sensitivity_rank_pattern(base, names, calibration(batch_fn), config.allocator, average_rank=4)
+    assert ranks == hand_ranks(base, names, calibration(batch_fn), config.allocator, 4)
+    model = ha.wrap(copy.deepcopy(base), config, calibration=calibration(batch_fn))
+    assert model.adapter_config.rank_pattern == ranks
+    uniform = ha.wrap(copy.deepcopy(base), ha.AdapterConfig(method="lora", r=4, lora_alpha=8, seed=3,
+                                                            target_modules=targets, modules_to_save=save))
+    spent, budget = model.trainable_parameters()[0], uniform.trainable_parameters()[0]
+    widest = max(sum(base.get_submodule(n).weight.shape) for n in names)
+    assert budget - widest < spent <= budget  # within one rank of the widest matrix, never above
+    by_rank = sensitivity_rank_pattern(base, names, calibration(batch_fn), ha.AllocatorConfig(policy="sensitivity"),
+                                       average_rank=4)
+    assert sum(by_rank.values()) == 4 * len(names) and by_rank != ranks  # the two budgets really differ
 
 
 def test_wrap_with_calibration_equals_plain_lora_with_the_same_rank_pattern():
@@ -199,6 +223,8 @@ def test_config_shape_and_errors():
         ha.AllocatorConfig(policy="sensitivity", then="adalora")
     with pytest.raises(ValueError, match="min_rank"):
         ha.AllocatorConfig(policy="sensitivity", min_rank=3, max_rank=2)
+    with pytest.raises(ValueError, match="budget.*ranks, params"):
+        ha.AllocatorConfig(policy="sensitivity", budget="flops")
     with pytest.raises(ValueError, match="calibration"):
         ha.wrap(tiny_bert(), sens_config())
     with pytest.raises(ValueError, match="matches none"):

@@ -123,3 +123,44 @@ def test_allocation_totals_are_exact_on_random_scores():
         assert sum(ranks.values()) == total
         assert all(1 <= ranks[k] <= caps[k] for k in ranks)
         assert not math.isnan(sum(ranks.values()))
+
+
+def test_parameter_budget_by_hand():
+    # costs 2 and 6 per rank, budget 16: shares 8 / 8 -> ranks 4 and 1.33 -> floors 4, 1 (14 used);
+    # 2 left: b's remainder comes first but a rank of b costs 6, a rank of a (2) still fits.
+    costs = {"a": 2, "b": 6}
+    ranks = allocate_ranks({"a": 1, "b": 1}, 16, {"a": 9, "b": 9}, costs=costs)
+    assert ranks == {"a": 5, "b": 1}
+    # 3:1 scores, budget 24: shares 18 / 6 -> ranks 9 and 1 exactly, nothing left over
+    assert allocate_ranks({"a": 3, "b": 1}, 24, {"a": 9, "b": 9}, costs=costs) == {"a": 9, "b": 1}
+
+
+def test_unit_costs_are_the_rank_budget():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        scores = {f"m{i}": float(v) for i, v in enumerate(torch.rand(6, generator=gen))}
+        caps = {n: 12 for n in scores}
+        assert allocate_ranks(scores, 30, caps, costs={n: 1 for n in scores}) == allocate_ranks(scores, 30, caps)
+
+
+def test_parameter_budget_is_never_exceeded_and_nearly_spent_on_random_scores():
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        n = int(torch.randint(2, 10, (1,), generator=gen))
+        scores = {f"m{i}": float(v) for i, v in enumerate(torch.rand(n, generator=gen) ** 3)}
+        costs = {name: int(torch.randint(3, 40, (1,), generator=gen)) for name in scores}
+        caps = {name: int(torch.randint(2, 16, (1,), generator=gen)) for name in scores}
+        budget = int(torch.randint(sum(costs.values()), sum(caps[k] * costs[k] for k in caps) + 1, (1,),
+                                   generator=gen))
+        ranks = allocate_ranks(scores, budget, caps, costs=costs)
+        spent = sum(ranks[k] * costs[k] for k in ranks)
+        assert spent <= budget and all(1 <= ranks[k] <= caps[k] for k in ranks)
+        growable = [costs[k] for k in ranks if ranks[k] < caps[k]]
+        # What is left cannot buy one more rank of every matrix below its cap (floors alone leave up to
+        # sum(costs)); with every matrix at its cap the budget is spent exactly.
+        assert budget - spent < max(growable) if growable else spent == budget
+
+
+def test_parameter_budget_refuses_an_infeasible_total_naming_the_cost_range():
+    with pytest.raises(ValueError, match="total cost of 5 .* possible totals are 12..48"):
+        allocate_ranks({"a": 1, "b": 1}, 5, {"a": 4, "b": 4}, costs={"a": 2, "b": 10})

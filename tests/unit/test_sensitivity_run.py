@@ -54,6 +54,8 @@ def test_run_records_the_calibration_and_trains_as_lora_with_that_rank_pattern(s
     else:
         assert [row["loss"] for row in plain.log] == [row["loss"] for row in log]
     base, _ = load_model(str(shared["bert"]), num_labels=2)
+    assert record["budget"] == "ranks"  # the paper's rank total; the factor parameters it bought:
+    assert record["parameters"] == sum(k * sum(base.get_submodule(n).weight.shape) for n, k in record["ranks"].items())
     assert {n: layer.r for n, layer in load_adapter(base, run / "adapter").adapted_layers.items()} == record["ranks"]
 
 

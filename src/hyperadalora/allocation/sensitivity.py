@@ -17,7 +17,9 @@ Decisions beyond those of :mod:`.sensitivity_math`:
 
 * The average rank is ``AllocatorConfig.avg_rank`` or else ``AdapterConfig.r`` (for AdaLoRA the
   initial rank), so ``r_total = average * number of matrices`` is what a uniform adapter of rank
-  ``r`` would hold: same parameter budget, redistributed.
+  ``r`` would hold: the same rank total, redistributed (with ``budget="params"``, the same
+  parameter count: a rank costs ``d_in + d_out``, LoRA's count; AdaLoRA's one ``lam`` per rank
+  and DoRA's per-module magnitude are left out of the cost).
 * Calibration batches are the task's own training micro-batches (labels are dropped, the
   ``attention_mask`` excludes padding); for instruction tasks that is the tokenised prompt and
   response, which is what the adapted layers see in training.
@@ -55,6 +57,8 @@ class SensitivityReport:
         tokens: Real (unpadded) tokens seen.
         seconds: Wall time of the calibration pass and the allocation.
         average_rank: The average rank the total was computed from.
+        budget: ``ranks`` or ``params`` (``AllocatorConfig.budget``).
+        parameters: ``sum(rank * (d_in + d_out))``, the adapters' factor parameters.
     """
 
     ranks: dict[str, int]
@@ -64,11 +68,14 @@ class SensitivityReport:
     tokens: int
     seconds: float
     average_rank: int
+    budget: str = "ranks"
+    parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible record (what a run directory's ``allocation.json`` holds)."""
         return {"rows": self.rows, "tokens": self.tokens, "seconds": round(self.seconds, 4),
                 "average_rank": self.average_rank, "total_rank": sum(self.ranks.values()),
+                "budget": self.budget, "parameters": self.parameters,
                 "ranks": self.ranks, "scores": self.scores,
                 "metrics": {n: dataclasses.asdict(m) for n, m in self.metrics.items()}}
 
@@ -129,8 +136,9 @@ def calibrate_sensitivity(model: nn.Module, target_names: list[str], batches: It
         model: The base model (not yet wrapped); left unchanged.
         target_names: The modules to allocate ranks to (names as ``model.named_modules()``).
         batches: Model inputs (dicts of tensors, an ``attention_mask`` marks real tokens).
-        settings: ``topk_fraction``, ``alpha``, ``diagonal``, ``min_rank``, ``max_rank``.
-        average_rank: Total rank ``= average_rank * len(target_names)``.
+        settings: ``topk_fraction``, ``alpha``, ``diagonal``, ``min_rank``, ``max_rank``, ``budget``.
+        average_rank: Total rank ``= average_rank * len(target_names)`` (``budget="params"``: the
+            parameters of that many ranks at every matrix, ``average_rank * sum(d_in + d_out)``).
     """
     start = time.perf_counter()
     diags, rows, tokens = hessian_diagonals(model, target_names, batches)
@@ -141,8 +149,13 @@ def calibrate_sensitivity(model: nn.Module, target_names: list[str], batches: It
     scores = combined_scores(metrics)
     largest = settings.max_rank if settings.max_rank is not None else max(max(s) for s in shapes.values())
     caps = {n: min(largest, *shapes[n]) for n in target_names}
-    ranks = allocate_ranks(scores, average_rank * len(target_names), caps, settings.min_rank)
-    return SensitivityReport(ranks, scores, metrics, rows, tokens, time.perf_counter() - start, average_rank)
+    per_rank = {n: sum(shapes[n]) for n in target_names}  # d_out + d_in parameters per rank
+    if settings.budget == "params":
+        ranks = allocate_ranks(scores, average_rank * sum(per_rank.values()), caps, settings.min_rank, per_rank)
+    else:
+        ranks = allocate_ranks(scores, average_rank * len(target_names), caps, settings.min_rank)
+    return SensitivityReport(ranks, scores, metrics, rows, tokens, time.perf_counter() - start, average_rank,
+                             settings.budget, sum(ranks[n] * per_rank[n] for n in target_names))
 
 
 def sensitivity_rank_pattern(model: nn.Module, target_names: list[str], batches: Iterable[Mapping[str, Any]],

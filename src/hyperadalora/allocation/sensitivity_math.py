@@ -24,6 +24,11 @@ Decisions the paper leaves open, made here (each a setting or stated with its re
 * The ``1/n`` scaling of ``H`` and its factor 2 do not change any rank: ``S_E`` is scale-free and
   ``sigma / mu^2 * S`` is invariant to scaling ``S``; so sums over tokens are used as they are.
   A damping ``lambda * I`` is not applied (the diagonal is what is ranked, not inverted).
+* Budget unit: the paper splits a total *rank* ``r_total``; a rank costs ``d_in + d_out``
+  parameters, so moving rank between matrices of different shapes changes the parameter count
+  (on SmolLM2 a rank of an MLP matrix costs 2,112, one of a k / v projection 768). ``budget="params"`` splits
+  ``avg_rank * sum(d_in + d_out)`` parameters instead (a uniform LoRA's count) in proportion to
+  ``theta``, for comparisons at equal trainable-parameter budgets.
 * Rounding: largest remainder (ties to the earlier matrix), so ``sum(r) == r_total`` exactly;
   every rank is clipped to ``[min_rank, cap]`` with ``cap = min(max_rank, d_in, d_out)``, the
   clipped matrices are fixed and the rest of the budget is split again in proportion until no
@@ -39,6 +44,7 @@ from typing import Mapping
 import torch
 
 DIAGONAL_FORMS = ("channel", "weight")
+BUDGET_UNITS = ("ranks", "params")
 
 
 @dataclass(frozen=True)
@@ -117,39 +123,51 @@ def combined_scores(metrics: Mapping[str, MatrixSensitivity]) -> dict[str, float
     return dict(zip(names, theta))
 
 
-def allocate_ranks(scores: Mapping[str, float], total: int, caps: Mapping[str, int], min_rank: int = 1
-                   ) -> dict[str, int]:
-    """Splits ``total`` ranks in proportion to ``scores`` within ``[min_rank, caps[name]]``, exactly.
+def allocate_ranks(scores: Mapping[str, float], total: int, caps: Mapping[str, int], min_rank: int = 1,
+                   costs: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Splits a budget in proportion to ``scores`` into ranks within ``[min_rank, caps[name]]``.
+
+    With ``costs=None`` the budget is ``total`` ranks and the split is exact (largest remainder).
+    With ``costs`` (what one rank of a matrix costs, e.g. its ``d_in + d_out`` parameters) the
+    budget is ``total`` cost units: each matrix's share of it is proportional to its score, its
+    rank is that share divided by its cost, and the rounding adds one rank at a time, largest
+    remainder first, wherever it still fits the budget; the total cost is then at most
+    ``total`` and short of it by less than one rank of every matrix that could still grow.
 
     Args:
         scores: Non-negative score per matrix (``theta``).
-        total: The total rank budget (average rank x number of matrices).
+        total: The budget: ranks (average rank x number of matrices), or cost units with ``costs``.
         caps: Largest rank per matrix (``min(max_rank, d_in, d_out)``).
         min_rank: Smallest rank of any matrix (0 lets a matrix drop out).
+        costs: Positive cost of one rank per matrix (``None``: 1 each, a rank budget).
 
     Returns:
-        ``{name: rank}`` with ``sum == total``.
+        ``{name: rank}``; ``sum(rank * cost) == total`` with unit costs.
 
     Raises:
         ValueError: If ``total`` cannot be met within the bounds (the message gives the range).
     """
     names = list(scores)
+    cost = {n: 1 for n in names} if costs is None else {n: costs[n] for n in names}
     low = {n: min(min_rank, caps[n]) for n in names}
-    lo_sum, hi_sum = sum(low.values()), sum(caps[n] for n in names)
+    lo_sum, hi_sum = sum(low[n] * cost[n] for n in names), sum(caps[n] * cost[n] for n in names)
     if not lo_sum <= total <= hi_sum:
-        raise ValueError(f"a total rank of {total} cannot be split over {len(names)} matrices with ranks in "
+        unit = "rank" if costs is None else "cost"
+        raise ValueError(f"a total {unit} of {total} cannot be split over {len(names)} matrices with ranks in "
                          f"[{min_rank}, cap]: the possible totals are {lo_sum}..{hi_sum}; change the average rank, "
                          "min_rank or max_rank")
-    exact = _bounded_shares(scores, total, low, caps)
+    shares = _bounded_shares(scores, total, {n: low[n] * cost[n] for n in names},
+                             {n: caps[n] * cost[n] for n in names})
+    exact = {n: shares[n] / cost[n] for n in names}  # real-valued ranks
     ranks = {n: math.floor(exact[n] + 1e-9) for n in names}
-    left = total - sum(ranks.values())
+    left = total - sum(ranks[n] * cost[n] for n in names)
     order = sorted(names, key=lambda n: (-(exact[n] - ranks[n]), names.index(n)))
     for n in order:
-        if left == 0:
+        if left <= 0:
             break
-        if ranks[n] < caps[n]:
+        if ranks[n] < caps[n] and cost[n] <= left:
             ranks[n] += 1
-            left -= 1
+            left -= cost[n]
     return ranks
 
 

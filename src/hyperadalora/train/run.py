@@ -231,7 +231,8 @@ class Run:
                              f"{alloc.policy}: {self.config.task} | {self.config.model} | {self.config.adapter.method}")
         info(f"hyperadalora: {alloc.policy} ranks from {data['rows']} calibration rows ({data['tokens']} tokens) in "
              f"{data['seconds']:.2f} s: total {sum(ranks.values())} over {len(ranks)} modules, "
-             f"{min(ranks.values())}..{max(ranks.values())} ({self.run_dir / 'allocation.json'})")
+             f"{min(ranks.values())}..{max(ranks.values())}, {data['parameters']:,} factor parameters "
+             f"({data['budget']} budget) ({self.run_dir / 'allocation.json'})")
 
     def _open_run_dir(self, saved: RunConfig | None) -> None:
         if self.resume_dir is None:

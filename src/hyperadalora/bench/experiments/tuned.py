@@ -9,7 +9,8 @@ loss on the response, ROUGE-1 of greedy generations on held-out rows as the metr
 Equal rank budgets: every method ends at an average rank 8 over the adapted matrices (LoRA r 8;
 AdaLoRA r 12 -> target 8; Sensitivity-LoRA (``allocator.policy=sensitivity``, then ``none``):
 8 x the number of matrices (288 on MiniLM, 576 on MPNet) redistributed once before training,
-LoRA-sized adapters).
+LoRA-sized adapters). ``sensitivity_params`` splits LoRA r 8's parameter count instead
+(``allocator.budget=params``), for the comparison at equal trainable parameters.
 
 Protocol:
 
@@ -62,9 +63,11 @@ METHODS = {
     "lora": {**_LORA, "adapter.allocator": None, "adapter.source": "direct"},  # plain LoRA takes no allocator
     "hyperadalora": {"adapter.source": "hyper"},
     "hypersensitivity": {**_SENSITIVITY, "adapter.source": "hyper"},
+    # The same scores splitting LoRA r 8's parameter count instead of its rank total (equal trainable budgets).
+    "sensitivity_params": {**_SENSITIVITY, "adapter.allocator.budget": "params", "adapter.source": "direct"},
 }
 LABELS = {"adalora": "AdaLoRA", "sensitivity": "Sensitivity-LoRA", "lora": "LoRA", "hyperadalora": "HyperAdaLoRA",
-          "hypersensitivity": "Sensitivity-LoRA (hyper)"}
+          "hypersensitivity": "Sensitivity-LoRA (hyper)", "sensitivity_params": "Sensitivity-LoRA (parameter budget)"}
 BASELINE = "adalora"
 #: The model of the committed SST-2 tables (``--model`` picks another of :data:`.convergence.MODELS`).
 DEFAULT_MODEL = "minilm"
@@ -301,6 +304,9 @@ IMPORT = ("--import-runs", "benchmarks/results/convergence.json")
 RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
            "hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3")
 
+# Alpaca / SmolLM2: the seed-0 sweep put AdaLoRA's best at its grid's top (3e-3), so its grid grows by one.
+ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
+
 
 @experiment("tuned", section="## 10. Sensitivity-LoRA side by side, each method at its own best lr (issues 18, 20)",
             title="10. LoRA / AdaLoRA / Sensitivity-LoRA (+ hyper) at their own best lr: 95% CIs, paired tests",
@@ -348,8 +354,11 @@ RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
                       # The same task, 3 seeds (CAUSAL_TASKS' CPU scale).
                       Command("tuned_alpaca_smollm2", ("--task", "alpaca", "--model", "smollm2", "--methods",
                                                        "adalora,lora,hyperadalora,sensitivity", "--lrs",
-                                                       "3e-4,1e-3,3e-3", "--max-extend", "1", "--seeds", "3",
-                                                       "--cost-seq-len", "192", "--work-dir", "runs/bench/tuned_alpaca",
+                                                       "3e-4,1e-3,3e-3", "--method-lrs", ALPACA_ADALORA_LRS,
+                                                       "--max-extend", "1", "--seeds", "3", "--cost-seq-len", "192",
+                                                       "--import-runs",
+                                                       "benchmarks/results/tuned_alpaca_smollm2_sweep.json",
+                                                       "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
                                                        "--name", "tuned_alpaca_smollm2"),
                               group="pending"),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
