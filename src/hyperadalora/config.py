@@ -129,8 +129,8 @@ class AllocatorConfig(JsonConfig):
             a pruned value stays exactly zero for the rest of training), or ``sensitivity``
             (Sensitivity-LoRA: ranks from the base model's Hessian diagonals, decided before the wrap).
         then: ``sensitivity`` only: the in-training policy after the one-shot allocation,
-            ``none`` (ranks fixed) or an adaptive policy name (AdaLoRA only; needs equal ranks
-            until the masked allocators support mixed ones).
+            ``none`` (ranks fixed) or an adaptive policy name (AdaLoRA only; it prunes from the
+            allocated, mixed initial ranks by one global threshold).
         calibration: ``sensitivity``: where the calibration rows come from: ``train`` (the
             run's training rows) or a data directory in ``data_dir``'s layout (a ``.jsonl`` /
             ``.json`` file for ``task=instruct``), whose training rows are used.
