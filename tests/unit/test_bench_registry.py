@@ -190,3 +190,16 @@ def test_similarity_table_says_over_how_many_modules_a_mean_is_and_shows_the_con
     assert "adalora vs adalora seed 1 dW" not in lines[0]  # both control modules count
     assert lines[-1] == "| adalora vs adalora seed 1 | 0.500 | 0.100 | 0.500 | 0.500 |"
     assert lines[4] == "| hyper vs adalora | 0.500 | 0.100 | 0.500 | 0.200 |"
+
+
+def test_comma_choices_keeps_known_items_and_refuses_unknown_ones_by_name(capsys):
+    import argparse
+
+    from hyperadalora.bench.experiments.common import comma_choices
+
+    parser = argparse.ArgumentParser(prog="x")
+    assert comma_choices(parser, "a,,b", ("a", "b", "c"), "variants") == ["a", "b"]
+    assert comma_choices(parser, "hyper_x", ("a",), "variants", lambda v: v.startswith("hyper_")) == ["hyper_x"]
+    with pytest.raises(SystemExit):
+        comma_choices(parser, "a,zz", ("a", "b"), "models")
+    assert "unknown models ['zz']; choose from a, b" in capsys.readouterr().err

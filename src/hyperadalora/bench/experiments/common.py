@@ -3,6 +3,8 @@ where a result is written."""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..paths import results_dir
@@ -23,3 +25,18 @@ def write_results(name: str, result: dict, lines: list[str]) -> Path:
 def result_path(name: str, suffix: str = ".png") -> Path:
     """``results/<name><suffix>`` (a plot beside the result)."""
     return results_dir() / f"{name}{suffix}"
+
+
+def comma_choices(parser: argparse.ArgumentParser, text: str, choices: Iterable[str], what: str,
+                  allowed: Callable[[str], bool] | None = None) -> list[str]:
+    """The non-empty items of a comma-separated option, each one of ``choices`` (or ``allowed``).
+
+    Raises:
+        SystemExit: Through ``parser.error``, naming the unknown items and the choices.
+    """
+    known = list(choices)
+    items = [x for x in text.split(",") if x]
+    unknown = [x for x in items if x not in known and not (allowed and allowed(x))]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {', '.join(known)}")
+    return items

@@ -35,7 +35,7 @@ import torch
 from ..experiment import Command, experiment
 from ..report import machine, markdown_table, versions
 from ..stats import mean_ci
-from .common import MINILM_ENCODER_LINEARS, write_results
+from .common import MINILM_ENCODER_LINEARS, comma_choices, write_results
 from .step_model import make_step, time_interleaved
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -69,10 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.steps = "minilm", 2
-    args.model_list = [m for m in args.models.split(",") if m]
-    unknown = [m for m in args.model_list if m not in MODELS]
-    if unknown:
-        p.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    args.model_list = comma_choices(p, args.models, MODELS, "models")
     return args
 
 

@@ -30,7 +30,7 @@ import torch
 from .. import scale
 from ..experiment import Command, experiment
 from ..report import machine, markdown_table, versions
-from .common import MINILM_ENCODER_LINEARS, write_results
+from .common import MINILM_ENCODER_LINEARS, comma_choices, write_results
 from .compaction import make_batch
 
 VARIANTS = {"lora": ("lora", "direct"), "adalora": ("adalora", "direct"), "hyperadalora": ("adalora", "hyper")}
@@ -48,10 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="compile_cost")
     args = p.parse_args(argv)
-    args.variant_list = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variant_list if v not in VARIANTS]
-    if bad:
-        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    args.variant_list = comma_choices(p, args.variants, VARIANTS, "variants")
     if args.steps < 1 or args.warmup < 2:
         p.error("--steps >= 1 and --warmup >= 2 (the second step recompiles once: transformers sets "
                 "config.problem_type on the first classification forward)")

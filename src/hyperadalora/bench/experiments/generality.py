@@ -25,7 +25,7 @@ from ..humaneval import humaneval_many
 from ..experiment import Command, experiment
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..runner import run_specs
-from .common import result_path, write_results
+from .common import comma_choices, result_path, write_results
 from .nlg import METHOD_ADAPTERS, scale_args, smollm2_spec
 
 
@@ -39,9 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--humaneval-rows", type=int, default=16)
     p.add_argument("--name", default="generality")
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods.split(",") if m not in METHOD_ADAPTERS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHOD_ADAPTERS)}")
+    comma_choices(p, args.methods, METHOD_ADAPTERS, "methods")
     return args
 
 

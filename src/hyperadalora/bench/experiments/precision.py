@@ -36,7 +36,7 @@ import torch
 from .. import scale
 from ..experiment import Command, experiment
 from ..report import machine, markdown_table, versions
-from .common import write_results
+from .common import comma_choices, write_results
 
 VARIANTS = ("lora", "peft-lora", "adalora", "hyperadalora")
 #: bf16 against fp32 (absolute loss; relative L2 of the trained dW), fixed before the first run: the
@@ -59,10 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, random tokens, 1 x 16 (checks the code)")
     p.add_argument("--name", default="precision")
     args = p.parse_args(argv)
-    args.variant_list = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variant_list if v not in VARIANTS]
-    if bad:
-        p.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+    args.variant_list = comma_choices(p, args.variants, VARIANTS, "variants")
     if not (args.data_dir or args.smoke):
         p.error("--data-dir is needed (Alpaca text for the batches), or run --smoke")
     if args.smoke:

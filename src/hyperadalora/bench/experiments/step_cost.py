@@ -39,7 +39,7 @@ import torch
 
 from ..experiment import Command, experiment
 from ..report import fmt, machine, markdown_table, versions
-from .common import write_results
+from .common import comma_choices, write_results
 from .step_model import (build, direct_twin, hyper_overrides, load_base, make_batch, measure_memory, memory_batch,
                          time_interleaved)
 
@@ -70,10 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 6, 1
-    args.variant_list = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variant_list if v not in VARIANTS and not v.startswith("hyper_")]
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    args.variant_list = comma_choices(p, args.variants, VARIANTS, "variants", lambda v: v.startswith("hyper_"))
     try:
         args.hyper_base_fields = hyper_overrides([x for x in args.hyper_base.split("+") if x])
     except ValueError as exc:
