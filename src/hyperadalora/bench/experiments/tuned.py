@@ -359,8 +359,7 @@ ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
                                                        "--import-runs",
                                                        "benchmarks/results/tuned_alpaca_smollm2_sweep.json",
                                                        "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
-                                                       "--name", "tuned_alpaca_smollm2"),
-                              group="pending"),
+                                                       "--name", "tuned_alpaca_smollm2")),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
                       # not a comparison: it decides whether a tuned table there would measure anything).
                       Command("tuned_probe_mrpc", ("--task", "mrpc", "--methods", "adalora", "--lrs", "1e-2",
