@@ -360,6 +360,17 @@ ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
                                                        "benchmarks/results/tuned_alpaca_smollm2_sweep.json",
                                                        "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
                                                        "--name", "tuned_alpaca_smollm2")),
+                      # Issue 18's equal trainable-parameter budgets: Sensitivity-LoRA's rank split gives
+                      # SmolLM2 1.38x LoRA r 8's parameters; the same scores splitting LoRA's parameter count.
+                      Command("tuned_alpaca_smollm2_params", ("--task", "alpaca", "--model", "smollm2", "--methods",
+                                                              "adalora,sensitivity,sensitivity_params", "--lrs",
+                                                              "3e-4,1e-3,3e-3", "--method-lrs", ALPACA_ADALORA_LRS,
+                                                              "--max-extend", "1", "--seeds", "3", "--cost-seq-len",
+                                                              "192", "--import-runs",
+                                                              "benchmarks/results/tuned_alpaca_smollm2.json",
+                                                              "--workers", "2", "--work-dir",
+                                                              "runs/bench/tuned_alpaca", "--name",
+                                                              "tuned_alpaca_smollm2_params")),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
                       # not a comparison: it decides whether a tuned table there would measure anything).
                       Command("tuned_probe_mrpc", ("--task", "mrpc", "--methods", "adalora", "--lrs", "1e-2",
