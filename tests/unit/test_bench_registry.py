@@ -203,3 +203,13 @@ def test_comma_choices_keeps_known_items_and_refuses_unknown_ones_by_name(capsys
     with pytest.raises(SystemExit):
         comma_choices(parser, "a,zz", ("a", "b"), "models")
     assert "unknown models ['zz']; choose from a, b" in capsys.readouterr().err
+
+
+def test_study_baseline_lr_is_pinned_or_cached_or_falls_back_to_lr_aloud(tmp_path, capsys):
+    from hyperadalora.bench.experiments import body_ablation, study
+
+    pinned = body_ablation.parse_args(["--lr", "1e-2", "--adalora-lr", "3e-3", "--work-dir", str(tmp_path)])
+    assert study.baseline_lr(pinned) == 3e-3
+    empty = body_ablation.parse_args(["--lr", "1e-2", "--work-dir", str(tmp_path)])
+    assert study.baseline_lr(empty) == 1e-2  # nothing cached: the variants' lr, and it says so
+    assert "no convergence sweep runs cached" in capsys.readouterr().out

@@ -59,6 +59,18 @@ def study_args(name: str, description: str, argv: list[str] | None,
     return p.parse_args(argv)
 
 
+def baseline_lr(args: argparse.Namespace) -> float:
+    """The AdaLoRA baseline's lr: ``--adalora-lr``, or its cached best, or (said aloud) ``--lr``."""
+    if args.adalora_lr != "best":
+        return float(args.adalora_lr)
+    best = cached_best_adalora(args)
+    if best is None:
+        print(f"{args.name}: no convergence sweep runs cached in {args.work_dir}, so the AdaLoRA baseline (the "
+              f"target) runs at --lr {args.lr:g}; pass --adalora-lr to pin it", flush=True)
+        return args.lr
+    return best
+
+
 def cached_best_adalora(args: argparse.Namespace) -> float | None:
     """AdaLoRA's best lr among the cached seed-0 sweep runs of the convergence experiment on this task."""
     specs = [conv.spec(args.task, args.model, "adalora", lr, 0, conv.TASKS) for lr in conv.LRS]
@@ -103,7 +115,7 @@ def run_study(args: argparse.Namespace, variants: list[Variant], title: str,
     Returns:
         The result (``rows``, ``curves``, ``config``).
     """
-    ada_lr = float(args.adalora_lr) if args.adalora_lr != "best" else (cached_best_adalora(args) or args.lr)
+    ada_lr = baseline_lr(args)
     specs = study_specs(args, variants, ada_lr)
     results = run_study_specs(args, specs, variants)
     base_runs = [results[s.key] for s in specs[BASELINE] if s.key in results]
