@@ -76,7 +76,7 @@ def render(result: dict) -> list[str]:
                         for lr in ("3e-4", "3e-3", "1e-2")),
                       # Every body's seed-0 best is 3e-3: three seeds there.
                       Command("body_ablation_lr3e-3_seeds", ("--lr", "3e-3", "--adalora-lr", "3e-3", "--seeds", "3",
-                                                             "--name", "body_ablation_lr3e-3_seeds"), group="pending")])
+                                                             "--name", "body_ablation_lr3e-3_seeds"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs the bodies and writes ``results/<name>.*``."""
     args = parse_args(argv)
