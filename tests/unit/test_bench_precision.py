@@ -109,7 +109,9 @@ def test_the_cpu_clock_counts_work_not_waiting():
 
     wall = time_interleaved({"sleep": sleeper, "work": worker}, None, 2, 0)
     cpu = time_interleaved({"sleep": sleeper, "work": worker}, None, 2, 0, clock=time.process_time)
-    assert min(wall["sleep"]) >= 0.05 and min(wall["work"]) >= 0.05
+    # The process's CPU time may run a little ahead of the wall clock (its other threads count too),
+    # so 0.05 s of CPU work can take slightly less wall time: only the sleep's wall time is exact.
+    assert min(wall["sleep"]) >= 0.05 and min(wall["work"]) >= 0.04
     assert max(cpu["sleep"]) < 0.02 and min(cpu["work"]) >= 0.05
 
 
