@@ -308,6 +308,15 @@ RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
 ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
 
 
+def alpaca_table(name: str, methods: str, imported: str) -> Command:
+    """A 3-seed table of ``methods`` on Alpaca / SmolLM2 (CAUSAL_TASKS' CPU scale), importing the runs
+    of the committed result ``imported``, so that only the methods new to it train."""
+    return Command(name, ("--task", "alpaca", "--model", "smollm2", "--methods", methods, "--lrs", "3e-4,1e-3,3e-3",
+                          "--method-lrs", ALPACA_ADALORA_LRS, "--max-extend", "1", "--seeds", "3",
+                          "--cost-seq-len", "192", "--import-runs", f"benchmarks/results/{imported}.json",
+                          "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca", "--name", name))
+
+
 @experiment("tuned", section="## 10. Sensitivity-LoRA side by side, each method at its own best lr (issues 18, 20)",
             title="10. LoRA / AdaLoRA / Sensitivity-LoRA (+ hyper) at their own best lr: 95% CIs, paired tests",
             parse_args=parse_args, render=render,
@@ -352,25 +361,12 @@ ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
                                                              "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
                                                              "--name", "tuned_alpaca_smollm2_sweep")),
                       # The same task, 3 seeds (CAUSAL_TASKS' CPU scale).
-                      Command("tuned_alpaca_smollm2", ("--task", "alpaca", "--model", "smollm2", "--methods",
-                                                       "adalora,lora,hyperadalora,sensitivity", "--lrs",
-                                                       "3e-4,1e-3,3e-3", "--method-lrs", ALPACA_ADALORA_LRS,
-                                                       "--max-extend", "1", "--seeds", "3", "--cost-seq-len", "192",
-                                                       "--import-runs",
-                                                       "benchmarks/results/tuned_alpaca_smollm2_sweep.json",
-                                                       "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
-                                                       "--name", "tuned_alpaca_smollm2")),
+                      alpaca_table("tuned_alpaca_smollm2", "adalora,lora,hyperadalora,sensitivity",
+                                   "tuned_alpaca_smollm2_sweep"),
                       # Issue 18's equal trainable-parameter budgets: Sensitivity-LoRA's rank split gives
                       # SmolLM2 1.38x LoRA r 8's parameters; the same scores splitting LoRA's parameter count.
-                      Command("tuned_alpaca_smollm2_params", ("--task", "alpaca", "--model", "smollm2", "--methods",
-                                                              "adalora,sensitivity,sensitivity_params", "--lrs",
-                                                              "3e-4,1e-3,3e-3", "--method-lrs", ALPACA_ADALORA_LRS,
-                                                              "--max-extend", "1", "--seeds", "3", "--cost-seq-len",
-                                                              "192", "--import-runs",
-                                                              "benchmarks/results/tuned_alpaca_smollm2.json",
-                                                              "--workers", "2", "--work-dir",
-                                                              "runs/bench/tuned_alpaca", "--name",
-                                                              "tuned_alpaca_smollm2_params")),
+                      alpaca_table("tuned_alpaca_smollm2_params", "adalora,sensitivity,sensitivity_params",
+                                   "tuned_alpaca_smollm2"),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
                       # not a comparison: it decides whether a tuned table there would measure anything).
                       Command("tuned_probe_mrpc", ("--task", "mrpc", "--methods", "adalora", "--lrs", "1e-2",
