@@ -227,6 +227,8 @@ class HyperSource(nn.Module):
         if config.task_embeddings:
             for net in self.nets.values():
                 net.add_task_embeddings(config.task_embeddings)
+        # Built on the CPU (the seeded generator); they run where the states (the model) are.
+        self.nets.to(next(iter(self.buffers())).device)
         self.generated: dict[GroupKey, torch.Tensor] | None = None
         # generate="per_step": the detached leaves the model reads (their .grad accumulates over micro-batches).
         self.leaves: dict[GroupKey, torch.Tensor] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -209,3 +210,17 @@ def test_adapter_seed_fixes_the_hypernetworks_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(1), after_a)  # wrap consumed nothing from the global generator
     unseeded = ha.wrap(copy.deepcopy(base), ha.AdapterConfig.from_dict({**cfg("adalora", "hyper").to_dict(), "seed": None}))
     assert not torch.equal(unseeded.hyper.nets["P"].in_proj["32"].weight, a.hyper.nets["P"].in_proj["32"].weight)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("source", ["direct", "hyper"])
+def test_wrap_puts_every_tensor_on_the_models_device(method, source):
+    """A model already on a GPU gets its hypernetworks there too (they are built on the CPU, for the
+    seeded generator); ``meta`` stands in for the GPU this machine lacks. This failed on an H200
+    before the hypernetworks were moved (benchmarks/gpu/scale_gpu.py: mat2 on cpu)."""
+    config = dataclasses.replace(cfg(method, source, task_embeddings=2), seed=None)  # no generator on meta
+    adapted = ha.wrap(tiny_bert().to("meta"), config)
+    tensors = dict(adapted.named_parameters()) | dict(adapted.named_buffers())
+    assert {name for name, t in tensors.items() if t.device.type != "meta"} == set()
+    if source == "hyper":
+        assert any(".nets." in name for name in tensors)
