@@ -15,6 +15,7 @@ from .config import AdapterConfig
 from .inject import inject_adapters, prepare_adapter_config, remove_adapters
 from .layers import AdaptedLinear
 from .methods import AdapterMethod, build_method
+from .quant import keep_trainable_4bit_layout_
 from .sources import FactorSource, HyperSource, build_source
 from .transfer import initialize_from, resolve_adapter_dir
 
@@ -401,6 +402,7 @@ def wrap(model: nn.Module, config: AdapterConfig, calibration: Any = None) -> Ad
         FileNotFoundError: ``config.init_from`` holds no adapter.
     """
     _refuse_wrapped(model)
+    keep_trainable_4bit_layout_(model)  # before any forward (a calibration's): see its docstring
     if config.init_from is not None:
         resolve_adapter_dir(config.init_from)  # a missing source fails before any calibration or injection
     config, _ = prepare_adapter_config(model, config, calibration)

@@ -292,6 +292,10 @@ def load_model(name_or_path: str, task: str = "sequence-classification", num_lab
         warnings.warn(f"{path}: weights not in the checkpoint were initialised at random: "
                       f"{unexpected_missing[:8]}{' ...' if len(unexpected_missing) > 8 else ''}; "
                       f"shape mismatches: {mismatched[:8]}", stacklevel=2)
+    if quantize is not None:
+        from .quant import keep_trainable_4bit_layout_
+
+        keep_trainable_4bit_layout_(model)  # an evaluation would otherwise repack it for inference only
     if quantize is not None and kwargs["device_map"] == "cpu":
         own_memory_(model)
     return model, _padded_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=local), model)

@@ -10,6 +10,7 @@ dequantisation (:func:`dequantized_weight`). Merging into a quantised weight is 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -27,6 +28,40 @@ def is_quantized(module: nn.Module) -> bool:
     """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer (matched by class name,
     so bitsandbytes is imported only by whoever made the layer)."""
     return any(cls.__name__ in QUANTIZED_LAYER_TYPES for cls in type(module).__mro__)
+
+
+def keep_trainable_4bit_layout_(model: nn.Module) -> int:
+    """Stops bitsandbytes from repacking ``model``'s 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a ``Linear4bit`` weight in place, at
+    its first eval-mode forward without gradients (an evaluation), into a layout that only that
+    kernel reads. After that, dequantisation (merge, export, DoRA's norms) returns scrambled
+    weights, a training forward passes no gradient back through the layer (the adapters below it
+    stop learning, silently), and a layer with fewer than 64 inputs fails outright. Training needs
+    the standard layout, so this turns the repacking off; a weight already repacked is converted
+    back with bitsandbytes' own inverse (with a warning: the repacking rounded its block scales to
+    bfloat16).
+
+    Returns:
+        The number of 4-bit layers seen.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    repacked = False
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        state = getattr(layer.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            import bitsandbytes.functional as bnb_functional
+
+            inverse = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse")  # noqa: B009  (no public API)
+            layer.weight.data, layer.weight.quant_state = inverse(layer.weight.data, state)
+            repacked = True
+    if repacked:
+        warnings.warn("some 4-bit weights had been repacked by an evaluation before the model was wrapped; "
+                      "they are converted back, but the repacking rounded their block scales to bfloat16 "
+                      "(relative error up to 2^-8): wrap the model before evaluating it, or load it again, "
+                      "for the exact quantised weights", stacklevel=2)
+    return len(layers)
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -128,5 +163,6 @@ def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32,
 
 
 __all__ = ["HEADS_KEPT_UNQUANTIZED", "PRECISIONS", "QUANTIZED_LAYER_TYPES", "QUANTIZE_CHOICES", "QuantizedMergeError", "autocast",
-           "bnb_config", "dequantize_model_", "dequantized_weight", "is_quantized", "precision_dtype",
+           "bnb_config", "dequantize_model_", "dequantized_weight", "is_quantized", "keep_trainable_4bit_layout_",
+           "precision_dtype",
            "upcast_trainable_"]

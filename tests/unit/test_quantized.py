@@ -14,7 +14,13 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 import hyperadalora as ha  # noqa: E402
-from hyperadalora.quant import QuantizedMergeError, bnb_config, dequantized_weight, is_quantized  # noqa: E402
+from hyperadalora.quant import (  # noqa: E402
+    QuantizedMergeError,
+    bnb_config,
+    dequantized_weight,
+    is_quantized,
+    keep_trainable_4bit_layout_,
+)
 from tiny_models import LLAMA_TARGETS, llama_batch, tiny_llama, train_beside_peft  # noqa: E402
 
 STEPS = 10
@@ -33,7 +39,9 @@ def quantized_llama(folder, quantize: str = "4bit"):
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    return LlamaForCausalLM.from_pretrained(folder, quantization_config=bnb_config(quantize), device_map="cpu")
+    model = LlamaForCausalLM.from_pretrained(folder, quantization_config=bnb_config(quantize), device_map="cpu")
+    keep_trainable_4bit_layout_(model)  # peft's references too: bitsandbytes' CPU repacking fails on tiny layers
+    return model
 
 
 def peft_config(method):
@@ -175,3 +183,72 @@ def test_load_model_releases_the_checkpoint_map_of_a_quantised_base(tmp_path):
     gc.collect()
     assert checkpoint not in open("/proc/self/maps").read()
     assert any(is_quantized(m) for m in model.modules())
+
+
+def _quantized_linear(seed: int = 0):
+    """A 4-bit layer large enough for bitsandbytes' CPU repacking (128 inputs, 64 outputs)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    weight = torch.nn.Linear(128, 64, bias=False).weight.data
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")  # quantises
+
+
+def _evaluate_then_train(layer, x):
+    """(dequantised weight, output, input gradient) of a training forward after one evaluation."""
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # where bitsandbytes would repack the weight
+    layer.train()
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.sum().backward()
+    return dequantized_weight(layer), y.detach(), xg.grad
+
+
+def test_an_evaluation_leaves_a_4bit_layer_trainable():
+    """On an AVX512-BF16 CPU, bitsandbytes repacks a 4-bit weight at its first evaluation, after which
+    dequantisation is scrambled and no gradient reaches the layer's input (seen on this machine's AMD
+    EPYC); elsewhere the repacking never happens and this holds trivially."""
+    x = torch.randn(3, 128)
+    reference = _quantized_linear()
+    w0 = dequantized_weight(reference)
+    xg = x.clone().requires_grad_()
+    y0 = reference(xg)
+    y0.sum().backward()
+    layer = _quantized_linear()
+    assert keep_trainable_4bit_layout_(torch.nn.Sequential(layer)) == 1
+    w, y, grad = _evaluate_then_train(layer, x)
+    torch.testing.assert_close(w, w0, rtol=0, atol=0)
+    torch.testing.assert_close(y, y0.detach(), rtol=1e-6, atol=1e-6)
+    assert grad is not None
+    torch.testing.assert_close(grad, xg.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_wrap_keeps_the_trainable_layout(saved_llama):
+    from transformers import LlamaForCausalLM
+
+    raw = LlamaForCausalLM.from_pretrained(saved_llama, quantization_config=bnb_config("4bit"), device_map="cpu")
+    model = ha.wrap(raw, our_config("lora"))
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_a_weight_already_repacked_is_converted_back():
+    x = torch.randn(3, 128)
+    w0 = dequantized_weight(_quantized_linear())
+    layer = _quantized_linear()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # repacked here on an AVX512-BF16 CPU
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    with pytest.warns(UserWarning, match="rounded their block scales to bfloat16"):
+        keep_trainable_4bit_layout_(layer)
+    w, _, grad = _evaluate_then_train(layer, x)
+    bf16_rounding = 2.0**-8  # of each block's scale, hence of each weight
+    torch.testing.assert_close(w, w0, rtol=bf16_rounding, atol=0)
+    assert grad is not None  # d(sum y)/dx = 1^T W of the restored weight
+    torch.testing.assert_close(grad, torch.ones(3, 64) @ w, rtol=1e-5, atol=1e-5)
