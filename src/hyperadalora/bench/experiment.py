@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-GROUPS = ("full", "quick", "pending")
+GROUPS = ("full", "quick", "pending", "gpu")
 #: Names ``hyperadalora bench`` reads as its own commands, not as experiments.
 RESERVED = ("all", "commands", "render")
 
@@ -23,8 +23,9 @@ class Command:
     Attributes:
         result: The result's name: the command writes ``results/<result>.json`` and ``.md``.
         args: The experiment's options (``--data-dir`` is added by :func:`argv_of`).
-        group: ``"full"`` (``make bench``), ``"quick"`` (``make bench-quick``) or ``"pending"`` (registered
-            for a later session: ``hyperadalora bench all --group pending``; no committed result yet).
+        group: ``"full"`` (``make bench``), ``"quick"`` (``make bench-quick``), ``"pending"`` (registered
+            for a later session: ``hyperadalora bench all --group pending``; no committed result yet) or
+            ``"gpu"`` (needs a GPU: ``benchmarks/gpu/run.sh``, never ``make bench``).
     """
 
     result: str

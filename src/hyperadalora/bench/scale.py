@@ -80,8 +80,9 @@ SETTINGS = {s.name: s for s in (Setting("fp32"), Setting("bf16", "bf16"), Settin
                                 Setting("4bit_fp32_ckpt_chunk", "fp32", "4bit", True, CHUNK_TOKENS))}
 
 
-def tiny_model(name: str, setting: Setting, folder: Path):
-    """A tiny random stand-in of ``name`` (smoke runs), saved and reloaded like a real checkpoint."""
+def tiny_model(name: str, setting: Setting, folder: Path, device: torch.device | None = None):
+    """A tiny random stand-in of ``name`` (smoke runs), saved and reloaded like a real checkpoint
+    (a quantised one straight onto ``device``, default the CPU)."""
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     from ..quant import bnb_config
@@ -96,20 +97,72 @@ def tiny_model(name: str, setting: Setting, folder: Path):
     if not (folder / name / "config.json").is_file():
         cls(cfg).save_pretrained(folder / name)
     dtype = precision_dtype(setting.precision)
-    kwargs = ({"quantization_config": bnb_config(setting.quantize, dtype), "device_map": "cpu"} if setting.quantize
+    kwargs = ({"quantization_config": bnb_config(setting.quantize, dtype),
+               "device_map": quantized_device_map(device or torch.device("cpu"))} if setting.quantize
               else {"dtype": dtype})
     return cls.from_pretrained(folder / name, **kwargs)
 
 
-def load_base(name: str, setting: Setting, device: torch.device, tiny_folder: Path | None = None):
-    """The base model of ``name`` held as ``setting`` says, on ``device`` (``tiny_folder``: a tiny stand-in)."""
+def quantized_device_map(device: torch.device) -> str:
+    """The ``device_map`` that loads a bitsandbytes model onto ``device`` (it quantises while loading)."""
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return str(device)
+
+
+def random_weights_folder(architecture: Path, task: str, out: Path, seed: int = 0) -> Path:
+    """A model folder with ``architecture``'s config and tokenizer files and random weights.
+
+    For machines that cannot receive the packaged checkpoints (a lent GPU gets at most 64 MiB of
+    files): throughput and memory depend on the architecture, not on the weights' values.
+
+    Args:
+        architecture: A folder with ``config.json`` and the tokenizer files (its weights, if any,
+            are not read).
+        task: A :data:`MODELS` task (``causal-lm`` or ``sequence-classification``).
+        out: Where the folder is written (reused when it already holds ``model.safetensors``).
+        seed: Seeds the random initialisation.
+
+    Returns:
+        ``out``, loadable with :func:`hyperadalora.models.load_model`.
+
+    Raises:
+        FileNotFoundError: ``architecture`` has no ``config.json``.
+    """
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not (Path(architecture) / "config.json").is_file():
+        raise FileNotFoundError(f"{architecture} has no config.json: copy the model's config and tokenizer files there")
+    if not (out / "model.safetensors").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in Path(architecture).iterdir():
+            if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf", ".pt"):
+                shutil.copy(f, out / f.name)
+        cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        torch.manual_seed(seed)
+        cls.from_config(AutoConfig.from_pretrained(architecture)).save_pretrained(out)
+    return out
+
+
+def load_base(name: str, setting: Setting, device: torch.device, tiny_folder: Path | None = None,
+              model_folder: Path | None = None):
+    """The base model of ``name`` held as ``setting`` says, on ``device``.
+
+    Args:
+        tiny_folder: Build a tiny stand-in there (:func:`tiny_model`) instead.
+        model_folder: Load this folder (e.g. a :func:`random_weights_folder`) instead of the
+            packaged checkpoint of ``name``.
+    """
     if tiny_folder is not None:
-        model = tiny_model(name, setting, tiny_folder)
+        model = tiny_model(name, setting, tiny_folder, device)
     else:
         from ..models import load_model
 
-        model, _ = load_model(name, task=MODELS[name], dtype=precision_dtype(setting.precision),
-                              quantize=setting.quantize)
+        model, _ = load_model(str(model_folder) if model_folder else name, task=MODELS[name],
+                              dtype=precision_dtype(setting.precision), quantize=setting.quantize,
+                              device=quantized_device_map(device) if setting.quantize else None)
     model.config.use_cache = False  # training: no key / value cache
     if device.type == "cpu":  # every setting (the committed measurements did so); see models.own_memory_
         from ..models import own_memory_
@@ -181,9 +234,10 @@ def make_trainer(model: torch.nn.Module, setting: Setting, lr: float = 1e-4) -> 
 
 
 def build(name: str, setting: Setting, variant: str, total_steps: int, r: int, device: torch.device,
-          lr: float = 1e-4, tiny_folder: Path | None = None) -> Callable[[dict], float]:
-    """:func:`make_trainer` of a freshly loaded and adapted configuration."""
-    model = adapt(load_base(name, setting, device, tiny_folder), variant, MODELS[name], total_steps, r)
+          lr: float = 1e-4, tiny_folder: Path | None = None, model_folder: Path | None = None
+          ) -> Callable[[dict], float]:
+    """:func:`make_trainer` of a freshly loaded (see :func:`load_base`) and adapted configuration."""
+    model = adapt(load_base(name, setting, device, tiny_folder, model_folder), variant, MODELS[name], total_steps, r)
     return make_trainer(model, setting, lr)
 
 
@@ -248,10 +302,11 @@ def _status_kib(key: str) -> int:
 
 def measure_config(name: str, setting: Setting, variant: str, batches: list[dict], *, steps: int, warmup: int,
                    total_steps: int, r: int, device: torch.device, tiny_folder: Path | None = None,
-                   warm_batch: dict | None = None) -> dict:
+                   warm_batch: dict | None = None, model_folder: Path | None = None) -> dict:
     """Loads, adapts and trains one configuration for ``warmup`` + ``steps`` steps (cycling ``batches``).
 
-    ``warm_batch`` (e.g. one short row): one step on it before the peak mark is reset, so the
+    ``tiny_folder`` / ``model_folder``: see :func:`load_base`. ``warm_batch`` (e.g. one short
+    row): one step on it before the peak mark is reset, so the
     optimizer and allocator state exist before the measured steps (a cheap stand-in for a full
     warm-up step where steps are expensive).
 
@@ -261,7 +316,7 @@ def measure_config(name: str, setting: Setting, variant: str, batches: list[dict
         (wall time of the ``steps`` timed steps), ``final_loss`` and ``losses``.
     """
     before = current_memory(device)
-    step = build(name, setting, variant, total_steps, r, device, tiny_folder=tiny_folder)
+    step = build(name, setting, variant, total_steps, r, device, tiny_folder=tiny_folder, model_folder=model_folder)
     built = current_memory(device)
     if warm_batch is not None:
         step(warm_batch)

@@ -11,6 +11,7 @@ from . import step_cost  # noqa: F401
 from . import compaction  # noqa: F401
 from . import compile_cost  # noqa: F401
 from . import scale_cpu  # noqa: F401
+from . import scale_gpu  # noqa: F401
 from . import precision  # noqa: F401
 from . import gamma_sweep  # noqa: F401
 from . import body_ablation  # noqa: F401
