@@ -134,3 +134,13 @@ def test_carry_reads_the_projects_pins():
     text = (ROOT / "pyproject.toml").read_text()
     assert set(pins) == {"transformers", "peft", "bitsandbytes"}
     assert all(f'"{n}=={v}"' in text for n, v in pins.items())
+
+
+def test_results_record_the_quantisation_librarys_version():
+    bnb = pytest.importorskip("bitsandbytes")
+    import peft
+
+    from hyperadalora.bench.report import versions
+
+    recorded = versions()
+    assert recorded["bitsandbytes"] == bnb.__version__ and recorded["peft"] == peft.__version__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -37,12 +38,11 @@ def versions() -> dict:
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "hyperadalora": __version__}
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:
-        pass
+    for name in ("peft", "bitsandbytes"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            pass
     return out
 
 

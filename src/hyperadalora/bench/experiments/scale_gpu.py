@@ -167,8 +167,9 @@ def render(result: dict) -> list[str]:
             table.append([r["model"], r["base"], r["variant"], "", "", "", "", "", note.split("\n")[0][:90]])
             continue
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        table.append([r["model"], r["base"], r["variant"], f"{r['tokens_per_s']:,.0f}", *ratio_cells(r, rows)[:1],
-                      peak, ratio_cells(r, rows)[1], f"{r['final_loss']:.3f}", ""])
+        speed_vs_twin, peak_vs_twin = ratio_cells(r, rows)
+        table.append([r["model"], r["base"], r["variant"], f"{r['tokens_per_s']:,.0f}", speed_vs_twin, peak,
+                      peak_vs_twin, f"{r['final_loss']:.3f}", ""])
     return [head, "", *markdown_table(["model", "base", "variant", "tokens/s", "tokens/s / peft twin", "peak GiB",
                                        "peak / peft twin", "final loss", "note"], table)]
 
