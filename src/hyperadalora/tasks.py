@@ -246,6 +246,15 @@ class Task:
         """``(metrics, per-row predictions)`` of ``model`` on ``rows``."""
         raise NotImplementedError
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many targets a batch's mean loss averages over (here its rows: one label each).
+
+        Weighs each batch's loss when a loss is averaged over several batches
+        (:func:`~hyperadalora.train.evaluate.held_out_loss`), so that the result is the mean over
+        all targets, as one batch holding every row would give.
+        """
+        return int(batch["labels"].shape[0])
+
     def _held_out_tail(self, n_rows: int) -> int:
         return self.config.eval_rows or max(1, n_rows // 10)
 
@@ -477,6 +486,12 @@ class InstructionTask(Task):
         predictions = [{"row": i, "prompt": p, "reference": r, "generation": h}
                        for i, (p, r, h) in enumerate(zip(prompts, refs, hyps))]
         return metrics, predictions
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The response tokens the causal-LM loss averages over (labels shifted by one, -100 ignored)."""
+        from .data.instruct import IGNORE_INDEX
+
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
         from .eval import metrics as m

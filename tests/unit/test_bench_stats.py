@@ -156,13 +156,21 @@ def test_import_runs_caches_a_convergence_curve_of_the_same_protocol_as_this_spe
     source = tmp_path / "convergence.json"
     source.write_text(__import__("json").dumps({"curves": [curve, other]}))
     args = parse_args(["--methods", "adalora,lora", "--work-dir", str(tmp_path / "cache")])
-    assert import_runs(str(source), args) == ["sst2-minilm-adalora-lr0.003-s1"]
+    assert import_runs(str(source), args).imported == ["sst2-minilm-adalora-lr0.003-s1"]
     cached = load_cached(spec("sst2", "adalora", 3e-3, 1), args.work_dir)  # the config check passes
     assert cached["losses"] == curve["losses"] and cached["seconds"] == 6.0
     assert cached["final_smoothed"] == pytest.approx((0.7 * 0.81 + 0.5 * 0.9 + 0.4) * 0.1 / (1 - 0.9 ** 3))
-    assert import_runs(str(source), args) == []  # cached already: left alone
+    again = import_runs(str(source), args)  # cached already: left alone, and said so
+    assert again.imported == [] and again.cached == ["sst2-minilm-adalora-lr0.003-s1"]
+    assert again.summary("c.json") == ("tuned: imported 0 runs from c.json "
+                                       "(1 cached already, 0 of another protocol skipped)")
+    renamed = tmp_path / "renamed.json"  # a curve whose key its tags do not give: another protocol's run
+    foreign = {**curve, "key": "sst2-minilm-adalora-lr0.003-s1-400steps"}
+    renamed.write_text(__import__("json").dumps({"curves": [foreign]}))
+    assert import_runs(str(renamed), args) == ([], [], ["sst2-minilm-adalora-lr0.003-s1-400steps"])
     mpnet = parse_args(["--methods", "adalora", "--model", "mpnet", "--work-dir", str(tmp_path / "cache")])
-    assert import_runs(str(source), mpnet) == ["sst2-mpnet-adalora-lr0.003-s1"]  # --model picks the other curve
+    # --model picks the other curve
+    assert import_runs(str(source), mpnet).imported == ["sst2-mpnet-adalora-lr0.003-s1"]
     assert load_cached(spec("sst2", "adalora", 3e-3, 1, "mpnet"), mpnet.work_dir)["losses"] == other["losses"]
     with pytest.raises(FileNotFoundError, match="--import-runs"):
         import_runs(str(tmp_path / "missing.json"), args)
@@ -186,7 +194,7 @@ def test_a_tuned_results_curves_round_trip_through_import_runs_into_the_same_row
     source.write_text(json.dumps({"curves": curves}))
     args = parse_args(["--methods", "adalora,sensitivity", "--lrs", "3e-3", "--seeds", "2", "--work-dir",
                        str(tmp_path / "cache"), "--import-runs", str(source)])
-    assert len(import_runs(str(source), args)) == 4
+    assert len(import_runs(str(source), args).imported) == 4
     results = {s.key: load_cached(s, args.work_dir) for s in (spec("sst2", m, 3e-3, k) for m, k in losses)}
     assert results[spec("sst2", "sensitivity", 3e-3, 0).key]["allocation"] == allocation
     result = build_result(args, results, {"adalora": [3e-3], "sensitivity": [3e-3]},
@@ -257,3 +265,79 @@ def test_the_causal_cost_step_scores_the_batchs_own_tokens():
     (given, accumulate), = seen
     assert accumulate == 3 and torch.equal(given["labels"], batch["input_ids"])
     assert given["labels"].shape == (2, 5) and batch["labels"].shape == (2,)  # the class labels are left alone
+
+
+def test_the_held_out_measure_reads_the_recorded_curve_unsmoothed():
+    from hyperadalora.bench.curves import MEASURES, best_lr
+
+    held_out, training = MEASURES["held_out"], MEASURES["training"]
+    curve = {"key": "k", "losses": [2.0, 1.0, 1.0, 1.0], "step_times": [0.5, 0.5, 0.5, 0.25],
+             "eval_losses": [[2, 1.9], [4, 1.7]]}
+    assert held_out.final(curve) == 1.7
+    assert held_out.reach(curve, 1.8) == (4, 1.75)  # the first evaluated step at or below: step 4, 1.75 s
+    assert held_out.reach(curve, 1.9) == (2, 1.0) and held_out.reach(curve, 1.6) == (None, None)
+    # The training measure: the bias-corrected EMA (beta 0.9) of the per-step losses at the last step.
+    assert training.final(curve) == pytest.approx(0.1 * (2.0 * 0.729 + 0.81 + 0.9 + 1.0) / (1 - 0.9 ** 4))
+    assert training.reach(curve, 1.25) == (4, 1.75)  # smoothed: 2.0, 1.474, 1.299, 1.212
+    with pytest.raises(ValueError, match="eval_loss_every"):
+        held_out.final({"key": "sst2-run", "losses": [1.0], "eval_losses": None})
+    # Each measure picks its own best lr: lower training loss at 1e-3, lower held-out loss at 3e-3.
+    runs = [{"lr": 1e-3, "losses": [0.5] * 3, "eval_losses": [[3, 0.9]]},
+            {"lr": 3e-3, "losses": [0.6] * 3, "eval_losses": [[3, 0.8]]}]
+    assert best_lr(runs) == 1e-3 and best_lr(runs, held_out) == 3e-3
+
+
+def test_a_tuned_result_on_the_held_out_measure_and_its_round_trip(tmp_path, monkeypatch):
+    """--target-on held_out: keys and configs record the held-out curve; the target, the steps to it,
+    the final loss and the best lr come from that curve, not from the training loss."""
+    import json
+
+    from hyperadalora.bench.experiments import tuned_report
+    from hyperadalora.bench.experiments.tuned import build_result, import_runs, parse_args, run_spec
+
+    args = parse_args(["--methods", "adalora,lora", "--lrs", "3e-3", "--seeds", "2", "--target-on", "held_out",
+                       "--work-dir", str(tmp_path / "cache")])
+    assert args.eval_loss_every == 10
+    assert run_spec(args, "lora", 3e-3, 1).key == "sst2-minilm-lora-lr0.003-s1-el10"
+    assert run_spec(args, "lora", 3e-3, 1).overrides["eval_loss_every"] == 10
+
+    def run(method, seed, points, training):
+        key = run_spec(args, method, 3e-3, seed).key
+        return {"key": key, "tags": {"task": "sst2", "model": "minilm", "method": method, "lr": 3e-3, "seed": seed},
+                "lr": 3e-3, "seed": seed, "diverged": False, "losses": [training] * 30, "step_times": [1.0] * 30,
+                "final_smoothed": training, "final_metrics": {"accuracy": 0.8}, "eval_losses": points}
+
+    runs = [run("adalora", 0, [[10, 0.6], [20, 0.5], [30, 0.5]], 0.3),
+            run("adalora", 1, [[10, 0.6], [20, 0.45], [30, 0.4]], 0.2),
+            run("lora", 0, [[10, 0.44], [20, 0.42], [30, 0.41]], 0.9),
+            run("lora", 1, [[10, 0.5], [20, 0.46], [30, 0.46]], 0.9)]
+    result = build_result(args, {r["key"]: r for r in runs}, {"adalora": [3e-3], "lora": [3e-3]},
+                          {"adalora": 3e-3, "lora": 3e-3}, {})
+    assert result["config"]["target_loss"] == pytest.approx(0.45)  # AdaLoRA's held-out finals 0.5 and 0.4
+    rows = {(r["method"], r["seed"]): r for r in result["rows"]}
+    assert [rows[k]["steps_to_target"] for k in sorted(rows)] == [None, 20, 10, None]
+    assert rows[("lora", 0)]["final_loss"] == 0.41 and rows[("lora", 0)]["final_smoothed_loss"] == 0.9
+    assert result["summary"]["lora"]["final_loss"]["mean"] == pytest.approx(0.435)
+    assert result["summary"]["lora"]["vs_adalora"]["final_loss"]["mean_diff"] == pytest.approx(-0.015)
+    text = "\n".join(tuned_report.render(result))
+    assert "Target: AdaLoRA's final held-out loss (dev rows, every 10 steps, unsmoothed)" in text
+    monkeypatch.setattr(tuned_report, "result_path", lambda name: tmp_path / f"{name}.png")
+    tuned_report.plot(result, "held")
+    assert (tmp_path / "held.png").stat().st_size > 0
+    # The result's curves import as the same runs, held-out curve included; training-only runs do not.
+    source = tmp_path / "held.json"
+    training_only = {**result["curves"][0], "key": "sst2-minilm-adalora-lr0.003-s0", "eval_losses": None}
+    source.write_text(json.dumps({"curves": [*result["curves"], training_only]}))
+    imported = import_runs(str(source), args)
+    assert sorted(imported.imported) == sorted(r["key"] for r in runs)
+    assert imported.other_protocol == ["sst2-minilm-adalora-lr0.003-s0"]
+    cached = json.loads((tmp_path / "cache" / f"{runs[1]['key']}.json").read_text())
+    assert cached["eval_losses"] == runs[1]["eval_losses"]
+
+
+def test_the_held_out_measure_needs_its_curve():
+    from hyperadalora.bench.experiments.tuned import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--target-on", "held_out", "--eval-loss-every", "0"])
+    assert parse_args([]).eval_loss_every == 0 and parse_args(["--eval-loss-every", "5"]).eval_loss_every == 5

@@ -92,6 +92,17 @@ def test_tensorboard_gets_the_jsonl_scalars_and_a_rank_image_per_evaluation(shar
     np.testing.assert_array_equal(got, expected)
 
 
+def test_the_held_out_loss_reaches_tensorboard_as_eval_loss(shared, tmp_path):
+    run = train(rte_config(shared, tmp_path, "report_to=tensorboard", "steps=5", "eval_every=0",
+                           "eval_loss_every=2")).run_dir
+    log = read_jsonl(run / "log.jsonl")
+    acc = event_accumulator(run)
+    assert tb_scalars(acc, "eval/loss") == as_float32([r for r in log if "eval_loss" in r], "eval_loss")
+    assert [s for s, _ in tb_scalars(acc, "eval/loss")] == [2, 4, 5]
+    assert "train/eval_loss" not in acc.Tags()["scalars"]  # not a training value
+    assert tb_scalars(acc, "train/loss") == as_float32(log, "loss")
+
+
 def test_resume_shows_every_step_once_in_tensorboard(shared, tmp_path):
     overrides = ["report_to=tensorboard", "steps=7", "eval_every=3", "save_every=2"]
     run = crash_run(shared, rte_config(shared, tmp_path, *overrides), crash_step=6)  # checkpoint 4, logged to 5

@@ -75,7 +75,7 @@ def crash_run(shared, cfg, crash_step: int):
 
 def columns(log: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in log] for k in ("step", "loss", "task_loss", "regularizer", "lr", "grad_norm",
-                                                   "total_rank", "budget")}
+                                                   "total_rank", "budget", "eval_loss")}
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
@@ -93,8 +93,9 @@ def assert_same_run(run: Path, ref: Path) -> None:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_crash_then_resume_gives_the_uninterrupted_losses(shared, tmp_path, method):
-    overrides = ["steps=7", "eval_every=3", "save_every=2", *METHODS[method]]
+    overrides = ["steps=7", "eval_every=3", "save_every=2", "eval_loss_every=2", *METHODS[method]]
     ref = train(rte_config(shared, tmp_path, "run_name=ref", *overrides)).run_dir
+    assert [r["step"] for r in read_jsonl(ref / "log.jsonl") if "eval_loss" in r] == [2, 4, 6, 7]  # and the last
     cfg = rte_config(shared, tmp_path, "run_name=run", *overrides)
     run = crash_run(shared, cfg, crash_step=6)  # checkpoints at steps 2 and 4; log lines up to step 5
     assert [s for s, _ in checkpoint_dirs(run)] == [2, 4]
@@ -107,6 +108,22 @@ def test_crash_then_resume_gives_the_uninterrupted_losses(shared, tmp_path, meth
     assert [s for s, _ in checkpoint_dirs(run)] == [6, 7]
     for _, folder in checkpoint_dirs(run):
         verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_held_out_loss_leaves_the_training_run_as_it_was(shared, tmp_path, method):
+    """eval_loss_every adds a number to the log and changes nothing else: no random draw (dropout,
+    DyLoRA's sampled rank), no optimizer or allocator state, no generated factor survives it."""
+    plain = train(rte_config(shared, tmp_path, "run_name=plain", "steps=5", "eval_every=0", *METHODS[method]))
+    held = train(rte_config(shared, tmp_path, "run_name=held", "steps=5", "eval_every=0", "eval_loss_every=1",
+                            *METHODS[method]))
+    log = read_jsonl(held.run_dir / "log.jsonl")
+    assert all(isinstance(r["eval_loss"], float) for r in log)
+    without = {k: v for k, v in columns(log).items() if k != "eval_loss"}
+    assert without == {k: v for k, v in columns(read_jsonl(plain.run_dir / "log.jsonl")).items() if k != "eval_loss"}
+    a = load_file(str(held.run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(plain.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ctrl_c_writes_a_checkpoint_of_the_last_step_and_resume_continues(shared, tmp_path):

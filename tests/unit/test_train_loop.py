@@ -362,6 +362,60 @@ def test_instruction_tuning_run_generates_and_scores(shared, tmp_path):
     assert (tmp_path / "gsm.predictions.jsonl").is_file()
 
 
+def trained_model_and_rows(run_dir: Path):
+    """The run's final model (base + saved adapter, eval mode) and its task's held-out rows, bound."""
+    from hyperadalora.tasks import make_task, resolve_data
+    from hyperadalora.train.evaluate import load_trained
+
+    config = load_run(run_dir)
+    model, tokenizer = load_trained(config, run_dir / "adapter")
+    task = make_task(config, resolve_data(config.data_dir, config.task))
+    task.bind(tokenizer)
+    return model.eval(), task, task.eval_rows()
+
+
+def test_the_held_out_loss_is_the_mean_over_every_target_of_the_evaluation_rows(shared, tmp_path):
+    """eval_loss at the last step, taken in uneven batches of padded rows, equals the loss of the
+    saved adapter computed row by row (no padding) and averaged over targets by hand: labels for
+    the classifier, response tokens for the instruction task."""
+    import torch.nn.functional as F
+
+    glue = train(rte_config(shared, tmp_path, "run_name=glue", "eval_loss_every=4", "eval_batch_size=2"))
+    model, task, rows = trained_model_and_rows(glue.run_dir)
+    assert len(rows) == 5  # batches of 2, 2 and 1
+    with torch.no_grad():
+        per_row = [F.cross_entropy(model(**(b := task.collate([r]))).logits, b["labels"]) for r in rows]
+    assert read_jsonl(glue.run_dir / "log.jsonl")[-1]["eval_loss"] == pytest.approx(float(sum(per_row)) / 5, abs=1e-5)
+
+    # Responses of 2, 4 and 6 words: the first batch holds 2 rows of 3 but 8 targets of 15.
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": "write a good answer", "input": "", "output": out}) + "\n"
+                                for out in ("very good", "the sum is 5", "the cat sat on the mat")))
+    cfg = load_run_config("alpaca_smollm2_adalora", [
+        f"model={shared['llama']}", f"data_dir={shared['data']}", f"output_dir={tmp_path}", "run_name=lm", "steps=2",
+        "batch_size=2", "max_length=64", f"eval_data_source={held_out}", "eval_batch_size=2", "eval_loss_every=1",
+        "max_new_tokens=2", "progress=false", "adapter.target_modules=[q_proj,v_proj]"])
+    lm = train(cfg)
+    model, task, rows = trained_model_and_rows(lm.run_dir)
+    total = tokens = 0.0
+    for row in rows:
+        batch = task.collate([row])
+        with torch.no_grad():
+            logits, labels = model(**batch).logits[0, :-1], batch["labels"][0, 1:]
+        keep = labels != -100
+        total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+        tokens += int(keep.sum())
+    assert [int((task.collate([r])["labels"] != -100).sum()) for r in rows] == [3, 5, 7]  # with EOS
+    log = read_jsonl(lm.run_dir / "log.jsonl")
+    assert [r["step"] for r in log if "eval_loss" in r] == [1, 2]
+    assert log[-1]["eval_loss"] == pytest.approx(total / tokens, abs=1e-5)
+
+
+def test_eval_loss_every_must_be_a_count(shared, tmp_path):
+    with pytest.raises(ValueError, match="eval_loss_every"):
+        rte_config(shared, tmp_path, "eval_loss_every=-1")
+
+
 def test_instruct_task_holds_out_the_tail_of_a_local_file(shared, tmp_path):
     rows = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(10)]
     path = tmp_path / "mine.jsonl"

@@ -1,8 +1,9 @@
 """Pure functions on training-loss curves (no torch): what the convergence tables are made of.
 
 A *curve* is a dict with at least ``losses`` (per optimizer step, the task loss without the
-regulariser) and ``step_times`` (seconds of each step). Every comparison uses the smoothed
-loss: a bias-corrected EMA with ``beta = 0.9`` (as the run plots and TensorBoard show it).
+regulariser) and ``step_times`` (seconds of each step). Comparisons use the smoothed loss, a
+bias-corrected EMA with ``beta = 0.9`` (as the run plots and TensorBoard show it), unless they
+are told to read the held-out loss a run recorded (``eval_losses``; :class:`HeldOutLoss`).
 """
 
 from __future__ import annotations
@@ -38,14 +39,67 @@ def first_reach(losses: Sequence[float], step_times: Sequence[float] | None, tar
     return steps, (None if step_times is None else sum(step_times[:steps], 0.0))
 
 
-def best_lr(curves: Iterable[dict]) -> float | None:
-    """The learning rate whose curve ends with the lowest smoothed loss (mean over its seeds).
+class TrainingLoss:
+    """The loss a comparison reads: the smoothed training loss (the default of every table).
+
+    A measure gives a curve's final value (:meth:`final`) and the step at which the curve first
+    reaches a target (:meth:`reach`); :class:`HeldOutLoss` is the other one.
+    """
+
+    name = "training"
+    #: What the tables say the measure is.
+    description = "smoothed (EMA 0.9, bias-corrected) training task loss"
+
+    def final(self, curve: dict) -> float:
+        """The value at the last step (``inf`` when there is none or it is not finite); a cached run's
+        own ``final_smoothed`` when it has one (the same number, as the run stored it)."""
+        stored = curve.get("final_smoothed")
+        return stored if stored is not None else smoothed_final(curve["losses"])
+
+    def reach(self, curve: dict, target: float) -> tuple[int | None, float | None]:
+        """``(steps, seconds)`` until the measure is first ``<= target``; ``(None, None)`` if never."""
+        return first_reach(curve["losses"], curve.get("step_times") or None, target)
+
+
+class HeldOutLoss(TrainingLoss):
+    """The held-out loss of a run with ``eval_loss_every`` (``eval_losses``: ``[step, loss]`` pairs).
+
+    Taken on the same evaluation rows at every point, it has no batch-to-batch noise, so it is
+    read unsmoothed; a target is reached at the first evaluated step at or below it (a curve
+    evaluated every N steps resolves the step to N).
+    """
+
+    name = "held_out"
+    description = "held-out loss (teacher-forced task loss of the evaluation rows, eval_loss_every)"
+
+    def final(self, curve: dict) -> float:
+        points = curve.get("eval_losses")
+        if not points:
+            raise ValueError(f"run {curve.get('key', '?')} has no held-out losses: it ran without eval_loss_every "
+                             "(run it again with the held-out measure's settings)")
+        return points[-1][1] if math.isfinite(points[-1][1]) else math.inf
+
+    def reach(self, curve: dict, target: float) -> tuple[int | None, float | None]:
+        self.final(curve)  # the same clear error for a run without the curve
+        step = next((s for s, loss in curve["eval_losses"] if loss <= target), None)
+        if step is None:
+            return None, None
+        times = curve.get("step_times")
+        return step, (None if not times else sum(times[:step], 0.0))
+
+
+#: The measures by name (``--target-on`` of the tuned benchmark).
+MEASURES = {m.name: m for m in (TrainingLoss(), HeldOutLoss())}
+
+
+def best_lr(curves: Iterable[dict], measure: TrainingLoss = MEASURES["training"]) -> float | None:
+    """The learning rate whose curve ends with the lowest final ``measure`` (mean over its seeds).
 
     Curves marked ``diverged`` count as ``inf``: a run that blew up is never the best.
     """
     by_lr: dict[float, list[float]] = {}
     for c in curves:
-        final = math.inf if c.get("diverged") else smoothed_final(c["losses"])
+        final = math.inf if c.get("diverged") else measure.final(c)
         by_lr.setdefault(float(c["lr"]), []).append(final)
     if not by_lr:
         return None

@@ -71,7 +71,7 @@ def write_result(results_dir: str | Path, name: str, result: dict, lines: Sequen
 
 def plot_curve_groups(groups: dict[str, list[list[float]]], path: str | Path, title: str,
                       target: float | dict[str, float] | None = None, ylabel: str = "training loss (smoothed)",
-                      panels: dict[str, dict[str, list[list[float]]]] | None = None) -> Path:
+                      panels: dict[str, dict[str, list]] | None = None, points: set[str] = frozenset()) -> Path:
     """Smoothed loss curves, the mean over seeds as a line and the min-max spread as a band.
 
     Args:
@@ -81,15 +81,22 @@ def plot_curve_groups(groups: dict[str, list[list[float]]], path: str | Path, ti
         target: A horizontal line (the target loss) when given; a dict gives one per panel title.
         ylabel: Y axis label.
         panels: ``{panel title: groups}`` for several panels side by side (``groups`` ignored).
+        points: Titles of the panels whose curves are ``[step, value]`` pairs (a held-out loss
+            taken every N steps), drawn unsmoothed at their steps.
     """
     plt = pyplot()
     panels = panels or {title: groups}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), dpi=110, squeeze=False)
     for ax, (ptitle, pgroups) in zip(axes[0], panels.items()):
         for label, curves in pgroups.items():
-            mean, low, high = mean_and_spread([smooth(c) for c in curves])
-            steps = range(1, len(mean) + 1)
-            (line,) = ax.plot(steps, mean, linewidth=1.6, label=f"{label} (n={len(curves)})")
+            if ptitle in points:
+                steps = [s for s, _ in curves[0]][:min(len(c) for c in curves)]
+                mean, low, high = mean_and_spread([[v for _, v in c] for c in curves])
+            else:
+                mean, low, high = mean_and_spread([smooth(c) for c in curves])
+                steps = range(1, len(mean) + 1)
+            (line,) = ax.plot(steps, mean, linewidth=1.6, marker="." if ptitle in points else None,
+                              label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         t = target.get(ptitle) if isinstance(target, dict) else target

@@ -82,6 +82,8 @@ def run_one(spec: RunSpec, cache_dir: str | Path, data_dir: str | None, threads:
         "losses": losses, "step_times": [r["step_time"] for r in log],
         "regularizer": [r.get("regularizer") for r in log],
         "total_rank": [r.get("total_rank") for r in log],
+        # eval_loss_every: [step, held-out loss] pairs; None without it (the cache's older runs alike)
+        "eval_losses": [[r["step"], r["eval_loss"]] for r in log if "eval_loss" in r] or None,
         "final_metrics": result.final_metrics, "final_smoothed": smoothed_final(losses),
         "seconds": round(time.perf_counter() - started, 2), "threads": threads,
         "config": config.to_dict(), "run_dir": str(run_dir) if spec.keep_run_dir else None,

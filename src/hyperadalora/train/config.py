@@ -82,6 +82,11 @@ class RunConfig(JsonConfig):
         min_lr_ratio: The cosine decay ends at ``min_lr_ratio * lr``.
         max_grad_norm: Clip the gradient's global L2 norm to this; 0 turns clipping off.
         eval_every: Evaluate (and save the adapter) every N optimizer steps; 0: only at the end.
+        eval_loss_every: Every N optimizer steps and after the last, the held-out loss: the
+            teacher-forced task loss (no regulariser) of the evaluation rows, as the training loss
+            is taken (a classifier's labels, an instruction task's response tokens), recorded as
+            ``eval_loss`` in that step's ``log.jsonl`` row and drawn in ``loss.png``. Cheap beside
+            generation, and free of the batch-to-batch noise of the training loss; 0: off.
         save_every: Write a training checkpoint (``checkpoints/step-<N>/``: adapter, optimizer,
             scheduler, RNG and data position, for ``hyperadalora train --resume``) every N
             optimizer steps; 0: at every evaluation (``eval_every``). A checkpoint is also
@@ -151,6 +156,7 @@ class RunConfig(JsonConfig):
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0
+    eval_loss_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
     eval_rows: int | None = None
@@ -190,6 +196,7 @@ class RunConfig(JsonConfig):
                      "sandbox_memory_mb", "sandbox_workers"):
             check_int(owner, name, getattr(self, name), 1)
         check_int(owner, "eval_every", self.eval_every, 0)
+        check_int(owner, "eval_loss_every", self.eval_loss_every, 0)
         check_int(owner, "save_every", self.save_every, 0)
         check_int(owner, "keep_checkpoints", self.keep_checkpoints, 1)
         check_int(owner, "loss_chunk_tokens", self.loss_chunk_tokens, 0)

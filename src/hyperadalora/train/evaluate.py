@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..adapted_model import AdaptedModel
-from ..tasks import Task, make_task, resolve_data, task_spec
+from ..tasks import Task, make_task, on_model_device, resolve_data, task_spec
 from .build import load_base_model, seed_everything
 from .config import RunConfig
 from .rundir import write_json, write_jsonl
@@ -27,6 +28,43 @@ def evaluate_rows(task: Task, model: AdaptedModel | torch.nn.Module, rows) -> tu
     metrics = dict(metrics)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     return metrics, predictions
+
+
+@torch.no_grad()
+def held_out_loss(task: Task, model: AdaptedModel | torch.nn.Module, rows: Sequence, batch_size: int) -> float:
+    """The task loss of ``rows`` in eval mode (no dropout, no regulariser), teacher-forced as in training.
+
+    Each batch's mean loss is weighted by the targets it averages (:meth:`Task.loss_weight`), so
+    the result is the mean over every target of ``rows`` whatever ``batch_size`` is. The model's
+    mode is restored.
+
+    Args:
+        task: The task, bound to its tokenizer (it builds the batches, labels included).
+        model: The model (with an adapter or bare).
+        rows: Held-out rows that carry their targets (:meth:`Task.eval_rows`).
+        batch_size: Rows per forward.
+
+    Returns:
+        The mean loss per target.
+    """
+    if not rows:
+        raise ValueError("the held-out loss needs at least one evaluation row (eval_rows >= 1)")
+    was_training = model.training
+    model.eval()
+    total = weight = 0.0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = on_model_device(model, task.collate(rows[start:start + batch_size]))
+            targets = task.loss_weight(batch)
+            if targets:  # a batch whose responses were all truncated away has no loss to add
+                total += float(model(**batch).loss) * targets
+                weight += targets
+    finally:
+        model.train(was_training)
+    if not weight:
+        raise ValueError(f"none of the {len(rows)} evaluation rows keeps a target within max_length: raise "
+                         "max_length or evaluate on other rows")
+    return total / weight
 
 
 def load_trained(config: RunConfig, adapter_dir: str | Path):
@@ -89,4 +127,4 @@ def evaluate_run(config: RunConfig, model=None, tokenizer=None, adapter_dir: str
     return result
 
 
-__all__ = ["evaluate_rows", "evaluate_run", "load_trained"]
+__all__ = ["evaluate_rows", "evaluate_run", "held_out_loss", "load_trained"]

@@ -42,7 +42,8 @@ def short_module_name(name: str) -> str:
 
 def plot_loss(rows: Sequence[dict], evals: Sequence[dict], path: str | Path, title: str,
               metric: str | None = None) -> Path:
-    """Training loss per step (raw and smoothed), task loss, and the eval metric on a second axis."""
+    """Training loss per step (raw and smoothed), task loss, the held-out loss (rows' ``eval_loss``),
+    and the eval metric on a second axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     steps = [r["step"] for r in rows]
@@ -54,8 +55,12 @@ def plot_loss(rows: Sequence[dict], evals: Sequence[dict], path: str | Path, tit
             t is not None and abs(t - v) > 1e-9 for t, v in zip(task, loss)):
         ax.plot(steps, smooth([t if t is not None else float("nan") for t in task]), color="tab:green",
                 linewidth=1.2, linestyle="--", label="task loss (smoothed)")
+    held_out = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if held_out:  # eval_loss_every: the same loss on fixed rows, so on the training loss's axis
+        ax.plot([p[0] for p in held_out], [p[1] for p in held_out], "s-", color="tab:purple", markersize=3,
+                linewidth=1.2, label="held-out loss")
     ax.set_xlabel("optimizer step")
-    finite = [v for v in loss + task if v is not None and np.isfinite(v) and v > 0]
+    finite = [v for v in loss + task + [p[1] for p in held_out] if v is not None and np.isfinite(v) and v > 0]
     wide = bool(finite) and max(finite) / min(finite) > 30  # e.g. a regulariser that grew: log scale
     if wide:
         ax.set_yscale("log")

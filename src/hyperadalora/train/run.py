@@ -20,7 +20,7 @@ from ..adapter_io import whole_adapter_tensors
 from ..tasks import HUB, make_task, on_model_device, resolve_data, task_spec
 from .build import batch_order, build, calibration_batches, make_optimizer
 from .config import RunConfig
-from .evaluate import evaluate_rows
+from .evaluate import evaluate_rows, held_out_loss
 from ..export import export_peft_lora
 from ..export_merged import export_merged
 from ..transfer import resolve_adapter_dir
@@ -320,12 +320,16 @@ class Run:
             self.status, self.stop_message = "stopped: non-finite loss", stats.problem
             return False
         row = self._log_row(step + 1, stats)
+        if config.eval_loss_every and ((step + 1) % config.eval_loss_every == 0 or step + 1 == config.steps):
+            loss = self.held_out_loss()
+            if loss is not None:
+                row["eval_loss"] = loss
         first_divergence = self.state.diverged_at is None
         smoothed = self.state.record_step(row)
         if log_file is not None:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
-        self.reporter.log_scalars(row["step"], numeric(row, "train/"))  # the same record as the log line
+        self._report_row(row)
         self.done = step + 1
         self.rng_after = rng_snapshot(self.model)
         self.mid_update = False
@@ -336,6 +340,12 @@ class Run:
                  "ranges that train stably)", self.progress)
         self._report_progress(row, smoothed)
         return True
+
+    def _report_row(self, row: dict[str, Any]) -> None:
+        """Sends a step's log row to the reporter: its training values as ``train/``, a held-out loss as ``eval/loss``."""
+        self.reporter.log_scalars(row["step"], numeric(row, "train/", skip=("step", "eval_loss")))
+        if "eval_loss" in row:
+            self.reporter.log_scalars(row["step"], {"eval/loss": row["eval_loss"]})
 
     def _report_progress(self, row: dict[str, Any], smoothed: float) -> None:
         """Updates the bar on a terminal; elsewhere (a log file, a pipe) prints a plain line now and then."""
@@ -398,6 +408,15 @@ class Run:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         info(f"eval @ step {step}: {shown}", self.progress)
         return row
+
+    def held_out_loss(self) -> float | None:
+        """The evaluation rows' task loss now (``eval_loss_every``); None on the ranks that do not record."""
+        parallel = self.parallel
+        if not (parallel.is_main or parallel.evaluates_on_every_rank):
+            return None
+        with parallel.evaluation(self.model), autocast(self.config.precision, next(self.model.parameters()).device):
+            loss = held_out_loss(self.task, self.model, self.eval_rows, self.config.eval_batch_size)
+        return round(loss, 6) if parallel.is_main else None
 
     def _report_eval(self, step: int, metrics: dict[str, Any]) -> None:
         """Sends an evaluation's metrics and the rank of every module (an image) to the reporter."""

@@ -42,10 +42,11 @@ import argparse
 import copy
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from ...fileio import write_json
 from ...tasks import task_spec
-from ..curves import best_lr, smoothed_final
+from ..curves import MEASURES, TrainingLoss, best_lr, smoothed_final
 from ..experiment import Command, experiment
 from ..runner import RunSpec, load_cached, run_specs, spec_config
 from .common import write_results
@@ -84,12 +85,26 @@ ALL_MODELS = {**MODELS, **CAUSAL_MODELS}
 ALL_TASKS = {**TASKS, **CAUSAL_TASKS}
 
 
-def spec(task: str, method: str, lr: float, seed: int, model: str = DEFAULT_MODEL) -> RunSpec:
-    """One run: ``method`` on ``task`` / ``model`` at ``lr`` and ``seed`` (the key as :mod:`.convergence`'s)."""
+def spec(task: str, method: str, lr: float, seed: int, model: str = DEFAULT_MODEL,
+         eval_loss_every: int = 0) -> RunSpec:
+    """One run: ``method`` on ``task`` / ``model`` at ``lr`` and ``seed`` (the key as :mod:`.convergence`'s).
+
+    ``eval_loss_every > 0`` also records the held-out loss every that many steps (the key says so:
+    ``-el<N>``), which the held-out measure (``--target-on held_out``) needs.
+    """
     overrides = {"task": task, "model": model, "lr": lr, "seed": seed, **ALL_MODELS[model], **ALL_TASKS[task],
                  **METHODS[method]}
-    return RunSpec(key=f"{task}-{model}-{method}-lr{lr:g}-s{seed}", config=copy.deepcopy(BASE), overrides=overrides,
+    key = f"{task}-{model}-{method}-lr{lr:g}-s{seed}"
+    if eval_loss_every:
+        overrides["eval_loss_every"] = eval_loss_every
+        key += f"-el{eval_loss_every}"
+    return RunSpec(key=key, config=copy.deepcopy(BASE), overrides=overrides,
                    tags={"task": task, "model": model, "method": method, "lr": lr, "seed": seed})
+
+
+def run_spec(args: argparse.Namespace, method: str, lr: float, seed: int) -> RunSpec:
+    """:func:`spec` with the task, model and held-out setting of the command line."""
+    return spec(args.task, method, lr, seed, args.model, args.eval_loss_every)
 
 
 def extend(grid: list[float], best: float | None) -> float | None:
@@ -108,9 +123,11 @@ def extend(grid: list[float], best: float | None) -> float | None:
 
 
 def sweep(task: str, methods: list[str], lrs: dict[str, list[float]], max_extend: int, run,
-          model: str = DEFAULT_MODEL) -> tuple[dict, dict]:
+          model: str = DEFAULT_MODEL, eval_loss_every: int = 0,
+          measure: TrainingLoss = MEASURES["training"]) -> tuple[dict, dict]:
     """Seed-0 sweep of every method from its starting grid ``lrs[method]``, grown at the ends
-    (see the module docstring). A grid with a run missing (``--report-only``) does not grow.
+    (see the module docstring) by the final ``measure``. A grid with a run missing
+    (``--report-only``) does not grow.
 
     Returns:
         ``({key: result}, {method: sorted grid})``.
@@ -118,15 +135,16 @@ def sweep(task: str, methods: list[str], lrs: dict[str, list[float]], max_extend
     grids = {m: sorted(lrs[m]) for m in methods}
     results: dict = {}
     grown = {m: 0 for m in methods}
+    seed0 = lambda m, lr: spec(task, m, lr, 0, model, eval_loss_every)  # noqa: E731
     while True:
-        results.update(run([spec(task, m, lr, 0, model) for lr in lrs_order(grids) for m in methods
-                            if lr in grids[m] and spec(task, m, lr, 0, model).key not in results]))
+        results.update(run([seed0(m, lr) for lr in lrs_order(grids) for m in methods
+                            if lr in grids[m] and seed0(m, lr).key not in results]))
         more = False
         for m in methods:
-            keys = [spec(task, m, lr, 0, model).key for lr in grids[m]]
+            keys = [seed0(m, lr).key for lr in grids[m]]
             if not all(k in results for k in keys):
                 continue
-            best = best_lr(results[k] for k in keys)
+            best = best_lr((results[k] for k in keys), measure)
             nxt = extend(grids[m], best) if grown[m] < max_extend else None
             if nxt is not None:
                 grids[m] = sorted([*grids[m], nxt])
@@ -168,7 +186,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "again")
     p.add_argument("--report-only", action="store_true", help="rebuild from the cached runs; train nothing (the "
                    "step costs are measured unless cached)")
+    p.add_argument("--target-on", default="training", choices=sorted(MEASURES), help="the loss that picks the best "
+                   "lr, sets AdaLoRA's target and counts the steps to it: the smoothed training loss, or the "
+                   "held-out loss of the evaluation rows (free of batch noise; the runs record it every "
+                   "--eval-loss-every steps)")
+    p.add_argument("--eval-loss-every", type=int, default=None, help="record the held-out loss every N steps "
+                   "(default: 10 with --target-on held_out, else never); part of a run's key (-el<N>)")
     args = p.parse_args(argv)
+    args.measure = MEASURES[args.target_on]
+    if args.eval_loss_every is None:
+        args.eval_loss_every = 10 if args.target_on == "held_out" else 0
+    if args.eval_loss_every < 0 or (args.target_on == "held_out" and args.eval_loss_every == 0):
+        p.error(f"--eval-loss-every {args.eval_loss_every}: give a number of steps >= 1 (0 only without "
+                "--target-on held_out, which needs the held-out curve)")
     if (args.task in CAUSAL_TASKS) != (args.model in CAUSAL_MODELS):
         p.error(f"--task {args.task} --model {args.model}: the instruction task ({sorted(CAUSAL_TASKS)}) runs on "
                 f"the causal LM ({sorted(CAUSAL_MODELS)}), the GLUE tasks on the encoders ({sorted(MODELS)})")
@@ -192,7 +222,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def import_runs(path: str, args: argparse.Namespace) -> list[str]:
+class ImportedRuns(NamedTuple):
+    """What :func:`import_runs` did with a result's curves of this task, model and methods.
+
+    Attributes:
+        imported: keys of the runs now cached from the result.
+        cached: keys left alone because the cache holds that run already.
+        other_protocol: keys of curves whose settings differ from this protocol's (not imported).
+    """
+
+    imported: list[str]
+    cached: list[str]
+    other_protocol: list[str]
+
+    def summary(self, path: str) -> str:
+        """One line for the log: how many runs were imported and why the others were not."""
+        return (f"tuned: imported {len(self.imported)} runs from {path} ({len(self.cached)} cached already, "
+                f"{len(self.other_protocol)} of another protocol skipped)")
+
+
+def import_runs(path: str, args: argparse.Namespace) -> ImportedRuns:
     """Caches the runs of a :mod:`.convergence` or tuned result (``curves``) that are runs of this protocol.
 
     A curve is taken when its key is the key :func:`spec` gives its tags (same task, model,
@@ -200,41 +249,51 @@ def import_runs(path: str, args: argparse.Namespace) -> list[str]:
     base): its cache entry gets this spec's config and says where it came from. Runs cached already
     are left alone. A tuned result written before its curves kept step times gives runs without
     them (their separate-run ``seconds_to_target`` is ``None``; the tables use the interleaved
-    step cost anyway). Returns the keys imported.
+    step cost anyway). Curves of other tasks, models or methods are not counted.
     """
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"--import-runs {path}: no such result file (e.g. benchmarks/results/convergence.json)")
-    done = []
+    outcome = ImportedRuns([], [], [])
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     for c in json.loads(source.read_text())["curves"]:
         if (c.get("task"), c.get("model"), c.get("method")) not in {(args.task, args.model, m)
                                                                     for m in args.method_list}:
             continue
-        s = spec(args.task, c["method"], c["lr"], c["seed"], args.model)
-        if s.key != c["key"] or load_cached(s, args.work_dir) is not None:
+        s = spec(args.task, c["method"], c["lr"], c["seed"], args.model, args.eval_loss_every)
+        if s.key != c["key"]:
+            outcome.other_protocol.append(c["key"])
             continue
-        times = c.get("step_times")
-        write_json(Path(args.work_dir) / f"{s.key}.json", {
-            "key": s.key, "tags": s.tags, "status": "completed", "diverged": c["diverged"], "lr": c["lr"],
-            "seed": c["seed"], "steps": len(c["losses"]), "losses": c["losses"], "step_times": times,
-            "total_rank": c.get("total_rank"), "final_metrics": c["final_metrics"],
-            "final_smoothed": None if c["diverged"] else smoothed_final(c["losses"]),
+        if load_cached(s, args.work_dir) is not None:
+            outcome.cached.append(s.key)
+            continue
+        write_json(Path(args.work_dir) / f"{s.key}.json", imported_entry(s, c, source.name))
+        outcome.imported.append(s.key)
+    return outcome
+
+
+def imported_entry(s: RunSpec, curve: dict, source_name: str) -> dict:
+    """The cache entry of ``s`` built from a result's ``curve`` (see :func:`import_runs`)."""
+    times = curve.get("step_times")
+    return {"key": s.key, "tags": s.tags, "status": "completed", "diverged": curve["diverged"], "lr": curve["lr"],
+            "seed": curve["seed"], "steps": len(curve["losses"]), "losses": curve["losses"], "step_times": times,
+            "total_rank": curve.get("total_rank"), "final_metrics": curve["final_metrics"],
+            "final_smoothed": None if curve["diverged"] else smoothed_final(curve["losses"]),
             "seconds": round(sum(times), 2) if times else None, "config": spec_config(s), "run_dir": None,
-            "allocation": c.get("allocation"), "imported_from": source.name})
-        done.append(s.key)
-    return done
+            "allocation": curve.get("allocation"), "eval_losses": curve.get("eval_losses"),
+            "imported_from": source_name}
 
 
 def run_all(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Sweep, then seeds at each best lr: ``(results, grids, best)``."""
     run = lambda specs: run_specs(specs, args.work_dir, args.data_dir, args.workers, args.threads,
                                   only_cached=args.report_only)
-    results, grids = sweep(args.task, args.method_list, args.grids, args.max_extend, run, args.model)
-    best = {m: best_lr(results[k] for k in (spec(args.task, m, lr, 0, args.model).key for lr in grids[m])
-                       if k in results)
+    results, grids = sweep(args.task, args.method_list, args.grids, args.max_extend, run, args.model,
+                           args.eval_loss_every, args.measure)
+    best = {m: best_lr((results[k] for k in (run_spec(args, m, lr, 0).key for lr in grids[m]) if k in results),
+                       args.measure)
             for m in args.method_list}
-    more = [spec(args.task, m, best[m], s, args.model) for s in range(1, args.seeds) for m in args.method_list
+    more = [run_spec(args, m, best[m], s) for s in range(1, args.seeds) for m in args.method_list
             if best[m] is not None]
     results.update(run(more))
     return results, grids, best
@@ -248,7 +307,7 @@ def measured_costs(args: argparse.Namespace, results: dict, best: dict) -> dict:
     """
     runs = {}
     for m in args.method_list:  # AdaLoRA first: the reference of the step ratios
-        seed0 = [results[k] for k in (spec(args.task, m, lr, 0, args.model).key for lr in [best[m], *LADDER] if lr)
+        seed0 = [results[k] for k in (run_spec(args, m, lr, 0).key for lr in [best[m], *LADDER] if lr)
                  if k in results]
         if seed0:
             runs[m] = {"config": seed0[0]["config"], "rank_pattern": (seed0[0].get("allocation") or {}).get("ranks")}
@@ -272,10 +331,12 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
     """The result JSON: ``config``, ``rows`` (convergence's schema), ``sweep``, ``summary``, ``cost``, ``curves``."""
     metric = task_spec(args.task).primary_metric
     runs = list(results.values())
-    rows = rows_of(runs, args.task, args.model, best, metric)
+    measure = args.measure
+    rows = rows_of(runs, args.task, args.model, best, metric, measure)
     sweep = [{"task": args.task, "model": args.model, "method": m, "lr": lr, "final_smoothed_loss": r["final_smoothed"],
+              "final_loss": None if r["diverged"] else measure.final(r),
               "diverged": r["diverged"], "best": best[m] == lr, "dev_metric": (r["final_metrics"] or {}).get(metric)}
-             for m in grids for lr in grids[m] if (r := results.get(spec(args.task, m, lr, 0, args.model).key))]
+             for m in grids for lr in grids[m] if (r := results.get(run_spec(args, m, lr, 0).key))]
     steps = ALL_TASKS[args.task]["steps"]
     config = {"task": args.task, "model": args.model, "methods": args.method_list,
               "labels": {m: LABELS[m] for m in grids},
@@ -284,12 +345,13 @@ def build_result(args: argparse.Namespace, results: dict, grids: dict, best: dic
               "eval_split": task_spec(args.task).eval_split, "cost_steps": args.cost_steps,
               "cost_seq_len": args.cost_seq_len, "workers": args.workers, "threads_per_run": args.threads,
               "target_loss": rows[0]["target_loss"] if rows else None, "base_config": BASE, "method_overrides":
-              {m: METHODS[m] for m in grids}, "target_definition": "mean over AdaLoRA seeds (at its best lr) of the "
-              "smoothed (EMA 0.9, bias-corrected) training task loss at the last step"}
+              {m: METHODS[m] for m in grids}, "target_measure": measure.name, "eval_loss_every": args.eval_loss_every,
+              "target_definition": f"mean over AdaLoRA seeds (at its best lr) of the {measure.description} at the "
+              "last step"}
     curves = [{"key": r["key"], **r["tags"], "losses": [round(x, 5) for x in r["losses"]],
                "step_times": r["step_times"] and [round(x, 4) for x in r["step_times"]],
                "final_metrics": r["final_metrics"], "diverged": r["diverged"], "allocation": r.get("allocation"),
-               "total_rank": r.get("total_rank")}
+               "total_rank": r.get("total_rank"), "eval_losses": r.get("eval_losses")}
               for r in runs]
     return {"config": config, "rows": rows, "sweep": sweep, "summary": summarize(rows, sweep, grids, cost),
             "cost": cost, "curves": curves}
@@ -379,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
     for path in args.import_list:
-        print(f"tuned: imported {len(import_runs(path, args))} runs from {path}")
+        print(import_runs(path, args).summary(path))
     results, grids, best = run_all(args)
     cost = measured_costs(args, results, best)
     result = build_result(args, results, grids, best, cost)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from ..curves import first_reach
+from ..curves import MEASURES, TrainingLoss
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..stats import good_lr_window, mean_ci, paired_test, verdict
 from .common import result_path
@@ -17,28 +17,33 @@ from .common import result_path
 TOLERANCE = 0.02  # the good-lr window: final loss within 2% of the method's best
 
 
-def rows_of(runs: list[dict], task: str, model: str, best: dict, metric: str) -> list[dict]:
+def rows_of(runs: list[dict], task: str, model: str, best: dict, metric: str,
+            measure: TrainingLoss = MEASURES["training"]) -> list[dict]:
     """One row per seed of each method at its best lr, against AdaLoRA's target (``[]`` without one).
 
-    The target is AdaLoRA's smoothed final loss, mean over its seeds; ``seconds_to_target`` is
-    the run's own wall time (as :mod:`.convergence` has it); the table uses the interleaved cost.
+    The target is AdaLoRA's final ``measure`` (the smoothed training loss unless told otherwise),
+    mean over its seeds; ``seconds_to_target`` is the run's own wall time (as :mod:`.convergence`
+    has it); the table uses the interleaved cost. ``final_loss`` is the row's final ``measure``,
+    ``final_smoothed_loss`` its smoothed training loss whatever the measure.
     """
     mine = {m: sorted((r for r in runs if r["tags"]["method"] == m and best[m] is not None
                        and abs(r["lr"] - best[m]) < 1e-12), key=lambda r: r["seed"]) for m in best}
-    base = [r["final_smoothed"] for r in mine.get("adalora", []) if r["final_smoothed"] is not None]
+    finals = {id(r): None if r["diverged"] or r["final_smoothed"] is None else measure.final(r)
+              for group in mine.values() for r in group}
+    base = [finals[id(r)] for r in mine.get("adalora", []) if finals[id(r)] is not None]
     if not base:
         return []
     target = statistics.mean(base)
     rows = []
     for m, group in mine.items():
         for r in group:
-            steps, secs = first_reach(r["losses"], r["step_times"] or None, target)
+            steps, secs = measure.reach(r, target)
             rows.append({"task": task, "model": model, "method": m, "seed": r["seed"], "lr": r["lr"],
                          "lr_setting": "own_best_lr", "target_loss": target, "steps_to_target": steps,
                          "seconds_to_target": secs, "dev_accuracy": (r["final_metrics"] or {}).get("accuracy"),
                          "dev_metric": (r["final_metrics"] or {}).get(metric), "metric": metric,
-                         "final_smoothed_loss": r["final_smoothed"], "steps": len(r["losses"]),
-                         "calibration_s": (r.get("allocation") or {}).get("seconds"),
+                         "final_smoothed_loss": r["final_smoothed"], "final_loss": finals[id(r)],
+                         "steps": len(r["losses"]), "calibration_s": (r.get("allocation") or {}).get("seconds"),
                          "seconds_per_step": statistics.mean(r["step_times"]) if r["step_times"] else None})
     return rows
 
@@ -58,6 +63,12 @@ def _test(rows: list[dict], method: str, key: str, higher_is_better: bool) -> di
                                       "verdict": verdict(test, higher_is_better)}
 
 
+def final_loss(entry: dict) -> float | None:
+    """A row's or sweep entry's final loss as its result compares them: the target measure's
+    (``final_loss``), or the smoothed training loss in results written before measures existed."""
+    return entry["final_loss"] if "final_loss" in entry else entry["final_smoothed_loss"]
+
+
 def summarize(rows: list[dict], sweep: list[dict], grids: dict, cost: dict) -> dict:
     """Per method: seeds, means with 95% t intervals, paired tests against AdaLoRA, interleaved
     time to target and in all, memory, the sweep's best lr, whether it is inside the grid, the good-lr window."""
@@ -72,14 +83,14 @@ def summarize(rows: list[dict], sweep: list[dict], grids: dict, cost: dict) -> d
         step_s = c.get("step_s")
         calib_mean = statistics.mean(calib) if calib else 0.0
         steps_mean = statistics.mean(reached) if reached else None
-        finals = {s["lr"]: s["final_smoothed_loss"] for s in sweep if s["method"] == m}
+        finals = {s["lr"]: final_loss(s) for s in sweep if s["method"] == m}
         best = next((s["lr"] for s in sweep if s["method"] == m and s["best"]), None)
         total = (mine[0]["steps"] * step_s + calib_mean) if mine and step_s else None
         out[m] = {
             "n": len(mine), "lr": best, "grid": grid,
             "best_inside_grid": best is not None and min(grid) < best < max(grid),
             "good_lr_window": good_lr_window(finals, TOLERANCE),
-            "final_loss": _ci(r["final_smoothed_loss"] for r in mine if r["final_smoothed_loss"] is not None),
+            "final_loss": _ci(final_loss(r) for r in mine if final_loss(r) is not None),
             "dev_metric": _ci(r["dev_metric"] for r in mine if r["dev_metric"] is not None),
             "steps_to_target": {**_ci(reached), "reached": len(reached)},
             "calibration_s": calib_mean if calib else None, "step_s": step_s,
@@ -88,7 +99,7 @@ def summarize(rows: list[dict], sweep: list[dict], grids: dict, cost: dict) -> d
             "total_time_s": total, "peak_mib": c.get("peak_mib"), "trainable": c.get("trainable"),
             "vs_adalora": None if m == "adalora" else {
                 "dev_metric": _test(rows, m, "dev_metric", True),
-                "final_loss": _test(rows, m, "final_smoothed_loss", False),
+                "final_loss": _test([{**r, "final_loss": final_loss(r)} for r in rows], m, "final_loss", False),
                 "steps_to_target": _test(rows, m, "steps_to_target", False)},
         }
     return out
@@ -154,7 +165,7 @@ def sweep_table(result: dict) -> list[str]:
         if s is None:
             return ""
         mark = (" *" if s["best"] else "") + (" w" if lr in summary[m]["good_lr_window"] else "")
-        return ("diverged" if s["diverged"] else fmt(s["final_smoothed_loss"])) + mark
+        return ("diverged" if s["diverged"] else fmt(final_loss(s))) + mark
 
     table = [[labels[m], *(cell(m, lr) for lr in lrs), str(len(summary[m]["good_lr_window"]))] for m in summary]
     return markdown_table(["method", *(f"{lr:g}" for lr in lrs), "good-lr window (lrs)"], table)
@@ -163,28 +174,44 @@ def sweep_table(result: dict) -> list[str]:
 def render(result: dict) -> list[str]:
     """The markdown of a ``tuned`` result."""
     c = result["config"]
+    if c.get("target_measure") == "held_out":
+        loss = f"held-out loss ({c['eval_split']} rows, every {c['eval_loss_every']} steps, unsmoothed)"
+        chosen, target = "held-out loss", f"AdaLoRA's final {loss}"
+    else:
+        loss, chosen, target = "smoothed training loss", "smoothed training loss", "AdaLoRA's smoothed final loss"
     intro = (f"{c['task']} / {c['model']}, {c['steps']} steps x batch {c['batch_size']}; each method at its own best lr "
-             f"(seed-0 sweep, lowest final smoothed training loss). Means ± 95% t half-widths over seeds. Target: "
-             f"AdaLoRA's smoothed final loss, mean over its seeds ({fmt(c['target_loss'])}); steps to target: mean over "
+             f"(seed-0 sweep, lowest final {chosen}). Means ± 95% t half-widths over seeds. Target: "
+             f"{target}, mean over its seeds ({fmt(c['target_loss'])}); steps to target: mean over "
              "the seeds that reached it. Time = steps x the method's interleaved step time (median of "
              f"{c['cost_steps']} round-robin steps, {c['cost_seq_len']}-token rows) + calibration; total = all steps. "
              "Peak MiB: resident growth over 3 steps in a fresh process. `edge`: the best lr is at an end of the grid.")
     return [intro, "", *main_table(result), "",
             "Paired t tests against AdaLoRA (same seeds; method minus AdaLoRA; a verdict only where p < 0.05):", "",
             *tests_table(result), "",
-            (f"Learning-rate sweep (seed 0): final smoothed training loss; `*` best, `w` within {TOLERANCE:.0%} of "
+            (f"Learning-rate sweep (seed 0): final {loss}; `*` best, `w` within {TOLERANCE:.0%} of "
              "the best (the good-lr window)"), "", *sweep_table(result)]
 
 
 def plot(result: dict, name: str) -> None:
-    """``<name>.png``: each method's smoothed loss at its best lr, mean and min-max over seeds."""
+    """``<name>.png``: each method's smoothed loss at its best lr, mean and min-max over seeds; with the
+    held-out measure a second panel holds the held-out loss and the target."""
     labels = result["config"]["labels"]
     groups: dict[str, list] = {}
+    held_out: dict[str, list] = {}
     for row in result["rows"]:
-        curve = next(c["losses"] for c in result["curves"] if c["method"] == row["method"]
+        curve = next(c for c in result["curves"] if c["method"] == row["method"]
                      and c["seed"] == row["seed"] and abs(c["lr"] - row["lr"]) < 1e-12)
-        groups.setdefault(f"{labels[row['method']]} lr {row['lr']:g}", []).append(curve)
-    if groups:
-        target = result["rows"][0]["target_loss"]
-        plot_curve_groups(groups, result_path(name), f"{result['config']['task']} / {result['config']['model']}: "
-                          "each method at its best lr", target=target)
+        label = f"{labels[row['method']]} lr {row['lr']:g}"
+        groups.setdefault(label, []).append(curve["losses"])
+        if curve.get("eval_losses"):
+            held_out.setdefault(label, []).append(curve["eval_losses"])
+    if not groups:
+        return
+    target = result["rows"][0]["target_loss"]
+    title = f"{result['config']['task']} / {result['config']['model']}: each method at its best lr"
+    if result["config"].get("target_measure") != "held_out":
+        plot_curve_groups(groups, result_path(name), title, target=target)
+        return
+    plot_curve_groups({}, result_path(name), title, target={"held-out loss": target}, ylabel="loss",
+                      panels={"training loss (smoothed)": groups, "held-out loss": held_out},
+                      points={"held-out loss"})
