@@ -135,6 +135,7 @@ def assert_same_run(one: Path, two: Path, tol: float) -> None:
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= tol and abs(x["grad_norm"] - y["grad_norm"]) <= tol * 10
         assert (x["total_rank"], x["budget"]) == (y["total_rank"], y["budget"])
+        assert ("eval_loss" in x) == ("eval_loss" in y) and abs(x.get("eval_loss", 0) - y.get("eval_loss", 0)) <= tol
     wa, wb = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (one, two))
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= tol
@@ -146,12 +147,13 @@ def assert_same_run(one: Path, two: Path, tol: float) -> None:
 @pytest.mark.parametrize("kind, source, accumulate", [("ddp", "direct", 2), ("fsdp", "hyper", 1)])
 def test_two_processes_train_as_one_on_the_same_global_batch(shared, tmp_path, capsys, kind, source, accumulate):
     """DDP with 2 micro-batches per step (all-reduced once, no_sync for the first) and FSDP2."""
-    extra = [f"adapter.source={source}", f"grad_accum={accumulate}"]
+    extra = [f"adapter.source={source}", f"grad_accum={accumulate}", "eval_loss_every=2"]
     assert main(tiny_args(shared, tmp_path / "one", *extra)) == 0
     stdout = two_processes(tiny_args(shared, tmp_path / "two", *extra, f"distributed={kind}"))
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     assert_same_run(one, two, 1e-5)
     assert len(log(one)) == 6 and log(one)[-1]["total_rank"] < log(one)[0]["total_rank"]  # it pruned
+    assert [r["step"] for r in log(two) if "eval_loss" in r] == [2, 4, 6]  # the held-out loss, rank 0's line
     assert stdout.count('"status": "completed"') == 1  # rank 0 reports, once
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["run"]
     assert (two / "config.yaml").read_text().count(f"distributed: {kind}") == 1
@@ -187,12 +189,14 @@ def test_fsdp_generation_task_evaluates_like_one_process(shared, tmp_path):
     The sharded run also takes its loss in chunks (loss_chunk_tokens, the output layer called past the
     model's own forward, recomputed in the backward): the same losses as one process's own loss."""
     args = ["train", "alpaca_smollm2_adalora", "--data-dir", str(shared["data"]), "--no-progress",
-            f"model={shared['llama']}", "run_name=run", "steps=3", "batch_size=2", "eval_rows=3", "max_new_tokens=4"]
+            f"model={shared['llama']}", "run_name=run", "steps=3", "batch_size=2", "eval_rows=3", "max_new_tokens=4",
+            "eval_loss_every=1"]
     assert main(args + ["--output-dir", str(tmp_path / "one")]) == 0
     two_processes(args + ["--output-dir", str(tmp_path / "two"), "distributed=fsdp", "loss_chunk_tokens=5"])
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     for x, y in zip(log(one), log(two)):
         assert abs(x["loss"] - y["loss"]) <= 1e-5
+        assert abs(x["eval_loss"] - y["eval_loss"]) <= 1e-5  # every rank runs the sharded forward
     rows = [[json.loads(line)["generation"] for line in (r / "predictions.jsonl").read_text().splitlines()]
             for r in (one, two)]
     assert rows[0] == rows[1] and len(rows[0]) == 3
