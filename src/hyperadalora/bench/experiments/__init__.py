@@ -23,5 +23,6 @@ from . import generality  # noqa: F401
 from . import plan_calibrate  # noqa: F401
 from . import plan_scale  # noqa: F401
 from . import tuned  # noqa: F401
+from . import tuning_cost  # noqa: F401  (after tuned: it reads tuned's results)
 from . import transfer  # noqa: F401  (after tuned: it reuses tuned's runs)
 from . import publish  # noqa: F401
