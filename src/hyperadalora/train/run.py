@@ -324,6 +324,7 @@ class Run:
             loss = self.held_out_loss()
             if loss is not None:
                 row["eval_loss"] = loss
+                info(f"held-out loss @ step {step + 1}: {loss:.4f}", self.progress)
         first_divergence = self.state.diverged_at is None
         smoothed = self.state.record_step(row)
         if log_file is not None:
