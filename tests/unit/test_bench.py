@@ -91,9 +91,12 @@ def test_run_specs_runs_the_real_loop_caches_and_resumes(tiny, tmp_path):
     assert cached["a"]["losses"] == first["a"]["losses"]
     # A cached spec is not run again: its file is left untouched.
     stamp = (cache / "a.json").stat().st_mtime_ns
-    again = run_specs(specs + [tiny_spec(tiny, "c")], cache,
+    again = run_specs(specs + [tiny_spec(tiny, "c", eval_loss_every=2)], cache,
                       str(tiny["data"]))
     assert (cache / "a.json").stat().st_mtime_ns == stamp and set(again) == {"a", "b", "c"}
+    # The held-out curve is cached as [step, loss] pairs (every 2 steps; the last is step 4), else None.
+    assert [s for s, _ in again["c"]["eval_losses"]] == [2, 4] and first["a"]["eval_losses"] is None
+    assert all(isinstance(v, float) and v > 0 for _, v in again["c"]["eval_losses"])
     with pytest.raises(ValueError, match="share the key"):
         run_specs([specs[0], specs[0]], cache, None)
 
