@@ -70,7 +70,7 @@ def command(result: str, *args: str, group: str = "full") -> Command:
 
 
 #: The lrs of the scaled LoRA / DoRA / DyLoRA check whose results are committed (the others are pending).
-SCALED_LRS_RUN = ("3e-3",)
+SCALED_LRS_RUN = ("3e-4", "3e-3")
 
 
 @experiment("generality", section="## 3. Generality (Tables 2, 3, 10): LoRA, DoRA, DyLoRA, AdaLoRA with and "
@@ -86,7 +86,8 @@ SCALED_LRS_RUN = ("3e-3",)
                               "--humaneval-rows", "164"),
                       # The verdicts on LoRA / DoRA / DyLoRA came from one shared lr (1e-3): each pair's own best.
                       *(command(f"generality_scaled_lr{lr}", "--methods", "lora,dora,dylora", *SCALED, "--lr", lr,
-                                group="full" if lr in SCALED_LRS_RUN else "pending") for lr in ("3e-4", "3e-3", "1e-2"))])
+                                group="full" if lr in SCALED_LRS_RUN else "pending")
+                        for lr in ("3e-4", "3e-3", "1e-2"))])
 def main(argv: list[str] | None = None) -> int:
     """Trains each method with and without hypernetwork, evaluates them, writes ``results/<name>.*``."""
     args = parse_args(argv)
