@@ -48,3 +48,16 @@ def test_a_method_that_never_reaches_the_target_has_no_search_cost():
     assert row["random_search_steps"] is None and row["random_search_ratio"] is None
     assert row["grid_search_ratio"] == pytest.approx(0.9)
     assert "never / 166" in "\n".join(render({"config": {"results": ["t"]}, "rows": [row]}))
+
+
+def test_a_result_read_on_the_held_out_loss_says_so():
+    result = {"name": "t", "config": {"task": "alpaca", "model": "smollm2", "steps": 100, "target_measure": "held_out",
+                                      "labels": {"adalora": "AdaLoRA", "hyperadalora": "HyperAdaLoRA"}},
+              "summary": {"adalora": summary([1e-3, 3e-3], [3e-3], 1.0, 80.0, 1, n=2),
+                          "hyperadalora": summary([1e-3, 3e-3], [1e-3], 1.4, 80.0, 2, n=2)}}
+    (row,) = rows_of(result)
+    assert row["measure"] == "held_out"
+    assert "| alpaca / smollm2 (held-out) | HyperAdaLoRA |" in "\n".join(render({"config": {"results": ["t"]},
+                                                                                 "rows": [row]}))
+    plain = rows_of({**result, "config": {k: v for k, v in result["config"].items() if k != "target_measure"}})
+    assert "| alpaca / smollm2 | HyperAdaLoRA |" in "\n".join(render({"config": {"results": ["t"]}, "rows": plain}))

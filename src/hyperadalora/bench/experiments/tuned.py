@@ -368,6 +368,8 @@ RTE_LRS = ("adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2,"
 
 # Alpaca / SmolLM2: the seed-0 sweep put AdaLoRA's best at its grid's top (3e-3), so its grid grows by one.
 ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
+#: The held-out table's grids: three lrs around each method's section-10h best.
+ALPACA_HELDOUT_LRS = "adalora:1e-3,adalora:3e-3,adalora:1e-2,hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3"
 
 
 def alpaca_table(name: str, methods: str, imported: str) -> Command:
@@ -429,7 +431,7 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                       # SmolLM2 1.38x LoRA r 8's parameters; the same scores splitting LoRA's parameter count.
                       alpaca_table("tuned_alpaca_smollm2_params", "adalora,sensitivity,sensitivity_params",
                                    "tuned_alpaca_smollm2"),
-                      # Issue 20's instruction task with a loss that has no batch noise: AdaLoRA and
+                      # Issue 20's instruction task on a loss without batch noise (a probe): AdaLoRA and
                       # HyperAdaLoRA at their 10h best lrs, 2 seeds, read on the held-out loss of the 64 test
                       # rows every 20 steps (each evaluation costs about ten training steps' compute).
                       Command("tuned_probe_alpaca_heldout",
@@ -437,7 +439,15 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                                "--method-lrs", "adalora:3e-3,hyperadalora:1e-3", "--max-extend", "0", "--seeds", "2",
                                "--cost-steps", "0", "--target-on", "held_out", "--eval-loss-every", "20",
                                "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
-                               "--name", "tuned_probe_alpaca_heldout"), group="pending"),
+                               "--name", "tuned_probe_alpaca_heldout")),
+                      # The same held-out target, 5 seeds, each method swept over three lrs around its 10h
+                      # best (the probe's runs reused from the work dir); step cost at 192-token rows.
+                      Command("tuned_alpaca_heldout",
+                              ("--task", "alpaca", "--model", "smollm2", "--methods", "adalora,hyperadalora",
+                               "--method-lrs", ALPACA_HELDOUT_LRS, "--max-extend", "1", "--seeds", "5",
+                               "--cost-seq-len", "192", "--target-on", "held_out", "--eval-loss-every", "20",
+                               "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
+                               "--name", "tuned_alpaca_heldout"), group="pending"),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
                       # not a comparison: it decides whether a tuned table there would measure anything).
                       Command("tuned_probe_mrpc", ("--task", "mrpc", "--methods", "adalora", "--lrs", "1e-2",
