@@ -447,7 +447,7 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                                "--method-lrs", ALPACA_HELDOUT_LRS, "--max-extend", "1", "--seeds", "5",
                                "--cost-seq-len", "192", "--target-on", "held_out", "--eval-loss-every", "20",
                                "--workers", "2", "--work-dir", "runs/bench/tuned_alpaca",
-                               "--name", "tuned_alpaca_heldout"), group="pending"),
+                               "--name", "tuned_alpaca_heldout")),
                       # Do MRPC and CoLA learn on MiniLM within 400 steps? AdaLoRA alone, seed 0 (a probe,
                       # not a comparison: it decides whether a tuned table there would measure anything).
                       Command("tuned_probe_mrpc", ("--task", "mrpc", "--methods", "adalora", "--lrs", "1e-2",

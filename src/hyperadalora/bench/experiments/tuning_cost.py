@@ -32,7 +32,7 @@ from .common import write_results
 from .tuned import BASELINE
 from .tuned_report import TOLERANCE
 
-DEFAULT_RESULTS = "tuned_5seeds,tuned_mpnet,tuned_rte_mpnet,tuned_alpaca_smollm2"
+DEFAULT_RESULTS = "tuned_5seeds,tuned_mpnet,tuned_rte_mpnet,tuned_alpaca_smollm2,tuned_alpaca_heldout"
 #: How a row names the loss its window, target and steps were read on (a tuned result's ``target_measure``).
 MEASURE_NOTES = {"training": "", "held_out": " (held-out)"}
 
