@@ -49,6 +49,8 @@ class TrainingLoss:
     name = "training"
     #: What the tables say the measure is.
     description = "smoothed (EMA 0.9, bias-corrected) training task loss"
+    #: What a summary row adds after its task to name the measure (nothing for the default one).
+    row_tag = ""
 
     def final(self, curve: dict) -> float:
         """The value at the last step (``inf`` when there is none or it is not finite); a cached run's
@@ -71,6 +73,7 @@ class HeldOutLoss(TrainingLoss):
 
     name = "held_out"
     description = "held-out loss (teacher-forced task loss of the evaluation rows, eval_loss_every)"
+    row_tag = " (held-out)"
 
     def final(self, curve: dict) -> float:
         points = curve.get("eval_losses")
@@ -90,6 +93,11 @@ class HeldOutLoss(TrainingLoss):
 
 #: The measures by name (``--target-on`` of the tuned benchmark).
 MEASURES = {m.name: m for m in (TrainingLoss(), HeldOutLoss())}
+
+
+def measure_of(config: dict) -> TrainingLoss:
+    """The measure a tuned result's ``config`` was read on (results from before the field: training)."""
+    return MEASURES[config.get("target_measure", TrainingLoss.name)]
 
 
 def best_lr(curves: Iterable[dict], measure: TrainingLoss = MEASURES["training"]) -> float | None:

@@ -25,6 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..curves import MEASURES, measure_of
 from ..experiment import Command, experiment
 from ..paths import results_dir
 from ..report import fmt, markdown_table
@@ -33,8 +34,6 @@ from .tuned import BASELINE
 from .tuned_report import TOLERANCE
 
 DEFAULT_RESULTS = "tuned_5seeds,tuned_mpnet,tuned_rte_mpnet,tuned_alpaca_smollm2,tuned_alpaca_heldout"
-#: How a row names the loss its window, target and steps were read on (a tuned result's ``target_measure``).
-MEASURE_NOTES = {"training": "", "held_out": " (held-out)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +71,8 @@ def method_row(result: dict, method: str, ladder: list[float]) -> dict:
     random = None if tries is None or cost is None or to_target is None else (
         (tries - 1) * steps * cost + to_target * cost)
     return {"result": result["name"], "task": result["config"]["task"], "model": result["config"]["model"],
-            "measure": result["config"].get("target_measure", "training"), "method": method, "label": result["config"]["labels"][method], "ladder": len(ladder),
+            "measure": measure_of(result["config"]).name, "method": method,
+            "label": result["config"]["labels"][method], "ladder": len(ladder),
             "window": window, "open": grid[0] in window or grid[-1] in window, "tries": tries,
             "step_cost": cost, "steps": steps, "steps_to_target": to_target, "reached": reached, "seeds": n,
             "random_search_steps": random, "grid_search_steps": None if cost is None else len(ladder) * steps * cost}
@@ -116,7 +116,8 @@ def render(result: dict) -> list[str]:
     table = []
     for r in result["rows"]:
         a = r["adalora"]
-        table.append([f"{r['task']} / {r['model']}" + MEASURE_NOTES.get(r.get("measure", "training"), ""), r["label"], str(r["ladder"]), _window(r), _window(a),
+        task = f"{r['task']} / {r['model']}{MEASURES[r['measure']].row_tag}"
+        table.append([task, r["label"], str(r["ladder"]), _window(r), _window(a),
                       f"{fmt(r['tries'], '.2f', 'n/a')} / {fmt(a['tries'], '.2f', 'n/a')}",
                       fmt(r["step_cost"], ".2f", "n/a"), f"{_reached(r)} / {_reached(a)}",
                       f"{_search(r)} / {_search(a)}",
@@ -125,8 +126,8 @@ def render(result: dict) -> list[str]:
              f"({', '.join(result['config']['results'])}); each method against AdaLoRA on their common ladder (the "
              "lrs either one's seed-0 sweep ran; an lr a method did not run counts as outside its window); compute "
              "in AdaLoRA steps. Window: the lrs within 2% of the method's best final loss (smoothed training loss; the "
-             "held-out loss of the evaluation rows where marked `held-out`) (`open`: an end of its "
-             "grid is in it, so it may be wider); tries: mean lrs a random-order search runs until one is in the "
+             "held-out loss of the evaluation rows where marked `held-out`) (`open`: an end of its grid is in it, "
+             "so it may be wider); tries: mean lrs a random-order search runs until one is in the "
              "window, (N+1)/(K+1); random search = (tries - 1) x steps x cost + steps to target x cost (mean over "
              "the seeds that reached the target; `>=` where some never did); grid search = N x steps x cost, so its "
              "ratio is the step cost's.")
