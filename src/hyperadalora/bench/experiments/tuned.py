@@ -401,6 +401,12 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                                               "1", "--seeds", "5", "--import-runs",
                                               "benchmarks/results/convergence.json,benchmarks/results/tuned_mpnet.json",
                                               "--workers", "2", "--name", "tuned_mpnet")),
+                      # Issue 18's plain LoRA on SST-2 / MPNet beside the tuned AdaLoRA (its runs imported).
+                      Command("tuned_mpnet_lora", ("--model", "mpnet", "--methods", "adalora,lora", "--method-lrs",
+                                                   "adalora:1e-3,adalora:3e-3,adalora:1e-2,"
+                                                   "lora:3e-4,lora:1e-3,lora:3e-3", "--max-extend", "1", "--seeds",
+                                                   "5", "--import-runs", "benchmarks/results/tuned_mpnet.json",
+                                                   "--workers", "2", "--name", "tuned_mpnet_lora")),
                       # RTE / MPNet, seed 0: does AdaLoRA's best lr lie inside the grid once it grows past
                       # convergence.json's top (3e-3)? (Its runs imported; the full table below is pending.)
                       Command("tuned_rte_mpnet_sweep", ("--task", "rte", "--model", "mpnet", "--methods",
