@@ -322,8 +322,13 @@ def test_a_tuned_result_on_the_held_out_measure_and_its_round_trip(tmp_path, mon
     text = "\n".join(tuned_report.render(result))
     assert "Target: AdaLoRA's final held-out loss (dev rows, every 10 steps, unsmoothed)" in text
     monkeypatch.setattr(tuned_report, "result_path", lambda name: tmp_path / f"{name}.png")
+    drawn, draw = [], tuned_report.plot_curve_groups
+    monkeypatch.setattr(tuned_report, "plot_curve_groups", lambda *a, **kw: (drawn.append(kw), draw(*a, **kw)))
     tuned_report.plot(result, "held")
     assert (tmp_path / "held.png").stat().st_size > 0
+    # The held-out curves get their own panel, with the target drawn there rather than on the training loss.
+    assert drawn[0]["target"] == {"held-out loss": pytest.approx(0.45)}
+    assert {k: len(v) for k, v in drawn[0]["panels"].items()} == {"training loss (smoothed)": 2, "held-out loss": 2}
     # The result's curves import as the same runs, held-out curve included; training-only runs do not.
     source = tmp_path / "held.json"
     training_only = {**result["curves"][0], "key": "sst2-minilm-adalora-lr0.003-s0", "eval_losses": None}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from ..curves import MEASURES, TrainingLoss
+from ..curves import MEASURES, TrainingLoss, measure_of
 from ..report import fmt, markdown_table, plot_curve_groups
 from ..stats import good_lr_window, mean_ci, paired_test, verdict
 from .common import result_path
@@ -174,11 +174,9 @@ def sweep_table(result: dict) -> list[str]:
 def render(result: dict) -> list[str]:
     """The markdown of a ``tuned`` result."""
     c = result["config"]
-    if c.get("target_measure") == "held_out":
-        loss = f"held-out loss ({c['eval_split']} rows, every {c['eval_loss_every']} steps, unsmoothed)"
-        chosen, target = "held-out loss", f"AdaLoRA's final {loss}"
-    else:
-        loss, chosen, target = "smoothed training loss", "smoothed training loss", "AdaLoRA's smoothed final loss"
+    measure = measure_of(c)
+    loss, target = measure.wording(c)
+    chosen = measure.panel or loss  # the sweep's criterion, named short
     intro = (f"{c['task']} / {c['model']}, {c['steps']} steps x batch {c['batch_size']}; each method at its own best lr "
              f"(seed-0 sweep, lowest final {chosen}). Means ± 95% t half-widths over seeds. Target: "
              f"{target}, mean over its seeds ({fmt(c['target_loss'])}); steps to target: mean over "
@@ -197,21 +195,21 @@ def plot(result: dict, name: str) -> None:
     held-out measure a second panel holds the held-out loss and the target."""
     labels = result["config"]["labels"]
     groups: dict[str, list] = {}
-    held_out: dict[str, list] = {}
+    eval_curves: dict[str, list] = {}
     for row in result["rows"]:
         curve = next(c for c in result["curves"] if c["method"] == row["method"]
                      and c["seed"] == row["seed"] and abs(c["lr"] - row["lr"]) < 1e-12)
         label = f"{labels[row['method']]} lr {row['lr']:g}"
         groups.setdefault(label, []).append(curve["losses"])
         if curve.get("eval_losses"):
-            held_out.setdefault(label, []).append(curve["eval_losses"])
+            eval_curves.setdefault(label, []).append(curve["eval_losses"])
     if not groups:
         return
     target = result["rows"][0]["target_loss"]
     title = f"{result['config']['task']} / {result['config']['model']}: each method at its best lr"
-    if result["config"].get("target_measure") != "held_out":
+    panel = measure_of(result["config"]).panel
+    if panel is None:
         plot_curve_groups(groups, result_path(name), title, target=target)
         return
-    plot_curve_groups({}, result_path(name), title, target={"held-out loss": target}, ylabel="loss",
-                      panels={"training loss (smoothed)": groups, "held-out loss": held_out},
-                      points={"held-out loss"})
+    plot_curve_groups({}, result_path(name), title, target={panel: target}, ylabel="loss",
+                      panels={"training loss (smoothed)": groups, panel: eval_curves}, points={panel})
