@@ -423,6 +423,15 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                                                   "--import-runs", "benchmarks/results/convergence.json,"
                                                   "benchmarks/results/tuned_rte_mpnet_sweep.json",
                                                   "--work-dir", "runs/bench/tuned_rte", "--name", "tuned_rte_mpnet")),
+                      # Issue 20's 5 seeds on RTE / MPNet: AdaLoRA and HyperAdaLoRA, seeds 0-2 imported.
+                      Command("tuned_rte_mpnet_5seeds", ("--task", "rte", "--model", "mpnet", "--methods",
+                                                         "adalora,hyperadalora", "--method-lrs", RTE_LRS,
+                                                         "--max-extend", "1", "--seeds", "5", "--cost-seq-len", "128",
+                                                         "--import-runs", "benchmarks/results/convergence.json,"
+                                                         "benchmarks/results/tuned_rte_mpnet_sweep.json,"
+                                                         "benchmarks/results/tuned_rte_mpnet.json", "--workers", "2",
+                                                         "--work-dir", "runs/bench/tuned_rte",
+                                                         "--name", "tuned_rte_mpnet_5seeds")),
                       # Issue 18's instruction task on SmolLM2: a first seed-0 sweep of AdaLoRA and
                       # Sensitivity-LoRA (its runs importable into the 3-seed table below).
                       Command("tuned_alpaca_smollm2_sweep", ("--task", "alpaca", "--model", "smollm2", "--methods",
