@@ -51,6 +51,8 @@ class TrainingLoss:
     description = "smoothed (EMA 0.9, bias-corrected) training task loss"
     #: What a summary row adds after its task to name the measure (nothing for the default one).
     row_tag = ""
+    #: The measure's short name in a table's prose (the sweep's criterion).
+    label = "smoothed training loss"
     #: The title of the plot panel that shows the measure beside the training loss (``None``: the
     #: training-loss panel is the measure's own).
     panel: str | None = None
@@ -58,7 +60,7 @@ class TrainingLoss:
     def wording(self, config: dict) -> tuple[str, str]:
         """``(loss, target)``: how a table names the measure and AdaLoRA's target read on it, given the
         result's ``config``."""
-        return "smoothed training loss", "AdaLoRA's smoothed final loss"
+        return self.label, "AdaLoRA's smoothed final loss"
 
     def final(self, curve: dict) -> float:
         """The value at the last step (``inf`` when there is none or it is not finite); a cached run's
@@ -82,10 +84,11 @@ class HeldOutLoss(TrainingLoss):
     name = "held_out"
     description = "held-out loss (teacher-forced task loss of the evaluation rows, eval_loss_every)"
     row_tag = " (held-out)"
-    panel = "held-out loss"
+    label = "held-out loss"
+    panel = label
 
     def wording(self, config: dict) -> tuple[str, str]:
-        loss = f"held-out loss ({config['eval_split']} rows, every {config['eval_loss_every']} steps, unsmoothed)"
+        loss = f"{self.label} ({config['eval_split']} rows, every {config['eval_loss_every']} steps, unsmoothed)"
         return loss, f"AdaLoRA's final {loss}"
 
     def final(self, curve: dict) -> float:

@@ -176,9 +176,8 @@ def render(result: dict) -> list[str]:
     c = result["config"]
     measure = measure_of(c)
     loss, target = measure.wording(c)
-    chosen = measure.panel or loss  # the sweep's criterion, named short
     intro = (f"{c['task']} / {c['model']}, {c['steps']} steps x batch {c['batch_size']}; each method at its own best lr "
-             f"(seed-0 sweep, lowest final {chosen}). Means ± 95% t half-widths over seeds. Target: "
+             f"(seed-0 sweep, lowest final {measure.label}). Means ± 95% t half-widths over seeds. Target: "
              f"{target}, mean over its seeds ({fmt(c['target_loss'])}); steps to target: mean over "
              "the seeds that reached it. Time = steps x the method's interleaved step time (median of "
              f"{c['cost_steps']} round-robin steps, {c['cost_seq_len']}-token rows) + calibration; total = all steps. "
