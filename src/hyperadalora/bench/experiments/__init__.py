@@ -9,6 +9,7 @@ from . import convergence  # noqa: F401, I001
 from . import cost_per_step  # noqa: F401
 from . import step_cost  # noqa: F401
 from . import compaction  # noqa: F401
+from . import compaction_terms  # noqa: F401
 from . import compile_cost  # noqa: F401
 from . import scale_cpu  # noqa: F401
 from . import scale_gpu  # noqa: F401

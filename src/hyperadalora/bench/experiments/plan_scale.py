@@ -60,7 +60,8 @@ def render(result: dict) -> list[str]:
               "| TFLOP / GPU | hypernetwork share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, precision, source, gpus), p in plans.items():
         s = p["setup"]
-        accum = -(-(-(-s["batch"] // gpus)) // s["micro_batch"])
+        per_gpu = -(-s["batch"] // gpus)  # ceil division, as the plan splits the batch
+        accum = -(-per_gpu // s["micro_batch"])
         lines.append(f"| {model} | {precision} | {source} | {gpus} | {s['micro_batch']} x {accum} | "
                      f"{p['memory_gib_per_device']:.1f} | {'yes' if p['fits'] else 'no'} | "
                      f"{p['flops_total'] / 1e12:,.1f} | {p['flops_per_device'] / 1e12:,.1f} | "
