@@ -371,6 +371,14 @@ ALPACA_ADALORA_LRS = "adalora:3e-4,adalora:1e-3,adalora:3e-3,adalora:1e-2"
 #: The held-out table's grids: three lrs around each method's section-10h best.
 ALPACA_HELDOUT_LRS = "adalora:1e-3,adalora:3e-3,adalora:1e-2,hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3"
 
+#: CoLA / MPNet: each method swept over three lrs (AdaLoRA's around the probe's 1e-3 and 3e-3), its
+#: seed-0 runs imported from the probe; two runs at a time in one shared work dir.
+COLA_MPNET = ("--methods", "adalora,hyperadalora,sensitivity", "--method-lrs",
+              "adalora:1e-3,adalora:3e-3,adalora:1e-2,hyperadalora:3e-4,hyperadalora:1e-3,hyperadalora:3e-3,"
+              "sensitivity:3e-4,sensitivity:1e-3,sensitivity:3e-3", "--max-extend", "1",
+              "--import-runs", "benchmarks/results/tuned_probe_cola_mpnet.json", "--workers", "2",
+              "--work-dir", "runs/bench/tuned_cola")
+
 
 def alpaca_table(name: str, methods: str, imported: str) -> Command:
     """A 3-seed table of ``methods`` on Alpaca / SmolLM2 (CAUSAL_TASKS' CPU scale), importing the runs
@@ -475,7 +483,14 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                       Command("tuned_probe_cola_mpnet", ("--task", "cola", "--model", "mpnet", "--methods", "adalora",
                                                          "--lrs", "1e-3,3e-3", "--max-extend", "0", "--seeds", "1",
                                                          "--cost-steps", "0", "--workers", "2", "--work-dir",
-                                                         "runs/bench/tuned_cola", "--name", "tuned_probe_cola_mpnet"))])
+                                                         "runs/bench/tuned_cola", "--name", "tuned_probe_cola_mpnet")),
+                      # CoLA learns on MPNet: the tuned side by side of issues 18 and 20 there (the probe's
+                      # AdaLoRA runs imported; 3 seeds, issue 18's floor, then issue 20's 5 from the same cache).
+                      Command("tuned_cola_mpnet_3seeds", ("--task", "cola", "--model", "mpnet", *COLA_MPNET,
+                                                          "--seeds", "3", "--name", "tuned_cola_mpnet_3seeds"),
+                              group="pending"),
+                      Command("tuned_cola_mpnet", ("--task", "cola", "--model", "mpnet", *COLA_MPNET, "--seeds", "5",
+                                                   "--name", "tuned_cola_mpnet"), group="pending")])
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
