@@ -487,8 +487,7 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                       # CoLA learns on MPNet: the tuned side by side of issues 18 and 20 there (the probe's
                       # AdaLoRA runs imported; 3 seeds, issue 18's floor, then issue 20's 5 from the same cache).
                       Command("tuned_cola_mpnet_3seeds", ("--task", "cola", "--model", "mpnet", *COLA_MPNET,
-                                                          "--seeds", "3", "--name", "tuned_cola_mpnet_3seeds"),
-                              group="pending"),
+                                                          "--seeds", "3", "--name", "tuned_cola_mpnet_3seeds")),
                       Command("tuned_cola_mpnet", ("--task", "cola", "--model", "mpnet", *COLA_MPNET, "--seeds", "5",
                                                    "--name", "tuned_cola_mpnet"), group="pending")])
 def main(argv: list[str] | None = None) -> int:
