@@ -489,7 +489,7 @@ def alpaca_table(name: str, methods: str, imported: str) -> Command:
                       Command("tuned_cola_mpnet_3seeds", ("--task", "cola", "--model", "mpnet", *COLA_MPNET,
                                                           "--seeds", "3", "--name", "tuned_cola_mpnet_3seeds")),
                       Command("tuned_cola_mpnet", ("--task", "cola", "--model", "mpnet", *COLA_MPNET, "--seeds", "5",
-                                                   "--name", "tuned_cola_mpnet"), group="pending")])
+                                                   "--name", "tuned_cola_mpnet"))])
 def main(argv: list[str] | None = None) -> int:
     """Runs (or reads from the cache) the protocol and writes ``results/<name>.*``."""
     args = parse_args(argv)
