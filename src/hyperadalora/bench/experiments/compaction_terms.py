@@ -204,7 +204,10 @@ def render(result: dict) -> list[str]:
             section="### Compacted AdaLoRA: where the extra time goes (issue 23, item 4)",
             title="the compacted AdaLoRA's step against LoRA at its ranks, phase by phase, and its own terms timed alone",
             parse_args=parse_args, render=render, data=False,
-            commands=[Command("compaction_terms", ("--models", "minilm,smollm2", "--steps", "8"))])
+            commands=[Command("compaction_terms", ("--models", "minilm,smollm2", "--steps", "8")),
+                      # The same on the idle machine (wait-quiet), two threads, wall time.
+                      Command("compaction_terms_quiet", ("--models", "minilm,smollm2", "--steps", "8", "--threads",
+                                                         "2", "--clock", "wall", "--name", "compaction_terms_quiet"))])
 def main(argv: list[str] | None = None) -> int:
     """Measures every model and writes ``results/<name>.json`` / ``.md``."""
     args = parse_args(argv)
