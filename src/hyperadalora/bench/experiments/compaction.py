@@ -156,11 +156,15 @@ PAIRS = (("adalora_compact", "lora_same_ranks"), ("adalora_compact", "peft_adalo
          ("lora_same_ranks", "peft_adalora"), ("adalora_compact", "adalora_masked"))
 
 
+def interval(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """``mean [low, high]`` (95%, t) of ``values`` times ``scale``; the mean alone for one value."""
+    mean, half = mean_ci([v * scale for v in values])
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+
+
 def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> str:
     """``a / b`` step by step (round i against round i): ``mean [low, high]`` of the ratios."""
-    ratios = [x / y for x, y in zip(times[a], times[b])]
-    mean, half = mean_ci(ratios)
-    return f"{mean:.3f}" if half is None else f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    return interval([x / y for x, y in zip(times[a], times[b])])
 
 
 def render(result: dict) -> list[str]:

@@ -35,13 +35,11 @@ import torch
 
 from ..experiment import Command, experiment
 from ..report import machine, markdown_table, versions
-from ..stats import mean_ci
 from .common import comma_choices, write_results
-from .compaction import CLOCKS, MODELS, adalora, lora_at, make_batch
+from .compaction import CLOCKS, MODELS, adalora, interval, lora_at, make_batch
 
 VARIANTS = ("adalora_compact", "lora_same_ranks")
 PHASES = ("forward", "backward", "update")
-TERMS = ("regularizer", "lam_products")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,6 +102,10 @@ def lam_products_term(model: torch.nn.Module) -> None:
     torch.autograd.backward(products, [torch.ones_like(t) for t in products])
 
 
+#: AdaLoRA's work beyond LoRA's, each timed alone: name -> forward + backward of it.
+TERMS = {"regularizer": regularizer_term, "lam_products": lam_products_term}
+
+
 def time_term(term: Callable[[torch.nn.Module], None], model: torch.nn.Module, repeats: int,
               clock: Callable[[], float]) -> float:
     """Mean seconds of ``repeats`` runs of ``term``; the gradients it leaves are cleared."""
@@ -137,14 +139,13 @@ def measure_model(name: str, args: argparse.Namespace) -> dict:
     """The per-round phase and term seconds of one model."""
     steps, batch, compact = build(name, args)
     clock = CLOCKS[args.clock]
-    terms = {"regularizer": regularizer_term, "lam_products": lam_products_term}
     phases = {v: {p: [] for p in PHASES} for v in VARIANTS}
     term_s = {t: [] for t in TERMS}
     first = args.final + 1
     for r in range(args.warmup + args.steps):
         order = VARIANTS[::-1] if r % 2 else VARIANTS
         split = {v: steps[v](batch, first + r) for v in order}
-        seconds = {t: time_term(terms[t], compact, args.term_repeats, clock) for t in TERMS}
+        seconds = {t: time_term(term, compact, args.term_repeats, clock) for t, term in TERMS.items()}
         if r < args.warmup:
             continue
         for v in VARIANTS:
@@ -164,12 +165,6 @@ def step_seconds(phases: dict[str, list[float]]) -> list[float]:
     return [sum(parts) for parts in zip(*(phases[p] for p in PHASES))]
 
 
-def interval(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    """``mean [low, high]`` (95%, t) of ``values`` times ``scale``."""
-    mean, half = mean_ci([v * scale for v in values])
-    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
-
-
 def attribution_rows(m: dict) -> list[list[str]]:
     """Per phase and term: ms of each, the per-round difference, and its share of a LoRA step."""
     compact, lora = m["phases_s"]["adalora_compact"], m["phases_s"]["lora_same_ranks"]
@@ -179,8 +174,8 @@ def attribution_rows(m: dict) -> list[list[str]]:
                        ("step", step_seconds(compact), step_seconds(lora))]:
         diff = [x - y for x, y in zip(a, b)]
         rows.append([m["model"], part, f"{1e3 * statistics.median(a):.1f}", f"{1e3 * statistics.median(b):.1f}",
-                     interval(diff, 1e3), interval(diff, 100 / lora_step, 2),
-                     interval([x / y for x, y in zip(a, b)], digits=3)])
+                     interval(diff, 1e3, 1), interval(diff, 100 / lora_step, 2),
+                     interval([x / y for x, y in zip(a, b)])])
     for t in TERMS:
         rows.append([m["model"], f"{t} (alone)", f"{1e3 * statistics.median(m['terms_s'][t]):.1f}", "-", "-",
                      interval(m["terms_s"][t], 100 / lora_step, 2), "-"])
